@@ -1,0 +1,42 @@
+"""The denoiser's attention function, registered with transformers' AttentionInterface.
+
+Block queries attend over [context K/V | block K/V] with NO causal mask. The fast path is
+transformers' own SDPA function; for layers whose probabilities were asked for
+(`AttentionCapture`), a plain eager softmax computes and keeps them.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+NAME = "twotower"
+
+
+class AttentionCapture:
+    """Collects attention probabilities of chosen layers during one denoiser pass."""
+
+    def __init__(self, layers):
+        self.layers = set(layers)
+        self.probs: dict[int, torch.Tensor] = {}   # layer -> (B, heads, S, L + S)
+
+
+def twotower_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                       capture: AttentionCapture | None = None, **kwargs):
+    """query: (B, heads, S, d); key/value: (B, kv_heads, L + S, d); mask: (B, 1, S, L + S) bool or None."""
+    kwargs.pop("is_causal", None)
+    if capture is None or module.layer_idx not in capture.layers:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=False, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    probs = scores.softmax(-1)
+    capture.probs[module.layer_idx] = probs.detach()
+    out = torch.matmul(probs.to(value.dtype), value)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(NAME, twotower_attention)

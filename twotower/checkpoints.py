@@ -1,0 +1,226 @@
+"""Model specs and checkpoints (safetensors only, never pickle, never remote code).
+
+A model SPEC names what to load:
+  default | None          the shipped default: assets/default_model (SmolLM2 + trained denoiser)
+  smollm2                 SmolLM2-135M-Instruct as context tower, denoiser initialised from it
+  DIR with twotower.json  our own format (see `save`)
+  DIR with the release's layout  config.json + safetensors with context_tower.* / denoiser_tower.*
+  DIR of a plain AR model  (config.json + safetensors) as context tower, denoiser initialised from it
+  ctx=DIR,denoiser=FILE   a plain AR checkpoint plus a denoiser file saved by `save`
+  ORG/NAME                a hub id, read from the local hub cache only (never downloaded here)
+
+Our format, a directory:
+  twotower.json        {"format": "twotower", "context": ..., "mask_token_id", "learned_mask",
+                        "denoiser": "lora" | "full", "lora": {...}}
+  denoiser.safetensors time.* (adaLN-single), mask_embedding, and lora.* (peft adapter
+                        weights) or denoiser.* (a full denoiser state dict)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from .model import TwoTower
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DIR = ROOT / "assets" / "default_model"
+FORMAT = "twotower"
+SMOLLM2_MASK_ID = 16   # "<empty_output>": a special token that never occurs in text
+
+
+class SpecError(ValueError):
+    """The model spec cannot be resolved or loaded."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """load_file with clear errors for a missing or corrupt file."""
+    if not Path(path).is_file():
+        raise SpecError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise SpecError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+# ---- plain AR models -------------------------------------------------------------------
+def load_ar(source: str | Path, device: str, dtype: torch.dtype):
+    """(model, tokenizer or None) of a plain transformers CausalLM from a local dir or 'smollm2'."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if str(source) == "smollm2":
+        from . import smollm2
+        source = smollm2.local_dir()
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise SpecError(f"{path} has no config.json: not a transformers model directory")
+    if not list(path.glob("*.safetensors")):
+        raise SpecError(f"{path} holds no .safetensors weights (pickled weights are never loaded)")
+    config = AutoConfig.from_pretrained(path)
+    from .backbones import family_for
+    family_for(config)                                   # unsupported architecture -> clear error
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+# ---- our format --------------------------------------------------------------------------
+def lora_config(meta: dict):
+    from peft import LoraConfig
+    return LoraConfig(r=meta["r"], lora_alpha=meta["alpha"], target_modules=meta["target_modules"],
+                      lora_dropout=0.0, bias="none")
+
+
+def build(context_lm, tokenizer, mask_token_id: int, learned_mask: bool, name: str) -> TwoTower:
+    """A TwoTower whose denoiser is an untrained copy of the context tower (the paper's init)."""
+    denoiser = copy.deepcopy(context_lm).requires_grad_(False)
+    model = TwoTower(context_lm, denoiser, mask_token_id, tokenizer, name=name, learned_mask=learned_mask)
+    return model.to(device=context_lm.device, dtype=context_lm.dtype)
+
+
+def apply_denoiser_file(model: TwoTower, meta: dict, weights: dict[str, torch.Tensor]) -> TwoTower:
+    """Put saved denoiser weights into a freshly built model (LoRA merged into the copy)."""
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+    missing, unexpected = model.time.load_state_dict(part("time."), strict=False)
+    if missing:
+        raise SpecError(f"denoiser file lacks time-conditioning weights: {missing[:3]}...")
+    if model.mask_embedding is not None:
+        if "mask_embedding" not in weights:
+            raise SpecError("denoiser file lacks 'mask_embedding' although learned_mask is set")
+        model.mask_embedding.data.copy_(weights["mask_embedding"])
+    kind = meta.get("denoiser", "lora")
+    if kind == "lora":
+        from peft import get_peft_model, set_peft_model_state_dict
+        peft_model = get_peft_model(model.denoiser_lm, lora_config(meta["lora"]))
+        result = set_peft_model_state_dict(peft_model, part("lora."))
+        if getattr(result, "unexpected_keys", None):
+            raise SpecError(f"LoRA weights do not fit this backbone: {result.unexpected_keys[:3]}...")
+        model.denoiser_lm = peft_model.merge_and_unload()
+        model.family.denoiser_lm = model.denoiser_lm
+    elif kind == "full":
+        sd = part("denoiser.")
+        try:
+            model.denoiser_lm.load_state_dict(sd, strict=False)
+        except RuntimeError as e:
+            raise SpecError(f"denoiser weights do not fit the context tower's shapes: {e}") from None
+    else:
+        raise SpecError(f"unknown denoiser kind {kind!r} (expected 'lora' or 'full')")
+    return model.to(dtype=model.context_lm.dtype)
+
+
+def load_own(path: Path, device: str, dtype: torch.dtype) -> TwoTower:
+    meta = json.loads((path / "twotower.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise SpecError(f"{path}/twotower.json is not a TwoTower checkpoint (format={meta.get('format')!r})")
+    context_src = meta["context"]
+    if context_src not in ("smollm2",) and not os.path.isabs(context_src):
+        context_src = str((path / context_src).resolve())
+    ctx, tok = load_ar(context_src, device, dtype)
+    model = build(ctx, tok, meta["mask_token_id"], meta.get("learned_mask", False), meta.get("name", path.name))
+    return apply_denoiser_file(model, meta, read_safetensors(path / "denoiser.safetensors")).eval()
+
+
+def denoiser_state(model: TwoTower, lora_model=None) -> dict[str, torch.Tensor]:
+    """The weights that make a denoiser out of its context tower: time.*, mask, lora.* or denoiser.*."""
+    out = {f"time.{k}": v for k, v in model.time.state_dict().items()}
+    if model.mask_embedding is not None:
+        out["mask_embedding"] = model.mask_embedding.data
+    if lora_model is not None:
+        from peft import get_peft_model_state_dict
+        out.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(lora_model).items()})
+    else:
+        out.update({f"denoiser.{k}": v for k, v in model.denoiser_lm.state_dict().items()})
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def save(model: TwoTower, path: str | Path, context: str, lora_model=None, lora: dict | None = None,
+         dtype: torch.dtype = torch.bfloat16, extra: dict | None = None) -> Path:
+    """Write our format. context: 'smollm2' or a path to the AR model directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in denoiser_state(model, lora_model).items()}
+    meta = {"format": FORMAT, "version": 1, "name": model.name, "context": context,
+            "mask_token_id": model.mask_token_id, "learned_mask": model.mask_embedding is not None,
+            "denoiser": "lora" if lora_model is not None else "full", **(extra or {})}
+    if lora_model is not None:
+        meta["lora"] = lora
+    save_file(tensors, str(path / "denoiser.safetensors"))
+    (path / "twotower.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+# ---- specs --------------------------------------------------------------------------------
+def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> TwoTower:
+    """Resolve a model spec (see the module docstring) into a ready TwoTower in eval mode."""
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    if spec in (None, "", "default"):
+        if not (DEFAULT_DIR / "twotower.json").is_file():
+            return load("smollm2", device, dtype)
+        spec = str(DEFAULT_DIR)
+    if spec == "smollm2":
+        ctx, tok = load_ar("smollm2", device, dtype)
+        return build(ctx, tok, SMOLLM2_MASK_ID, learned_mask=True, name="smollm2-untrained-denoiser").eval()
+    if spec.startswith("ctx="):
+        parts = dict(p.split("=", 1) for p in spec.split(",") if "=" in p)
+        if "denoiser" not in parts:
+            raise SpecError("spec 'ctx=DIR,denoiser=FILE' needs both parts")
+        weights = read_safetensors(Path(parts["denoiser"]))
+        meta_path = Path(parts["denoiser"]).with_name("twotower.json")
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"denoiser": "full"}
+        ctx, tok = load_ar(parts["ctx"], device, dtype)
+        mask_id = int(parts.get("mask", meta.get("mask_token_id", SMOLLM2_MASK_ID)))
+        model = build(ctx, tok, mask_id, "mask_embedding" in weights, Path(parts["ctx"]).name)
+        return apply_denoiser_file(model, meta, weights).eval()
+    path = Path(spec)
+    if path.is_dir():
+        if (path / "twotower.json").is_file():
+            return load_own(path, device, dtype)
+        from . import release
+        if release.is_release_dir(path):
+            return release.load_release(path, device, dtype)
+        ctx, tok = load_ar(path, device, dtype)
+        return build(ctx, tok, SMOLLM2_MASK_ID if tok is None else _pick_mask(tok), False, path.name).eval()
+    if path.exists():
+        raise SpecError(f"model spec {spec!r} is a file; give its directory (or ctx=DIR,denoiser=FILE)")
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return _load_hub(spec, device, dtype)
+    raise SpecError(f"unknown model spec {spec!r}: not 'default', 'smollm2', a directory, or a hub id")
+
+
+def _pick_mask(tokenizer) -> int:
+    """A mask id for a plain AR model: its mask token if it has one, else an unused special."""
+    if tokenizer.mask_token_id is not None:
+        return tokenizer.mask_token_id
+    specials = [i for i in tokenizer.all_special_ids if i not in (tokenizer.eos_token_id, tokenizer.bos_token_id)]
+    return specials[-1] if specials else 0
+
+
+def _load_hub(repo_id: str, device: str, dtype: torch.dtype) -> TwoTower:
+    """A hub id resolved from the local hub cache only; nothing is downloaded."""
+    from huggingface_hub import snapshot_download
+    try:
+        local = snapshot_download(repo_id, local_files_only=True,
+                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:  # huggingface_hub raises several types for "not cached"
+        raise SpecError(f"hub model {repo_id!r} is not in the local hub cache ({type(e).__name__}); "
+                        "download it on a connected machine first") from None
+    return load(local, device, dtype)

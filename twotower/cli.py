@@ -1,0 +1,49 @@
+"""Command line: `python -m twotower COMMAND ...`.
+
+Each command lives in its own module that exposes `add_parser(subparsers)`; the parser it
+adds sets `func(args) -> int`. Commands are imported lazily so `--help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {            # command -> module that defines it
+    "generate": "twotower.generate_cmd",
+    "info": "twotower.generate_cmd",
+    "train": "twotower.train",
+    "corpus": "twotower.corpus",
+    "eval": "twotower.evaluate",
+    "bench": "twotower.bench",
+    "export": "twotower.export",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m twotower",
+                                     description="Run, train and study TwoTower diffusion LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = [a for a in argv if a in COMMANDS][:1] or list(COMMANDS)
+    added = set()
+    for name in wanted if wanted != list(COMMANDS) else COMMANDS:
+        module = COMMANDS[name]
+        if module in added:
+            continue
+        try:
+            importlib.import_module(module).add_parser(sub)
+            added.add(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,62 @@
+"""What the denoiser sees of the context tower: its cache plus the clean-token bookkeeping."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ContextState:
+    """The context tower's cache over all clean tokens of a batch (left-padded rows).
+
+    cache:   the backbone's transformers cache (attention K/V; Mamba conv + SSM state)
+    valid:   (B, L) bool, True at real tokens, False at left padding
+    lengths: (B,) long, real tokens per row (the next position id of each row)
+    """
+    cache: object
+    valid: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def padded(self) -> bool:
+        return not bool(self.valid.all())
+
+    def positions(self, size: int) -> torch.Tensor:
+        """(B, size) position ids of the next `size` tokens of each row."""
+        return self.lengths.unsqueeze(1) + torch.arange(size, device=self.lengths.device)
+
+
+class ContextView:
+    """Per-block view of the context K/V for the denoiser's attention layers.
+
+    Built once per block: for each attention layer it holds [context K/V | room for S block
+    K/V]. The attention module calls `update(k, v, layer_idx)` with the block's own K/V and
+    gets the concatenation back. With `inplace` (inference) the block K/V is written into a
+    preallocated buffer, so the context part is never copied per step; without it (training)
+    torch.cat keeps autograd intact.
+    """
+
+    def __init__(self, layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                 inplace: bool = True):
+        self.inplace = inplace
+        self.context_len = next(iter(layer_kv.values()))[0].shape[-2] if layer_kv else 0
+        self.kv = {}
+        for i, (k, v) in layer_kv.items():
+            if inplace:   # (B, kv_heads, L + S, d)
+                kb = k.new_empty(*k.shape[:-2], k.shape[-2] + block_size, k.shape[-1])
+                vb = v.new_empty(*v.shape[:-2], v.shape[-2] + block_size, v.shape[-1])
+                kb[..., : k.shape[-2], :] = k
+                vb[..., : v.shape[-2], :] = v
+                self.kv[i] = (kb, vb)
+            else:
+                self.kv[i] = (k, v)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k, v = self.kv[layer_idx]
+        if not self.inplace:
+            return torch.cat([k, key], dim=-2), torch.cat([v, value], dim=-2)
+        L = self.context_len
+        k[..., L: L + key.shape[-2], :] = key
+        v[..., L: L + value.shape[-2], :] = value
+        return k[..., : L + key.shape[-2], :], v[..., : L + value.shape[-2], :]

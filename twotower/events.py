@@ -1,0 +1,100 @@
+"""Typed events that the samplers yield, one per observable moment of a run.
+
+Every event is a plain dataclass of Python scalars and lists (never tensors), so that a
+trace can record it, JSON can hold it and a UI can stream it. Per-row fields are lists over
+the batch: `tokens[b][j]` is row b, block position j.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class Event:
+    """Base class: `type` names the event in JSON."""
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, **asdict(self)}
+
+
+@dataclass
+class Prefill(Event):
+    """The prompt went through the context tower."""
+    prompt_tokens: list[int]        # per row
+    seconds: float                  # wall time of the prefill
+    nfe: int = 1                    # context-tower passes so far
+
+
+@dataclass
+class BlockStart(Event):
+    """A new all-masked block of `size` tokens begins at generated offset `start`."""
+    block: int
+    start: int                      # index of the block's first token among generated tokens
+    size: int
+    steps: int                      # step budget T of this block
+
+
+@dataclass
+class Step(Event):
+    """One denoiser pass (one NFE) over the active block."""
+    block: int
+    step: int
+    t: list[float]                  # per row: masked fraction before this step
+    tokens: list[list[int]]         # (B, S) block tokens after this step; mask id where masked
+    committed: list[list[int]]      # per row: block positions committed at this step
+    planned: list[int]              # per row: commits the threshold rule asked for (before the floor)
+    confidence: list[list[float]]   # (B, S) p(argmax) at every position, this step
+    top_ids: list[list[list[int]]]  # (B, S, k) top-k candidate ids
+    top_probs: list[list[list[float]]]  # (B, S, k) their probabilities
+    elapsed: float                  # seconds since the run started
+    nfe: int                        # denoiser passes so far
+    attention: dict | None = None   # {layer: (B, heads, S, ctx+S) probs} when captured
+
+
+@dataclass
+class BlockCommitted(Event):
+    """The finished block was appended to the context tower's cache (one forward pass)."""
+    block: int
+    tokens: list[list[int]]         # (B, S) final tokens of the block
+    steps_used: int
+    elapsed: float
+
+
+@dataclass
+class Token(Event):
+    """The AR baseline produced one token per row (one context-tower pass)."""
+    index: int                      # position among generated tokens
+    tokens: list[int]               # per row
+    confidence: list[float]         # per row: p(token) under the unscaled distribution
+    top_ids: list[list[int]]        # (B, k)
+    top_probs: list[list[float]]    # (B, k)
+    elapsed: float
+    nfe: int
+
+
+@dataclass
+class Done(Event):
+    """The run ended: final text and figures per row."""
+    texts: list[str]
+    token_ids: list[list[int]]      # generated ids per row (up to and excluding end-of-text)
+    nfe: int                        # forward passes of the network that decodes (denoiser or AR)
+    seconds: float
+    first_token_seconds: float      # latency until the first token was committed
+    stopped: str = "length"         # "eos" | "length"
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+
+EVENT_TYPES = {cls.__name__: cls for cls in (Prefill, BlockStart, Step, BlockCommitted, Token, Done)}
+
+
+def event_from_dict(d: dict) -> Event:
+    """Inverse of `Event.to_dict`; raises ValueError on an unknown type."""
+    kind = d.get("type")
+    cls = EVENT_TYPES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown event type {kind!r}; expected one of {sorted(EVENT_TYPES)}")
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})

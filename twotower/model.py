@@ -1,0 +1,145 @@
+"""TwoTower: a frozen AR context tower plus a denoiser tower of the same architecture.
+
+The context tower is a transformers CausalLM that reads clean tokens and keeps one cache,
+extended once per committed block. The denoiser is a second CausalLM of the same family
+(a copy of the backbone, possibly fine-tuned) whose layer loop is ours: its attention
+layers attend over [context K/V | block K/V], its Mamba layers start from the context's
+state, every sub-layer is modulated by the masked fraction t (adaLN-single).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import attention
+from .backbones import family_for
+from .conditioning import TimeConditioning
+from .context import ContextState
+
+
+class TwoTower(nn.Module):
+    def __init__(self, context_lm, denoiser_lm, mask_token_id: int, tokenizer=None,
+                 name: str = "twotower", learned_mask: bool = False):
+        super().__init__()
+        if context_lm.config.model_type != denoiser_lm.config.model_type:
+            raise ValueError(f"context tower ({context_lm.config.model_type}) and denoiser "
+                             f"({denoiser_lm.config.model_type}) must share an architecture")
+        vocab = context_lm.config.vocab_size
+        if not 0 <= mask_token_id < vocab:
+            raise ValueError(f"mask token id {mask_token_id} is outside the vocabulary (0..{vocab - 1})")
+        self.context_lm = context_lm.eval().requires_grad_(False)
+        self.denoiser_lm = denoiser_lm
+        denoiser_lm.set_attn_implementation(attention.NAME)
+        self.family = family_for(context_lm.config)(context_lm, denoiser_lm)
+        hidden = denoiser_lm.config.hidden_size
+        self.time = TimeConditioning(hidden, self.family.num_tables)
+        self.mask_embedding = None
+        if learned_mask:   # a dedicated input vector for [MASK], initialised from its token row
+            row = denoiser_lm.get_input_embeddings().weight[mask_token_id].detach().clone()
+            self.mask_embedding = nn.Parameter(row)
+        self.mask_token_id = mask_token_id
+        self.tokenizer = tokenizer
+        self.name = name
+
+    # ---- facts -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser_lm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser_lm.get_input_embeddings().weight.dtype
+
+    @property
+    def max_context(self) -> int:
+        return self.family.max_context
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Every id that ends a reply: the config's and the tokenizer's end tokens."""
+        ids = set()
+        for src in (self.context_lm.config, getattr(self.context_lm, "generation_config", None)):
+            eos = getattr(src, "eos_token_id", None)
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        tok = self.tokenizer
+        if tok is not None:
+            for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+                tid = tok.convert_tokens_to_ids(name)
+                if isinstance(tid, int) and tid != tok.unk_token_id:
+                    ids.add(tid)
+            if tok.eos_token_id is not None:
+                ids.add(tok.eos_token_id)
+        ids.discard(self.mask_token_id)
+        return ids
+
+    # ---- context tower -----------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], pad_id: int = 0):
+        """Read left-padded prompts into a fresh cache. Returns (ContextState, last logits (B, V))."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p):] = torch.tensor(p)
+            valid[b, width - len(p):] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        empty = ContextState(self.family.new_cache(), valid[:, :0], torch.zeros(len(prompts), dtype=torch.long, device=self.device))
+        ctx, logits = self.extend(empty, ids, valid)
+        return ctx, logits[:, -1]
+
+    @torch.no_grad()
+    def extend(self, ctx: ContextState, ids: torch.Tensor, valid: torch.Tensor | None = None):
+        """Append clean ids (B, n) to the context cache in ONE pass. Returns (new state, logits (B, n, V))."""
+        if valid is None:
+            valid = torch.ones_like(ids, dtype=torch.bool)
+        logits = self.family.context_forward(ids, ctx, valid)
+        return ContextState(ctx.cache, torch.cat([ctx.valid, valid], 1), ctx.lengths + valid.sum(1)), logits
+
+    # ---- denoiser ----------------------------------------------------------------------
+    def embed_block(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.denoiser_lm.get_input_embeddings()(x)
+        if self.mask_embedding is not None:
+            h = torch.where((x == self.mask_token_id).unsqueeze(-1), self.mask_embedding.to(h.dtype), h)
+        return h
+
+    def denoise(self, x: torch.Tensor, inputs: dict, t: torch.Tensor | None = None, capture=None) -> torch.Tensor:
+        """One denoiser pass. x: (B, S) block ids with mask ids -> logits (B, S, V).
+
+        t defaults to the masked fraction of each row; training passes a per-token t (B, N).
+        """
+        if t is None:
+            t = (x == self.mask_token_id).float().mean(-1)
+        base = self.time(t.to(self.device))
+        h = self.family.denoiser_hidden(self.embed_block(x), inputs, self.time, base, capture)
+        return self.denoiser_lm.get_output_embeddings()(h)
+
+    def block_inputs(self, ctx: ContextState, size: int, causal: bool = False) -> dict:
+        """The denoiser's view of the context for one block (built once per block)."""
+        return self.family.block_inputs(ctx, size, causal=causal)
+
+    def training_logits(self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, block_size: int):
+        """Denoise every block of (B, N) sequences at once; t: (B, N) per-token masked fraction."""
+        inputs = self.family.training_inputs(clean, block_size)
+        return self.denoise(noisy, inputs, t)
+
+    # ---- text --------------------------------------------------------------------------
+    def info(self) -> dict:
+        cfg = self.context_lm.config
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        return {
+            "name": self.name,
+            "architecture": cfg.model_type,
+            "layers": cfg.num_hidden_layers,
+            "hidden": cfg.hidden_size,
+            "vocab": cfg.vocab_size,
+            "context_params": count(self.context_lm),
+            "denoiser_params": count(self.denoiser_lm) + count(self.time)
+                               + (self.mask_embedding.numel() if self.mask_embedding is not None else 0),
+            "mask_token_id": self.mask_token_id,
+            "context_device": str(next(self.context_lm.parameters()).device),
+            "denoiser_device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "max_context": self.max_context,
+        }

@@ -1,0 +1,132 @@
+"""Sampler settings and the per-step tensor maths: token choice, confidence, commit rule.
+
+Pure functions over tensors, shared by the diffusion sampler and the AR baseline.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+REMASKING = ("confidence", "margin", "entropy", "random")
+
+
+@dataclass
+class SamplerConfig:
+    block_size: int = 16          # S: tokens per block (the release trains and runs at 16)
+    steps: int = 16               # T: denoiser passes allowed per block (the last one commits all)
+    threshold: float = 0.9        # gamma: commit every masked position with p(argmax) > gamma
+    temperature: float = 0.0      # 0 = greedy; otherwise Gumbel-max on logits / temperature
+    top_k: int = 0                # keep the k most likely tokens when sampling (0 = off)
+    top_p: float = 1.0            # nucleus sampling mass (1 = off)
+    remasking: str = "confidence"  # which positions to commit first: confidence|margin|entropy|random
+    max_new_tokens: int = 128     # any number; the last block is cut to fit
+    stop_at_eos: bool = True      # end a row at its first end-of-text token
+    seed: int = 0                 # same seed + settings + prompt -> same tokens
+    top_candidates: int = 5       # candidates per position recorded in each step event
+
+    def validate(self, max_context: int | None = None) -> "SamplerConfig":
+        """Raise ValueError naming the first impossible setting."""
+        def bad(msg):
+            raise ValueError(msg)
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            bad(f"block_size must be a positive integer, got {self.block_size!r}")
+        if max_context is not None and self.block_size > max_context:
+            bad(f"block_size {self.block_size} is larger than the model's context ({max_context})")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            bad(f"steps must be a positive integer, got {self.steps!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            bad(f"threshold must lie in [0, 1], got {self.threshold!r}")
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            bad(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k < 0:
+            bad(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.remasking not in REMASKING:
+            bad(f"remasking must be one of {', '.join(REMASKING)}; got {self.remasking!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.top_candidates < 1:
+            bad(f"top_candidates must be >= 1, got {self.top_candidates!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplerConfig":
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus to -inf. logits: (..., V)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p   # keep the first token that crosses p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator | None):
+    """Pick a token per position and score it.
+
+    logits: (..., V), float. Returns pred (...,), probs (..., V) of the UNSCALED distribution
+    (the release's confidence), confidence p(pred) (...,).
+    """
+    logits = logits.float()
+    probs = logits.softmax(-1)
+    if cfg.temperature == 0.0:
+        pred = logits.argmax(-1)
+    else:
+        scaled = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+        u = torch.rand(scaled.shape, generator=generator, device=scaled.device)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+        pred = (scaled + gumbel).argmax(-1)
+    confidence = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
+    return pred, probs, confidence
+
+
+def remasking_score(probs: torch.Tensor, confidence: torch.Tensor, strategy: str,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """Higher score = commit first. probs: (B, S, V); confidence: (B, S)."""
+    if strategy == "confidence":
+        return confidence
+    if strategy == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    if strategy == "entropy":
+        return (probs * probs.clamp_min(1e-12).log()).sum(-1)   # = -entropy
+    if strategy == "random":
+        return torch.rand(confidence.shape, generator=generator, device=confidence.device)
+    raise ValueError(f"unknown remasking strategy {strategy!r}; expected one of {REMASKING}")
+
+
+def commit_counts(confidence: torch.Tensor, masked: torch.Tensor, steps_left: int, threshold: float):
+    """The release's commit rule, per row.
+
+    k = #masked positions with confidence > threshold (at least 1), raised to at least
+    ceil(masked / steps_left), capped at #masked; with one step left, everything.
+    confidence, masked: (B, S). Returns (k, planned), both (B,) long; planned is the
+    threshold count before the floor and cap (for teaching views).
+    """
+    n_masked = masked.sum(-1)
+    planned = ((confidence > threshold) & masked).sum(-1)
+    floor = torch.div(n_masked + steps_left - 1, steps_left, rounding_mode="floor")
+    k = torch.maximum(planned.clamp_min(1), floor).minimum(n_masked)
+    return k, planned
+
+
+def select_commits(score: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, S): the k highest-scoring masked positions of each row."""
+    score = score.masked_fill(~masked, float("-inf"))
+    order = score.argsort(dim=-1, descending=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (rank < k.unsqueeze(-1)) & masked

@@ -1,0 +1,107 @@
+"""A recorded run: settings, model info, prompt, every event and summary stats, as JSON.
+
+Visualizers and the app read only traces, so a run can be replayed and rendered without
+the model. `Trace.record(events)` passes events through while recording them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .events import BlockStart, Done, Event, Step, Token, event_from_dict
+
+TRACE_VERSION = 1
+
+
+@dataclass
+class Trace:
+    mode: str                                   # "diffusion" | "ar"
+    settings: dict                              # SamplerConfig as a dict
+    model: dict                                 # model info (name, architecture, mask id, ...)
+    prompts: list[str]                          # per row, as given (before any chat template)
+    prompt_ids: list[list[int]]                 # per row, the ids the context tower read
+    tokens: dict[str, str] = field(default_factory=dict)  # id -> text piece, for rendering
+    events: list[Event] = field(default_factory=list)
+    version: int = TRACE_VERSION
+
+    def record(self, events: Iterable[Event]) -> Iterator[Event]:
+        """Yield each event unchanged, keeping a copy."""
+        for event in events:
+            self.events.append(event)
+            yield event
+
+    # ---- views used by renderers -------------------------------------------------------
+    @property
+    def done(self) -> Done | None:
+        return next((e for e in reversed(self.events) if isinstance(e, Done)), None)
+
+    def steps(self) -> list[Step]:
+        return [e for e in self.events if isinstance(e, Step)]
+
+    def blocks(self) -> list[BlockStart]:
+        return [e for e in self.events if isinstance(e, BlockStart)]
+
+    def ar_tokens(self) -> list[Token]:
+        return [e for e in self.events if isinstance(e, Token)]
+
+    def stats(self) -> dict:
+        """Summary figures of the finished run (empty if it did not finish)."""
+        done = self.done
+        if done is None:
+            return {}
+        n = done.tokens
+        return {
+            "tokens": n,
+            "nfe": done.nfe,
+            "tokens_per_nfe": n / done.nfe if done.nfe else 0.0,
+            "seconds": done.seconds,
+            "tokens_per_second": n / done.seconds if done.seconds > 0 else 0.0,
+            "first_token_seconds": done.first_token_seconds,
+            "stopped": done.stopped,
+        }
+
+    # ---- JSON --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "mode": self.mode,
+            "settings": self.settings,
+            "model": self.model,
+            "prompts": self.prompts,
+            "prompt_ids": self.prompt_ids,
+            "tokens": self.tokens,
+            "stats": self.stats(),
+            "events": [e.to_dict() for e in self.events],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trace":
+        if not isinstance(d, dict) or "events" not in d or "mode" not in d:
+            raise ValueError("not a TwoTower trace: expected a JSON object with 'mode' and 'events'")
+        if d.get("version", 0) > TRACE_VERSION:
+            raise ValueError(f"trace version {d['version']} is newer than this tool's {TRACE_VERSION}")
+        return cls(
+            mode=d["mode"],
+            settings=d.get("settings", {}),
+            model=d.get("model", {}),
+            prompts=d.get("prompts", []),
+            prompt_ids=d.get("prompt_ids", []),
+            tokens={str(k): v for k, v in d.get("tokens", {}).items()},
+            events=[event_from_dict(e) for e in d["events"]],
+            version=d.get("version", TRACE_VERSION),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"trace file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"trace file {path} is not valid JSON: {e}") from None
+        return cls.from_dict(data)
