@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .model import TwoTower
@@ -52,7 +52,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise SpecError(f"weights file not found: {path}")
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise SpecError(f"{path} is not a readable safetensors file ({e})") from None
 
 
@@ -87,10 +87,12 @@ def lora_config(meta: dict):
                       lora_dropout=0.0, bias="none")
 
 
-def build(context_lm, tokenizer, mask_token_id: int, learned_mask: bool, name: str) -> TwoTower:
+def build(context_lm, tokenizer, mask_token_id: int, learned_mask: bool, name: str,
+          anchor: bool = False) -> TwoTower:
     """A TwoTower whose denoiser is an untrained copy of the context tower (the paper's init)."""
     denoiser = copy.deepcopy(context_lm).requires_grad_(False)
-    model = TwoTower(context_lm, denoiser, mask_token_id, tokenizer, name=name, learned_mask=learned_mask)
+    model = TwoTower(context_lm, denoiser, mask_token_id, tokenizer, name=name, learned_mask=learned_mask,
+                     anchor=anchor)
     return model.to(device=context_lm.device, dtype=context_lm.dtype)
 
 
@@ -134,7 +136,8 @@ def load_own(path: Path, device: str, dtype: torch.dtype) -> TwoTower:
     if context_src not in ("smollm2",) and not os.path.isabs(context_src):
         context_src = str((path / context_src).resolve())
     ctx, tok = load_ar(context_src, device, dtype)
-    model = build(ctx, tok, meta["mask_token_id"], meta.get("learned_mask", False), meta.get("name", path.name))
+    model = build(ctx, tok, meta["mask_token_id"], meta.get("learned_mask", False), meta.get("name", path.name),
+                  anchor=meta.get("anchor", False))
     return apply_denoiser_file(model, meta, read_safetensors(path / "denoiser.safetensors")).eval()
 
 
@@ -157,8 +160,14 @@ def save(model: TwoTower, path: str | Path, context: str, lora_model=None, lora:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in denoiser_state(model, lora_model).items()}
+    seen = set()        # tied weights (embeddings = lm_head) share storage, which save_file refuses
+    for k, v in tensors.items():
+        if v.untyped_storage().data_ptr() in seen:
+            tensors[k] = v.clone()
+        seen.add(tensors[k].untyped_storage().data_ptr())
     meta = {"format": FORMAT, "version": 1, "name": model.name, "context": context,
             "mask_token_id": model.mask_token_id, "learned_mask": model.mask_embedding is not None,
+            "anchor": model.anchor,
             "denoiser": "lora" if lora_model is not None else "full", **(extra or {})}
     if lora_model is not None:
         meta["lora"] = lora
@@ -178,7 +187,8 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
         spec = str(DEFAULT_DIR)
     if spec == "smollm2":
         ctx, tok = load_ar("smollm2", device, dtype)
-        return build(ctx, tok, SMOLLM2_MASK_ID, learned_mask=True, name="smollm2-untrained-denoiser").eval()
+        return build(ctx, tok, SMOLLM2_MASK_ID, learned_mask=True, name="smollm2-untrained-denoiser",
+                     anchor=True).eval()
     if spec.startswith("ctx="):
         parts = dict(p.split("=", 1) for p in spec.split(",") if "=" in p)
         if "denoiser" not in parts:
@@ -188,7 +198,8 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"denoiser": "full"}
         ctx, tok = load_ar(parts["ctx"], device, dtype)
         mask_id = int(parts.get("mask", meta.get("mask_token_id", SMOLLM2_MASK_ID)))
-        model = build(ctx, tok, mask_id, "mask_embedding" in weights, Path(parts["ctx"]).name)
+        model = build(ctx, tok, mask_id, "mask_embedding" in weights, Path(parts["ctx"]).name,
+                      anchor=meta.get("anchor", False))
         return apply_denoiser_file(model, meta, weights).eval()
     path = Path(spec)
     if path.is_dir():

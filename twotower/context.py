@@ -13,18 +13,20 @@ class ContextState:
     cache:   the backbone's transformers cache (attention K/V; Mamba conv + SSM state)
     valid:   (B, L) bool, True at real tokens, False at left padding
     lengths: (B,) long, real tokens per row (the next position id of each row)
+    last:    (B,) long, the last clean token of each row (the anchor of an anchored denoiser)
     """
     cache: object
     valid: torch.Tensor
     lengths: torch.Tensor
+    last: torch.Tensor | None = None
 
     @property
     def padded(self) -> bool:
         return not bool(self.valid.all())
 
-    def positions(self, size: int) -> torch.Tensor:
-        """(B, size) position ids of the next `size` tokens of each row."""
-        return self.lengths.unsqueeze(1) + torch.arange(size, device=self.lengths.device)
+    def positions(self, size: int, offset: int = 0) -> torch.Tensor:
+        """(B, size) position ids of the next `size` tokens of each row, shifted by `offset`."""
+        return self.lengths.unsqueeze(1) + offset + torch.arange(size, device=self.lengths.device)
 
 
 class ContextView:

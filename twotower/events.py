@@ -97,4 +97,7 @@ def event_from_dict(d: dict) -> Event:
     if cls is None:
         raise ValueError(f"unknown event type {kind!r}; expected one of {sorted(EVENT_TYPES)}")
     names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    kwargs = {k: v for k, v in d.items() if k in names}
+    if isinstance(kwargs.get("attention"), dict):   # JSON object keys are strings; layers are ints
+        kwargs["attention"] = {int(k): v for k, v in kwargs["attention"].items()}
+    return cls(**kwargs)

@@ -19,7 +19,7 @@ from .context import ContextState
 
 class TwoTower(nn.Module):
     def __init__(self, context_lm, denoiser_lm, mask_token_id: int, tokenizer=None,
-                 name: str = "twotower", learned_mask: bool = False):
+                 name: str = "twotower", learned_mask: bool = False, anchor: bool = False):
         super().__init__()
         if context_lm.config.model_type != denoiser_lm.config.model_type:
             raise ValueError(f"context tower ({context_lm.config.model_type}) and denoiser "
@@ -37,6 +37,9 @@ class TwoTower(nn.Module):
         if learned_mask:   # a dedicated input vector for [MASK], initialised from its token row
             row = denoiser_lm.get_input_embeddings().weight[mask_token_id].detach().clone()
             self.mask_embedding = nn.Parameter(row)
+        if anchor and not getattr(self.family, "supports_anchor", False):
+            raise ValueError(f"an anchored denoiser is not supported for {context_lm.config.model_type}")
+        self.anchor = anchor
         self.mask_token_id = mask_token_id
         self.tokenizer = tokenizer
         self.name = name
@@ -95,7 +98,8 @@ class TwoTower(nn.Module):
         if valid is None:
             valid = torch.ones_like(ids, dtype=torch.bool)
         logits = self.family.context_forward(ids, ctx, valid)
-        return ContextState(ctx.cache, torch.cat([ctx.valid, valid], 1), ctx.lengths + valid.sum(1)), logits
+        new = ContextState(ctx.cache, torch.cat([ctx.valid, valid], 1), ctx.lengths + valid.sum(1), ids[:, -1])
+        return new, logits
 
     # ---- denoiser ----------------------------------------------------------------------
     def embed_block(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,22 +111,46 @@ class TwoTower(nn.Module):
     def denoise(self, x: torch.Tensor, inputs: dict, t: torch.Tensor | None = None, capture=None) -> torch.Tensor:
         """One denoiser pass. x: (B, S) block ids with mask ids -> logits (B, S, V).
 
-        t defaults to the masked fraction of each row; training passes a per-token t (B, N).
+        t defaults to the masked fraction of each row. An anchored denoiser (our small
+        default model) also reads the last clean token before the block, and its output at
+        input i predicts block token i, as the AR model it starts from does; the release's
+        denoiser reads the block alone and predicts token j at position j.
         """
         if t is None:
             t = (x == self.mask_token_id).float().mean(-1)
-        base = self.time(t.to(self.device))
-        h = self.family.denoiser_hidden(self.embed_block(x), inputs, self.time, base, capture)
-        return self.denoiser_lm.get_output_embeddings()(h)
+        h = self.embed_block(torch.cat([inputs["anchor"], x], 1) if self.anchor else x)
+        h = self.family.denoiser_hidden(h, inputs, self.time, self.time(t.to(self.device)), capture)
+        logits = self.denoiser_lm.get_output_embeddings()(h)
+        return logits[:, :-1] if self.anchor else logits
 
     def block_inputs(self, ctx: ContextState, size: int, causal: bool = False) -> dict:
         """The denoiser's view of the context for one block (built once per block)."""
-        return self.family.block_inputs(ctx, size, causal=causal)
+        if not self.anchor:
+            return self.family.block_inputs(ctx, size, causal=causal)
+        inputs = self.family.block_inputs(ctx, size + 1, causal=causal, offset=-1)
+        inputs["anchor"] = ctx.last.unsqueeze(1)                       # (B, 1)
+        return inputs
 
     def training_logits(self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, block_size: int):
-        """Denoise every block of (B, N) sequences at once; t: (B, N) per-token masked fraction."""
-        inputs = self.family.training_inputs(clean, block_size)
-        return self.denoise(noisy, inputs, t)
+        """Denoise every block of (B, N) sequences at once; t: (B, N) per-token masked fraction.
+
+        Returns logits (B, N - start, V) for positions start..N-1, where start =
+        `training_start(block_size)`: 0, or block_size for an anchored denoiser (the first
+        block has no clean token before it).
+        """
+        if not self.anchor:
+            return self.denoise(noisy, self.family.training_inputs(clean, block_size), t)
+        inputs = self.family.training_inputs(clean, block_size, anchor=True)
+        qpos = inputs["query_positions"]                                # (Q,) input positions
+        slot = torch.arange(qpos.numel(), device=qpos.device) % (block_size + 1)
+        ids = torch.where(slot == 0, clean[:, qpos], noisy[:, qpos])    # anchor slots stay clean
+        tq = t[:, qpos + (slot == 0).long()]                            # an anchor carries its block's t
+        h = self.family.denoiser_hidden(self.embed_block(ids), inputs, self.time, self.time(tq))
+        keep = slot != block_size                                       # the last slot predicts past its block
+        return self.denoiser_lm.get_output_embeddings()(h[:, keep])
+
+    def training_start(self, block_size: int) -> int:
+        return block_size if self.anchor else 0
 
     # ---- text --------------------------------------------------------------------------
     def info(self) -> dict:
@@ -138,6 +166,7 @@ class TwoTower(nn.Module):
             "denoiser_params": count(self.denoiser_lm) + count(self.time)
                                + (self.mask_embedding.numel() if self.mask_embedding is not None else 0),
             "mask_token_id": self.mask_token_id,
+            "anchor": self.anchor,
             "context_device": str(next(self.context_lm.parameters()).device),
             "denoiser_device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),

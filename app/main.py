@@ -1,0 +1,61 @@
+"""build_demo(): layout, then event wiring, then the queue. app.py at the repo root launches it."""
+from __future__ import annotations
+
+import gradio as gr
+
+from . import handlers, race, state
+from .layout import UI, asset, build_layout
+
+COMPUTE = "model"        # every event that runs the model shares this queue slot
+
+
+def wire(ui: UI, demo: gr.Blocks) -> None:
+    """Connect the components to the handlers."""
+    sampler = ui.settings
+    views_out = [ui.unmask_plot, ui.confidence_plot, ui.commits_plot, ui.att_block, ui.att_layer,
+                 ui.att_head, ui.att_plot]
+    views_in = [ui.session, *ui.attention_controls]
+    run_outputs = [ui.grid, ui.text, ui.status]
+
+    demo.load(handlers.model_info, outputs=ui.model_info, api_visibility="private")
+
+    gen = gr.on([ui.run.click, ui.prompt.submit], handlers.generate,
+                inputs=[ui.prompt, ui.mode, *sampler, ui.capture, ui.layers, ui.session],
+                outputs=run_outputs, api_name="generate", concurrency_id=COMPUTE,
+                show_progress="minimal")
+    gen.success(handlers.views, views_in, views_out, api_visibility="private")
+
+    racing = ui.race_run.click(race.race, inputs=[ui.prompt, *sampler, ui.session],
+                               outputs=[ui.race_view, ui.race_table, ui.race_plot, ui.race_status],
+                               api_name="race", concurrency_id=COMPUTE, show_progress="minimal")
+
+    for button in (ui.stop, ui.race_stop):
+        button.click(handlers.stopped, ui.session, run_outputs, cancels=[gen, racing],
+                     api_visibility="private", concurrency_limit=None, queue=False
+                     ).then(handlers.views, views_in, views_out, api_visibility="private")
+
+    for control in ui.attention_controls:
+        control.input(handlers.attention_view, views_in, ui.att_plot, api_visibility="private")
+
+    ui.export.click(handlers.export_files, ui.session, ui.export_files, api_visibility="private")
+    ui.import_file.upload(handlers.import_trace, [ui.import_file, ui.session], run_outputs,
+                          api_visibility="private").success(handlers.views, views_in, views_out,
+                                                            api_visibility="private")
+
+
+def build_demo(model=None, stream_interval: float | None = None) -> gr.Blocks:
+    """The app. model: use this TwoTower instead of loading TWOTOWER_MODEL / the default."""
+    if model is not None:
+        state.set_model(model)
+    if stream_interval is not None:
+        state.OPTIONS.stream_interval = stream_interval
+    with gr.Blocks(title="TwoTower diffusion LM explorer") as demo:
+        ui = build_layout()
+        wire(ui, demo)
+    demo.queue(default_concurrency_limit=1, max_size=state.OPTIONS.queue_size)
+    return demo
+
+
+def launch_options() -> dict:
+    """Keyword arguments for demo.launch() (Gradio 6 takes css and theme there)."""
+    return {"css": asset("app.css"), "theme": gr.themes.Default(primary_hue="blue")}

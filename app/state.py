@@ -1,0 +1,53 @@
+"""Process-wide state: the model (loaded once, lazily, under a lock), app options, sessions."""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+MODEL_ENV = "TWOTOWER_MODEL"      # model spec for checkpoints.load; unset = the default model
+
+_lock = threading.Lock()
+_model = None
+
+
+@dataclass
+class Options:
+    stream_interval: float = 0.25   # seconds between live updates (a few per second at most)
+    max_new_tokens: int = 1024      # the most tokens one request may ask for
+    queue_size: int = 16            # requests waiting in the shared compute queue
+
+
+OPTIONS = Options()
+
+
+def set_model(model) -> None:
+    """Use this model instead of loading one (tests, notebooks)."""
+    global _model
+    with _lock:
+        _model = model
+
+
+def get_model():
+    """The model, loaded on first use; later calls return the same object."""
+    global _model
+    with _lock:
+        if _model is None:
+            from twotower import checkpoints
+            _model = checkpoints.load(os.environ.get(MODEL_ENV) or None)
+        return _model
+
+
+def model_loaded() -> bool:
+    return _model is not None
+
+
+@dataclass
+class Session:
+    """What one browser session keeps on the server (gr.State; never sent to the browser).
+
+    `trace` is filled while a run goes on, so Stop can still show what was computed.
+    """
+    trace: object | None = None
+    race: tuple | None = None
+    notes: list = field(default_factory=list)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU session that trains the shipped default model (run through the device tool, see
+# bench/RESULTS.md). Stage 1 ("prep"): stash the first half of the SmolLM2 GGUF.
+# Stage 2 ("train"): join it, build the corpus, train. Stage 3 ("more"): resume, measure.
+set -euo pipefail
+stage=$1
+export PYTHONUNBUFFERED=1 TWOTOWER_CACHE=/root/twotower-cache TWOTOWER_SMOLLM2_GGUF=/root/g/smollm2.gguf
+mkdir -p /root/g
+case $stage in
+prep)
+  cp .gpu/a/part_00 /root/g/
+  nvidia-smi --query-gpu=name,memory.total --format=csv
+  python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" ;;
+train)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/*.whl
+  export PYTHONPATH=/tmp/site
+  cat /root/g/part_00 .gpu/b/part_01 > /root/g/smollm2.gguf && md5sum /root/g/smollm2.gguf
+  python3 -m twotower corpus --out /root/corpus --device ${DEVICE:-cuda} --prompts ${PROMPTS:-24000} --batch ${BATCH:-768} \
+      --max-new-tokens 256 --text-dir .gpu/b --max-seconds ${CORPUS_S:-210} 2>&1 | grep -v Warn | tr '\r' '\n' | grep -v "it/s\]$" | tail -40
+  python3 -m twotower train --config configs/default.toml --set corpus=/root/corpus/tokens.safetensors \
+      out=/root/run max_minutes=${TRAIN_MIN:-4.5} steps=100000 eval_every=200 save_every=400 2>&1 | tr '\r' '\n' | grep -v "^train:.*it/s\]$" | grep -E "\[train\]|train:.*(00|50)/" | tail -40
+  cp /root/run/final/* $OUT/ ; cp /root/corpus/meta.json $OUT/corpus_meta.json
+  cp /root/run/last/train_state.json $OUT/ ;;
+more)
+  export PYTHONPATH=/tmp/site
+  python3 -m twotower train --config configs/default.toml --set corpus=/root/corpus/tokens.safetensors \
+      out=/root/run max_minutes=${TRAIN_MIN:-5} steps=100000 warmup=20 eval_every=200 save_every=400 --resume 2>&1 | tr '\r' '\n' | grep -E "\[train\]" | tail -30
+  cp /root/run/final/* $OUT/ ; cp /root/run/last/train_state.json $OUT/ ;;
+esac

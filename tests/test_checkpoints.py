@@ -1,0 +1,232 @@
+"""Model specs and our checkpoint format: save/load round trips and clear refusals."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.tiny import MASK_ID, VOCAB
+from twotower import checkpoints
+from twotower.checkpoints import SpecError, build, load, load_ar, lora_config, read_safetensors, save
+
+F32 = torch.float32
+
+
+def perturb(model, seed=0, std=0.05):
+    """Make the denoiser differ from its context tower everywhere a checkpoint must restore."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.denoiser_lm.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+        for p in model.time.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        if model.mask_embedding is not None:
+            model.mask_embedding.add_(torch.randn(model.mask_embedding.shape, generator=g))
+    return model
+
+
+def probe(model):
+    """Denoiser logits of a half-masked block after a prompt, plus the context tower's logits."""
+    ctx, last = model.prefill([[5, 17, 42, 8, 30], [9, 40]])
+    x = torch.tensor([[MASK_ID, 12, MASK_ID, 60], [MASK_ID, MASK_ID, MASK_ID, 7]])
+    with torch.no_grad():
+        return model.denoise(x, model.block_inputs(ctx, 4)), last
+
+
+def fresh(ar_dir, learned_mask=True, anchor=False):
+    ctx, tok = load_ar(ar_dir, "cpu", F32)
+    return build(ctx, tok, MASK_ID, learned_mask=learned_mask, name="probe", anchor=anchor).eval()
+
+
+def assert_same(a, b, atol=1e-6):
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, atol=atol), float((x - y).abs().max())
+
+
+# ---- round trips ------------------------------------------------------------------------
+@pytest.mark.parametrize("anchor", [False, True])
+def test_full_denoiser_round_trip(ar_dir, tmp_path, anchor):
+    model = perturb(fresh(ar_dir, anchor=anchor))
+    expected = probe(model)
+    out = save(model, tmp_path / "ck", context=str(ar_dir), dtype=F32)
+    meta = json.loads((out / "twotower.json").read_text())
+    assert meta["format"] == "twotower" and meta["denoiser"] == "full" and meta["mask_token_id"] == MASK_ID
+    assert meta["learned_mask"] is True and meta.get("anchor", False) is anchor
+    loaded = load(str(out), device="cpu", dtype=F32)
+    assert loaded.mask_token_id == MASK_ID and loaded.mask_embedding is not None and not loaded.training
+    assert getattr(loaded, "anchor", False) is anchor
+    assert_same(probe(loaded), expected)
+    # and the run differs from an untouched model: the check is not vacuous
+    assert (probe(fresh(ar_dir, anchor=anchor))[0] - expected[0]).abs().max() > 1e-3
+
+
+def test_bf16_checkpoint_holds_rounded_weights(ar_dir, tmp_path):
+    model = perturb(fresh(ar_dir), seed=1)
+    save(model, tmp_path / "ck", context=str(ar_dir))                       # default dtype bf16
+    weights = read_safetensors(tmp_path / "ck" / "denoiser.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    loaded = load(str(tmp_path / "ck"), device="cpu", dtype=F32)
+    want = {k: v.to(torch.bfloat16).float() for k, v in model.denoiser_lm.state_dict().items()}
+    for k, v in loaded.denoiser_lm.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    assert torch.equal(loaded.time.t_block[1].weight, model.time.t_block[1].weight.to(torch.bfloat16).float())
+    assert_same(probe(loaded), probe(model), atol=0.05)
+
+
+def test_relative_context_path(ar_dir, tmp_path):
+    model = perturb(fresh(ar_dir), seed=2)
+    ck = tmp_path / "runs" / "ck"
+    save(model, ck, context=os.path.relpath(ar_dir, ck), dtype=F32)
+    assert_same(probe(load(str(ck), device="cpu", dtype=F32)), probe(model))
+
+
+def test_lora_round_trip_merges(ar_dir, tmp_path):
+    from peft import get_peft_model
+    model = perturb(fresh(ar_dir), seed=3, std=0.0)          # time + mask perturbed, backbone copy as is
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    peft_model = get_peft_model(model.denoiser_lm, lora_config(lora))
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    expected = probe(model)                                   # the denoiser runs through the adapters
+    assert (expected[0] - probe(fresh(ar_dir))[0]).abs().max() > 1e-3
+    out = save(model, tmp_path / "ck", context=str(ar_dir), lora_model=peft_model, lora=lora, dtype=F32)
+    meta = json.loads((out / "twotower.json").read_text())
+    assert meta["denoiser"] == "lora" and meta["lora"] == lora
+    keys = read_safetensors(out / "denoiser.safetensors").keys()
+    assert any(k.startswith("lora.") for k in keys) and not any(k.startswith("denoiser.") for k in keys)
+    loaded = load(str(out), device="cpu", dtype=F32)
+    assert not any("lora" in n for n, _ in loaded.denoiser_lm.named_modules())      # merged
+    assert_same(probe(loaded), expected, atol=1e-5)
+
+
+def test_ctx_denoiser_spec(ar_dir, tmp_path):
+    model = perturb(fresh(ar_dir), seed=4)
+    save(model, tmp_path / "ck", context=str(ar_dir), dtype=F32)
+    loaded = load(f"ctx={ar_dir},denoiser={tmp_path / 'ck' / 'denoiser.safetensors'}", device="cpu", dtype=F32)
+    assert_same(probe(loaded), probe(model))
+    with pytest.raises(SpecError, match="needs both parts"):
+        load(f"ctx={ar_dir}", device="cpu")
+
+
+def test_tied_embeddings_survive_a_same_dtype_save(ar_dir, tmp_path):
+    """A full save in the model's own dtype holds tied tensors that share memory."""
+    model = perturb(fresh(ar_dir), seed=5)
+    assert model.denoiser_lm.lm_head.weight.data_ptr() == model.denoiser_lm.model.embed_tokens.weight.data_ptr()
+    save(model, tmp_path / "ck", context=str(ar_dir), dtype=F32)
+    loaded = load(str(tmp_path / "ck"), device="cpu", dtype=F32)
+    assert torch.equal(loaded.denoiser_lm.lm_head.weight, model.denoiser_lm.lm_head.weight)
+
+
+def test_plain_ar_directory(ar_dir_tok, tiny_tokenizer):
+    model = load(str(ar_dir_tok), device="cpu", dtype=F32)
+    assert model.tokenizer is not None and model.mask_token_id == tiny_tokenizer.mask_token_id == 3
+    assert model.name == ar_dir_tok.name and model.mask_embedding is None
+    for (n, a), (_, b) in zip(model.context_lm.state_dict().items(), model.denoiser_lm.state_dict().items()):
+        assert torch.equal(a, b), n                     # the paper's init: a copy of the AR model
+    assert model.eos_token_ids == {tiny_tokenizer.eos_token_id}
+    assert load(str(ar_dir_tok), device="cpu", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+# ---- refusals ---------------------------------------------------------------------------
+def test_corrupt_and_missing_safetensors(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    for content in (b"", b"garbage" * 20, b"\x08\x00\x00\x00\x00\x00\x00\x00{}"):
+        bad.write_bytes(content)
+        with pytest.raises(SpecError, match="is not a readable safetensors file"):
+            read_safetensors(bad)
+    with pytest.raises(SpecError, match="weights file not found"):
+        read_safetensors(tmp_path / "nope.safetensors")
+
+
+def own_dir(tmp_path, ar_dir, **meta):
+    path = tmp_path / "ck"
+    path.mkdir(exist_ok=True)
+    data = {"format": "twotower", "context": str(ar_dir), "mask_token_id": MASK_ID, "denoiser": "full", **meta}
+    (path / "twotower.json").write_text(json.dumps(data))
+    return path
+
+
+def test_checkpoint_with_garbage_denoiser_file(ar_dir, tmp_path):
+    path = own_dir(tmp_path, ar_dir)
+    (path / "denoiser.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(SpecError, match="denoiser.safetensors is not a readable safetensors file"):
+        load(str(path), device="cpu")
+
+
+def test_checkpoint_without_denoiser_file(ar_dir, tmp_path):
+    with pytest.raises(SpecError, match="weights file not found: .*denoiser.safetensors"):
+        load(str(own_dir(tmp_path, ar_dir)), device="cpu")
+
+
+def test_checkpoint_metadata_refusals(ar_dir, tmp_path):
+    model = fresh(ar_dir, learned_mask=False)
+    save(model, tmp_path / "good", context=str(ar_dir), dtype=F32)
+    weights = (tmp_path / "good" / "denoiser.safetensors").read_bytes()
+
+    path = own_dir(tmp_path, ar_dir, format="something-else")
+    (path / "denoiser.safetensors").write_bytes(weights)
+    with pytest.raises(SpecError, match="is not a TwoTower checkpoint"):
+        load(str(path), device="cpu")
+    own_dir(tmp_path, ar_dir, denoiser="diff")
+    with pytest.raises(SpecError, match="unknown denoiser kind 'diff'"):
+        load(str(path), device="cpu")
+    own_dir(tmp_path, ar_dir, learned_mask=True)
+    with pytest.raises(SpecError, match="lacks 'mask_embedding'"):
+        load(str(path), device="cpu")
+    from safetensors.torch import save_file
+    save_file({"denoiser.lm_head.weight": torch.zeros(2, 2)}, str(path / "denoiser.safetensors"))
+    own_dir(tmp_path, ar_dir)
+    with pytest.raises(SpecError, match="lacks time-conditioning weights"):
+        load(str(path), device="cpu")
+    time_part = {k: v for k, v in read_safetensors(tmp_path / "good" / "denoiser.safetensors").items()
+                 if k.startswith("time.")}
+    save_file({**time_part, "denoiser.lm_head.weight": torch.zeros(VOCAB + 5, 32)}, str(path / "denoiser.safetensors"))
+    with pytest.raises(SpecError, match="do not fit the context tower's shapes"):
+        load(str(path), device="cpu")
+
+
+def test_unknown_specs(tmp_path, monkeypatch):
+    with pytest.raises(SpecError, match="unknown model spec 'no-such-model'"):
+        load("no-such-model", device="cpu")
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    with pytest.raises(SpecError, match="is a file; give its directory"):
+        load(str(tmp_path / "weights.safetensors"), device="cpu")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SpecError, match="'nobody-here/no-model' is not in the local hub cache"):
+        load("nobody-here/no-model", device="cpu")
+
+
+def test_not_a_model_directory(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SpecError, match="has no config.json: not a transformers model directory"):
+        load(str(empty), device="cpu")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(SpecError, match="holds no .safetensors weights"):
+        load(str(pickled), device="cpu")
+
+
+def test_unsupported_architecture(tmp_path, ar_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(gpt2)
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        load(str(gpt2), device="cpu")
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        load(f"ctx={gpt2},denoiser={gpt2 / 'model.safetensors'}", device="cpu")
+
+
+def test_devices_and_dtypes():
+    assert checkpoints.default_dtype("cpu") == torch.float32
+    assert checkpoints.default_dtype("cuda:0") == torch.bfloat16
+    assert checkpoints.default_device() in ("cpu", "cuda")

@@ -1,0 +1,160 @@
+"""`python -m twotower generate|info`: output, traces, and exit code 2 with 'error: ...' on bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from twotower.cli import main
+from twotower.trace import Trace
+
+SMALL = ["--max-new-tokens", "10", "--block-size", "4", "--steps", "4", "--no-stop", "--device", "cpu"]
+
+
+def cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("mode,nfe", [("diffusion", None), ("ar", 10)])
+def test_generate_prompt_ids_prints_ids_summary_and_trace(capsys, tmp_path, ar_dir, mode, nfe):
+    trace_path = tmp_path / "t.json"
+    rc, out, err = cli(capsys, "generate", "--model", str(ar_dir), "--prompt-ids", "5,17,42", "--mode", mode,
+                       "--trace", str(trace_path), *SMALL)
+    assert rc == 0, err
+    ids = [int(x) for x in out.split()]
+    assert len(ids) == 10 and all(0 <= i < 96 for i in ids)
+    assert f"[{mode}] tokens=10 nfe=" in err and "tokens/nfe=" in err and "tokens/s=" in err
+    assert f"trace written to {trace_path}" in err
+    trace = Trace.load(trace_path)
+    assert trace.mode == mode and trace.prompt_ids == [[5, 17, 42]] and trace.prompts == ["5,17,42"]
+    assert trace.done.token_ids == [ids] and trace.settings["block_size"] == 4
+    if nfe is not None:
+        assert trace.stats()["nfe"] == nfe and f"nfe={nfe} " in err
+    else:
+        assert trace.stats()["nfe"] == len(trace.steps()) >= 3
+
+
+def test_generate_is_deterministic(capsys, ar_dir):
+    args = ["generate", "--model", str(ar_dir), "--prompt-ids", "9,8,7", "--temperature", "1.0",
+            "--seed", "4", *SMALL]
+    first = cli(capsys, *args)[1]
+    assert cli(capsys, *args)[1] == first
+
+
+def test_generate_text_prompt_with_a_tokenizer(capsys, ar_dir_tok):
+    rc, out, err = cli(capsys, "generate", "Hello world", "--model", str(ar_dir_tok), *SMALL)
+    assert rc == 0, err
+    assert out.endswith("\n") and out.strip() and "[diffusion] tokens=10 " in err
+
+
+def test_generate_prompts_file_prints_json_lines(capsys, tmp_path, ar_dir_tok):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\n\nHello world\n")
+    rc, out, err = cli(capsys, "generate", "--prompts", str(prompts), "--model", str(ar_dir_tok), "--mode", "ar", *SMALL)
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["What is the capital of France?", "Hello world"]
+    for r in rows:
+        assert r["tokens"] == 10 and r["nfe"] == 10 and isinstance(r["text"], str) and r["seconds"] >= 0
+
+
+def test_info(capsys, ar_dir):
+    rc, out, err = cli(capsys, "info", str(ar_dir), "--json", "--device", "cpu")
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["architecture"] == "llama" and info["layers"] == 2 and info["vocab"] == 96
+    assert info["max_context"] == 256 and info["dtype"] == "float32" and info["name"] == ar_dir.name
+    rc, out, _ = cli(capsys, "info", str(ar_dir), "--device", "cpu")
+    assert rc == 0 and "architecture" in out and "llama" in out and "context_params" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--threshold", "1.5"], "error: threshold must lie in [0, 1], got 1.5"),
+    (["--threshold", "-0.2"], "error: threshold must lie in [0, 1]"),
+    (["--block-size", "0"], "error: block_size must be a positive integer, got 0"),
+    (["--block-size", "300"], "error: block_size 300 is larger than the model's context (256)"),
+    (["--temperature", "-1"], "error: temperature must be >= 0, got -1.0"),
+    (["--steps", "0"], "error: steps must be a positive integer"),
+    (["--max-new-tokens", "0"], "error: max_new_tokens must be a positive integer"),
+    (["--max-new-tokens", "500"], "error: prompt (3 tokens) + max_new_tokens (500) exceeds the model's context"),
+    (["--top-p", "0"], "error: top_p must lie in (0, 1]"),
+    (["--mask-token-id", "999"], "error: --mask-token-id 999 is outside the vocabulary (0..95)"),
+])
+def test_bad_sampler_arguments_exit_2(capsys, ar_dir, args, message):
+    rc, out, err = cli(capsys, "generate", "--model", str(ar_dir), "--prompt-ids", "5,17,42", "--device", "cpu", *args)
+    assert rc == 2 and message in err and out == ""
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "error: give exactly one of PROMPT, --prompt-ids or --prompts FILE"),
+    (["hello", "--prompt-ids", "1,2"], "error: give exactly one of PROMPT, --prompt-ids or --prompts FILE"),
+    (["--prompt-ids", "5,x"], "error: prompt ids must be comma-separated integers, got '5,x'"),
+    (["--prompt-ids", ","], "error: the prompt is empty"),
+    (["hello"], "error: this model ships no tokenizer: give the prompt as token ids"),
+    (["--prompts", "/nonexistent/prompts.txt"], "error:"),
+])
+def test_bad_prompts_exit_2(capsys, ar_dir, args, message):
+    rc, out, err = cli(capsys, "generate", "--model", str(ar_dir), "--device", "cpu", *args)
+    assert rc == 2 and message in err
+
+
+def test_empty_prompts_file_and_long_prompt(capsys, tmp_path, ar_dir, ar_dir_tok):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    rc, _, err = cli(capsys, "generate", "--prompts", str(empty), "--model", str(ar_dir_tok), "--device", "cpu")
+    assert rc == 2 and "holds no prompt lines" in err
+    ids = ",".join(["5"] * 300)
+    rc, _, err = cli(capsys, "generate", "--prompt-ids", ids, "--model", str(ar_dir), "--device", "cpu")
+    assert rc == 2 and "error: prompt (300 tokens) + max_new_tokens (128) exceeds the model's context of 256" in err
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("no-such-model", "error: unknown model spec 'no-such-model'"),
+    ("/nonexistent/dir/x", "error: unknown model spec"),
+])
+def test_bad_model_exit_2(capsys, spec, message):
+    rc, _, err = cli(capsys, "generate", "--model", spec, "--prompt-ids", "1,2", "--device", "cpu")
+    assert rc == 2 and message in err
+    rc, _, err = cli(capsys, "info", spec, "--device", "cpu")
+    assert rc == 2 and message in err
+
+
+def test_unsupported_architecture_exit_2(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(tmp_path)
+    rc, _, err = cli(capsys, "info", str(tmp_path), "--device", "cpu")
+    assert rc == 2 and "error: unsupported architecture 'gpt2'" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--mode", "gibbs", "--prompt-ids", "1"], "invalid choice: 'gibbs'"),
+    (["generate", "--block-size", "four", "--prompt-ids", "1"], "invalid int value: 'four'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_argparse_errors_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def run_module(*argv, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "twotower", *argv], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_python_dash_m_entry_point(tmp_path, ar_dir):
+    """The real entry point, end to end in a fresh interpreter."""
+    trace = tmp_path / "t.json"
+    p = run_module("generate", "--model", str(ar_dir), "--prompt-ids", "5,17,42", "--mode", "ar",
+                   "--trace", str(trace), "--max-new-tokens", "4", "--device", "cpu", "--no-stop")
+    assert p.returncode == 0, p.stderr
+    assert len(p.stdout.split()) == 4 and "[ar] tokens=4 nfe=4" in p.stderr and trace.is_file()

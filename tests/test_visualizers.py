@@ -1,0 +1,216 @@
+"""Visualizers on hand-made traces: compact grid data, plots, attention, race, findings, export."""
+from __future__ import annotations
+
+import json
+
+import plotly.graph_objects as go
+import pytest
+
+from twotower.events import BlockCommitted, BlockStart, Done, Prefill, Step, Token
+from twotower.trace import Trace
+from visualizers import attention, export, failures, plots, race, trajectory
+from visualizers.pieces import visible
+
+MASK, EOS = 3, 2
+PIECES = {"2": "</s>", "3": "<mask>", "10": "The", "11": " cat", "12": " sat", "13": "\n", "14": " on",
+          "20": "Hi", "21": " there"}
+
+
+def step(block, step_, tokens, committed, conf, elapsed, nfe, planned=None, attention_maps=None):
+    """A one-row Step; top-1 candidate = the token (or 11 while masked)."""
+    top = [[t if t != MASK else 11, 12] for t in tokens]
+    return Step(block=block, step=step_, t=[tokens.count(MASK) / len(tokens)], tokens=[tokens],
+                committed=[committed], planned=[len(committed) if planned is None else planned],
+                confidence=[conf], top_ids=[top], top_probs=[[[c, 1 - c] for c in conf]],
+                elapsed=elapsed, nfe=nfe, attention=attention_maps)
+
+
+def attn(size, context, heads=2):
+    """(1, heads, size, context + size): all mass on key 0 (a sink) and key 1, equally."""
+    row = [0.5, 0.5] + [0.0] * (context + size - 2)
+    return [[[row[:] for _ in range(size)] for _ in range(heads)]]
+
+
+@pytest.fixture
+def diffusion_trace() -> Trace:
+    """Two blocks of 4 over a 3-token prompt; block 0 takes 2 steps, block 1 ends at EOS."""
+    maps = lambda ctx: {0: attn(4, ctx), 1: attn(4, ctx)}
+    events = [
+        Prefill(prompt_tokens=[3], seconds=0.01),
+        BlockStart(block=0, start=0, size=4, steps=4),
+        step(0, 0, [10, MASK, 12, MASK], [0, 2], [0.95, 0.4, 0.91, 0.2], 0.05, 1, attention_maps=maps(3)),
+        step(0, 1, [10, 11, 12, 13], [1, 3], [0.95, 0.6, 0.91, 0.1], 0.10, 2, planned=0, attention_maps=maps(3)),
+        BlockCommitted(block=0, tokens=[[10, 11, 12, 13]], steps_used=2, elapsed=0.11),
+        BlockStart(block=1, start=4, size=4, steps=4),
+        step(1, 0, [14, EOS, EOS, EOS], [0, 1, 2, 3], [0.9, 0.99, 0.99, 0.99], 0.15, 3, attention_maps=maps(7)),
+        BlockCommitted(block=1, tokens=[[14, EOS, EOS, EOS]], steps_used=1, elapsed=0.16),
+        Done(texts=["The cat sat\n on"], token_ids=[[10, 11, 12, 13, 14]], nfe=3, seconds=0.16,
+             first_token_seconds=0.05, stopped="eos"),
+    ]
+    return Trace(mode="diffusion", settings={"threshold": 0.9, "block_size": 4, "steps": 4},
+                 model={"mask_token_id": MASK, "eos_token_ids": [EOS]}, prompts=["Hi there"],
+                 prompt_ids=[[20, 21, 13]], tokens=dict(PIECES), events=events)
+
+
+@pytest.fixture
+def ar_trace() -> Trace:
+    events = [Prefill(prompt_tokens=[3], seconds=0.01)]
+    for i, tok in enumerate([10, 11, 12]):
+        events.append(Token(index=i, tokens=[tok], confidence=[0.8], top_ids=[[tok, 14]], top_probs=[[0.8, 0.1]],
+                            elapsed=0.02 * (i + 1), nfe=i + 1))
+    events.append(Done(texts=["The cat sat"], token_ids=[[10, 11, 12]], nfe=3, seconds=0.07,
+                       first_token_seconds=0.02, stopped="length"))
+    return Trace(mode="ar", settings={}, model={"mask_token_id": MASK, "eos_token_ids": [EOS]},
+                 prompts=["Hi there"], prompt_ids=[[20, 21, 13]], tokens=dict(PIECES), events=events)
+
+
+# ---- pieces and grid data --------------------------------------------------------------------
+def test_visible_whitespace():
+    assert visible(" cat\n") == "·cat⏎"
+    assert visible("\t") == "⇥"
+    assert visible("") == "∅"
+
+
+def test_frames_are_compact_lists(diffusion_trace):
+    frames, tops = trajectory.frames(diffusion_trace, top=True)
+    assert len(frames) == 3 and len(tops) == 3
+    block, step_, offset, tokens, guess, conf, new, planned, ms, nfe = frames[1]
+    assert (block, step_, offset) == (0, 1, 0)
+    assert tokens == [10, 11, 12, 13] and new == [1, 3] and planned == 0
+    assert frames[0][3] == [10, -1, 12, -1]          # masked positions are -1
+    assert frames[0][4] == [10, 11, 12, 11]          # the guesses of masked cells
+    assert conf == [95, 60, 91, 10] and ms == 100 and nfe == 2
+    assert frames[2][2] == 4                          # block 1 starts at generated index 4
+    assert tops[0][0] == [[10, 12], [950, 50]]
+
+
+def test_commit_table_gives_every_position_once(diffusion_trace):
+    commits = trajectory.commit_table(diffusion_trace)
+    assert sorted(c.pos for c in commits) == list(range(8))
+    by_pos = {c.pos: c for c in commits}
+    assert (by_pos[1].step, by_pos[1].frame, by_pos[1].token) == (1, 1, 11)
+    assert by_pos[3].confidence == pytest.approx(0.1)
+
+
+def test_full_payload(diffusion_trace):
+    data = trajectory.payload(diffusion_trace)
+    json.dumps(data)                                   # plain JSON
+    assert data["live"] is False and data["base"]["len"] == 0
+    assert len(data["frames"]) == 3 and data["top"] is not None
+    assert data["n_out"] == 5 and data["blocks"] == [[0, 4, 4], [4, 4, 4]]
+    assert data["pieces"]["11"] == "·cat" and data["pieces"]["13"] == "⏎"
+    assert EOS in data["special"] and MASK in data["special"]
+
+
+def test_live_payload_sends_finished_blocks_once(diffusion_trace):
+    data = trajectory.payload(diffusion_trace, live=True)
+    assert data["live"] is True and data["top"] is None and data["findings"] == []
+    assert data["first_frame"] == 2 and len(data["frames"]) == 1      # only the active block's steps
+    assert data["base"]["tok"] == [10, 11, 12, 13]
+    assert data["base"]["cstep"] == [0, 1, 0, 1]
+    assert data["base"]["conf"] == [95, 60, 91, 10]
+
+
+def test_ar_payload_lays_tokens_out_in_rows(ar_trace):
+    data = trajectory.payload(ar_trace)
+    assert [f[2] for f in data["frames"]] == [0, 1, 2]
+    assert data["blocks"] == [[0, 3, 1]]
+    assert all(f[6] == [0] for f in data["frames"])
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+def test_unmasking_map_and_confidence(diffusion_trace):
+    fig = plots.unmasking_map(diffusion_trace)
+    assert isinstance(fig, go.Figure)
+    assert list(fig.data[0].x) == [0, 2, 1, 3, 4, 5, 6, 7] and list(fig.data[0].y) == [0, 0, 1, 1, 0, 0, 0, 0]
+    heat = plots.confidence_heatmap(diffusion_trace)
+    z = heat.data[0].z
+    assert z[1][1] == pytest.approx(0.6) and z[1][4] is None     # block 1 had one step only
+    bars = plots.commits_per_step(diffusion_trace)
+    assert list(bars.data[0].y) == [2, 0, 4] and list(bars.data[1].y) == [2, 2, 4]
+
+
+def test_ar_traces_get_an_explanation_not_a_map(ar_trace):
+    fig = plots.unmasking_map(ar_trace)
+    assert not fig.data and "AR" in fig.layout.annotations[0].text
+
+
+# ---- attention -------------------------------------------------------------------------------------
+def test_attention_options_and_context(diffusion_trace):
+    assert attention.options(diffusion_trace) == {"blocks": [0, 1], "layers": [0, 1], "heads": 2}
+    assert attention.context_ids(diffusion_trace, 1) == [20, 21, 13, 10, 11, 12, 13]
+
+
+def test_attention_sink_removal_renormalises(diffusion_trace):
+    s = diffusion_trace.steps()[0]
+    raw = attention.matrix(s, 0, "mean", sink=0, renormalise=False)
+    assert raw.shape == (4, 3) and raw[0, 0] == pytest.approx(0.5)
+    dropped = attention.matrix(s, 0, 1, sink=1, renormalise=True)
+    assert dropped.shape == (4, 2)
+    assert dropped.sum(1) == pytest.approx([1.0] * 4) and dropped[0, 0] == pytest.approx(1.0)
+    with_block = attention.matrix(s, 0, 0, sink=0, renormalise=False, include_block=True)
+    assert with_block.shape == (4, 7)
+
+
+def test_attention_figure_has_a_step_slider(diffusion_trace):
+    fig = attention.figure(diffusion_trace, block=0, layer=1, head="mean", sink=1)
+    assert len(fig.data) == 2 and fig.data[0].visible and not fig.data[1].visible
+    assert [s.label for s in fig.layout.sliders[0].steps] == ["0", "1"]
+    assert list(fig.data[0].x) == ["1:·there", "2:⏎"]
+
+
+def test_attention_survives_a_json_round_trip(diffusion_trace):
+    loaded = Trace.from_dict(json.loads(json.dumps(diffusion_trace.to_dict())))   # layer keys become strings
+    assert attention.options(loaded)["layers"] == [0, 1]
+    assert attention.matrix(loaded.steps()[0], 1, 0).shape == (4, 3)
+
+
+def test_attention_figure_without_capture_explains(ar_trace):
+    fig = attention.figure(ar_trace, block=0, layer=0)
+    assert "Capture" in fig.layout.annotations[0].text
+
+
+# ---- race ----------------------------------------------------------------------------------------
+def test_race_payload_table_and_curve(ar_trace, diffusion_trace):
+    data = race.payload(ar_trace, diffusion_trace)
+    json.dumps(data)
+    assert [r["mode"] for r in data["runs"]] == ["ar", "diffusion"]
+    assert data["runs"][1]["frames"][0] == [0, [10, -1, 12, -1], 50]
+    assert data["runs"][0]["stats"]["tokens_per_nfe"] == 1.0
+    xs, ys = race.curve(diffusion_trace)
+    assert ys[-1] == 5 and xs == sorted(xs)            # after-EOS positions do not count
+    table = race.table(ar_trace, diffusion_trace)
+    assert "tokens per pass" in table and "×" in table
+    assert len(race.tokens_over_time(ar_trace, diffusion_trace).data) == 2
+
+
+# ---- failures --------------------------------------------------------------------------------------
+def test_findings(diffusion_trace):
+    found = failures.findings(diffusion_trace)
+    kinds = {f["kind"] for f in found}
+    assert {"low-confidence", "eos-flood"} <= kinds
+    low = [f for f in found if f["kind"] == "low-confidence"]
+    assert low[0]["pos"] == 3 and low[0]["frame"] == 1
+    assert [f["frame"] for f in found] == sorted(f["frame"] for f in found)
+
+
+def test_repeats_are_found():
+    trace = Trace(mode="ar", settings={}, model={}, prompts=[""], prompt_ids=[[1]], tokens=dict(PIECES),
+                  events=[Done(texts=[""], token_ids=[[10, 11, 12] * 3], nfe=9, seconds=1.0, first_token_seconds=0.1)])
+    found = failures.findings(trace)
+    assert found and found[0]["kind"] == "repeat" and "3 times" in found[0]["text"]
+
+
+# ---- export --------------------------------------------------------------------------------------
+def test_static_html_is_self_contained(diffusion_trace):
+    diffusion_trace.prompts = ["</script><b>hi"]
+    diffusion_trace.tokens["11"] = "</script>"
+    page = export.static_html(diffusion_trace)
+    assert page.count("</script>") == 1                 # data cannot close the script early
+    assert "ttg-cell" in page and "new Function" in page
+
+
+def test_trace_json_round_trips(diffusion_trace):
+    loaded = Trace.from_dict(json.loads(export.trace_json(diffusion_trace, digits=3)))
+    assert loaded.done.token_ids == diffusion_trace.done.token_ids
+    assert len(loaded.steps()) == 3

@@ -1,0 +1,545 @@
+"""`python -m twotower eval`: block diffusion against the AR baseline of the same context tower.
+
+Both modes decode greedily from the same prompts (chat template applied) with the same seed:
+  (a) QA accuracy on assets/eval/qa.jsonl, scored by the rule in twotower.metrics (first
+      sentence of the reply, normalised, whole-word match of any accepted answer);
+      quality retention = diffusion accuracy / AR accuracy, overall and per category.
+  (b) agreement: fraction of the first 32 generated tokens where greedy diffusion equals
+      greedy AR, on the open-ended prompts of assets/eval/open_prompts.txt.
+  (c) on the same free generations (--max-new-tokens, default 128, stopping at end-of-text):
+      NLL per token of the continuation under the context tower (teacher-forced, given the
+      prompt) and repetition: distinct-2, distinct-3 (per reply, averaged), longest repeated
+      n-gram. Greedy AR text is the context tower's own choice at every step, so its NLL is low
+      by construction: a reference point, not a target.
+  (d) speed: tokens per NFE counted per reply as if decoded alone (AR: context passes;
+      diffusion: denoiser passes), and wall-clock tokens/s at batch size 1 on --speed-prompts
+      open prompts after a warm-up, on the named device.
+  (e) --sweep: the diffusion metrics over confidence thresholds x steps per block, written as
+      sweep.csv, sweep.md, sweep.html (plotly) and sweep.png when kaleido is installed.
+Results go to --out (results.json, report.md, per-prompt outputs) and stdout (--json: JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from . import metrics
+from .events import BlockCommitted, Done, Step, Token
+from .sampler import ar_generate, diffusion_generate
+from .sampling import SamplerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+QA_PATH = ROOT / "assets" / "eval" / "qa.jsonl"
+OPEN_PATH = ROOT / "assets" / "eval" / "open_prompts.txt"
+AGREE_TOKENS = 32
+SWEEP_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+SWEEP_STEPS = (4, 8, 16)
+MODES = ("ar", "diffusion")
+
+
+# ---- data ------------------------------------------------------------------------------
+def load_qa(path: str | Path = QA_PATH) -> list[dict]:
+    """The QA items: one JSON object per line with id, category, prompt and answers."""
+    items = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        missing = {"id", "category", "prompt", "answers"} - set(item)
+        if missing or not item["answers"]:
+            raise ValueError(f"{path}:{n}: QA item lacks {sorted(missing) or ['answers']}")
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path} holds no QA items")
+    return items
+
+
+def load_prompts(path: str | Path = OPEN_PATH) -> list[str]:
+    """One prompt per non-empty line."""
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def take(items: list[dict], n: int | None) -> list[dict]:
+    """The first n items, taken round-robin over categories so a small n covers all of them."""
+    if n is None or n >= len(items):
+        return items
+    queues: dict[str, list[dict]] = {}
+    for item in items:
+        queues.setdefault(item["category"], []).append(item)
+    picked: list[dict] = []
+    while len(picked) < n:
+        for queue in queues.values():
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    return picked
+
+
+# ---- generation ------------------------------------------------------------------------
+@dataclass
+class Generation:
+    """Outputs of one mode on a list of prompts, in prompt order."""
+    texts: list[str] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)
+    nfe: list[int] = field(default_factory=list)      # per reply, as if decoded alone
+    seconds: float = 0.0                                # wall time of the batched runs
+
+    @property
+    def tokens(self) -> int:
+        return sum(map(len, self.ids))
+
+
+class RowNFE:
+    """Counts the network passes each row of a batch needs, as if it were decoded alone.
+
+    A batch keeps stepping while any row is unfinished; a row is charged only for the steps
+    where it still had masked positions (diffusion) or still produced tokens (AR), and never
+    after it ended at end-of-text.
+    """
+
+    def __init__(self, batch: int, eos: set[int], stop_at_eos: bool):
+        self.nfe, self.ended = [0] * batch, [False] * batch
+        self.eos, self.stop = eos, stop_at_eos
+
+    def update(self, event) -> None:
+        if isinstance(event, Step):
+            for b, t in enumerate(event.t):
+                self.nfe[b] += int(t > 0 and not self.ended[b])
+        elif isinstance(event, BlockCommitted) and self.stop:
+            for b, row in enumerate(event.tokens):
+                self.ended[b] = self.ended[b] or any(tok in self.eos for tok in row)
+        elif isinstance(event, Token):
+            for b, tok in enumerate(event.tokens):
+                if not self.ended[b]:
+                    self.nfe[b] += 1
+                    self.ended[b] = self.stop and tok in self.eos
+
+
+def sampler_for(mode: str):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return ar_generate if mode == "ar" else diffusion_generate
+
+
+def run_batch(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str) -> tuple[Done, list[int]]:
+    """Decode one batch; returns the Done event and the per-row NFE."""
+    counter = RowNFE(len(prompt_ids), model.eos_token_ids, cfg.stop_at_eos)
+    done = None
+    for event in sampler_for(mode)(model, prompt_ids, cfg):
+        counter.update(event)
+        done = event if isinstance(event, Done) else done
+    return done, counter.nfe
+
+
+def generate(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str, batch_size: int,
+             desc: str = "") -> Generation:
+    """Decode every prompt in batches of similar length (left-padded); results in prompt order."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    rows: dict[int, tuple[str, list[int], int]] = {}
+    seconds = 0.0
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc=desc or mode, unit="batch", leave=False, file=sys.stderr):
+        idx = order[s: s + batch_size]
+        done, nfe = run_batch(model, [prompt_ids[i] for i in idx], cfg, mode)
+        seconds += done.seconds
+        for j, i in enumerate(idx):
+            rows[i] = (done.texts[j], done.token_ids[j], nfe[j])
+    texts, ids, nfes = zip(*(rows[i] for i in range(len(prompt_ids)))) if rows else ((), (), ())
+    return Generation(list(texts), list(ids), list(nfes), seconds)
+
+
+def measure_speed(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str) -> dict:
+    """Wall-clock tokens/s and tokens per NFE at batch size 1, after one short warm-up run."""
+    run_batch(model, prompt_ids[:1], replace(cfg, max_new_tokens=min(cfg.max_new_tokens, cfg.block_size)), mode)
+    tokens = nfe = 0
+    seconds = 0.0
+    for ids in prompt_ids:
+        _sync(model)
+        done, _ = run_batch(model, [ids], cfg, mode)
+        _sync(model)
+        tokens, nfe, seconds = tokens + done.tokens, nfe + done.nfe, seconds + done.seconds
+    return {"prompts": len(prompt_ids), "tokens": tokens, "nfe": nfe, "seconds": round(seconds, 4),
+            "tokens_per_nfe": tokens / nfe if nfe else math.nan,
+            "tokens_per_second": tokens / seconds if seconds > 0 else math.nan}
+
+
+def _sync(model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+# ---- scoring ---------------------------------------------------------------------------
+@torch.no_grad()
+def continuation_nll(model, prompt_ids: list[list[int]], continuations: list[list[int]],
+                     batch_size: int) -> list[tuple[float, int]]:
+    """(summed NLL, token count) of each continuation given its prompt, under the context tower.
+
+    Teacher-forced in right-padded batches; empty continuations give (0.0, 0).
+    """
+    lm, out = model.context_lm, []
+    for s in range(0, len(prompt_ids), batch_size):
+        seqs = [p + c for p, c in zip(prompt_ids[s: s + batch_size], continuations[s: s + batch_size])]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        attn = torch.zeros(len(seqs), width, dtype=torch.long)
+        scored = torch.zeros(len(seqs), width - 1, dtype=torch.bool)
+        for b, (seq, prompt) in enumerate(zip(seqs, prompt_ids[s: s + batch_size])):
+            ids[b, : len(seq)] = torch.tensor(seq)
+            attn[b, : len(seq)] = 1
+            scored[b, len(prompt) - 1: len(seq) - 1] = True     # predictions of the continuation
+        ids, attn, scored = ids.to(model.device), attn.to(model.device), scored.to(model.device)
+        logits = lm(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        sums, counts = metrics.token_nll(logits, ids[:, 1:], scored)
+        out.extend(zip(sums, map(int, counts)))
+    return out
+
+
+def score_qa(items: list[dict], gen: Generation) -> dict:
+    """Accuracy overall and per category, plus the per-item verdicts."""
+    correct = [metrics.is_correct(text, item["answers"]) for item, text in zip(items, gen.texts)]
+    by_cat: dict[str, list[bool]] = {}
+    for item, ok in zip(items, correct):
+        by_cat.setdefault(item["category"], []).append(ok)
+    return {"accuracy": sum(correct) / len(correct) if correct else math.nan,
+            "by_category": {c: sum(v) / len(v) for c, v in sorted(by_cat.items())},
+            "correct": correct}
+
+
+def score_open(model, prompt_ids: list[list[int]], gen: Generation, batch_size: int) -> dict:
+    """NLL per token under the context tower and repetition metrics of free generations."""
+    nll = continuation_nll(model, prompt_ids, gen.ids, batch_size)
+    total, count = sum(s for s, _ in nll), sum(c for _, c in nll)
+    return {"nll_per_token": total / count if count else math.nan,
+            "perplexity": math.exp(total / count) if count else math.nan,
+            "distinct_2": metrics.mean(metrics.distinct_n(ids, 2) for ids in gen.ids),
+            "distinct_3": metrics.mean(metrics.distinct_n(ids, 3) for ids in gen.ids),
+            "longest_repeat": metrics.mean(metrics.longest_repeat(ids) for ids in gen.ids),
+            "mean_tokens": gen.tokens / len(gen.ids) if gen.ids else math.nan,
+            "per_prompt_nll": [s / c if c else None for s, c in nll]}
+
+
+def speed_of(gen: Generation) -> dict:
+    """Tokens per NFE (per-reply accounting) and batched throughput of a generation."""
+    nfe = sum(gen.nfe)
+    return {"tokens_per_nfe": gen.tokens / nfe if nfe else math.nan,
+            "batched_tokens_per_second": gen.tokens / gen.seconds if gen.seconds > 0 else math.nan}
+
+
+def mean_agreement(a: Generation, b: Generation, n: int) -> float:
+    return metrics.mean(metrics.agreement(x, y, n) for x, y in zip(a.ids, b.ids))
+
+
+# ---- one evaluation ----------------------------------------------------------------------
+@dataclass
+class EvalData:
+    """Prompts of one evaluation, already encoded with the model's tokenizer."""
+    qa: list[dict]
+    qa_ids: list[list[int]]
+    open_prompts: list[str]
+    open_ids: list[list[int]]
+
+
+def encode_all(model, qa: list[dict], open_prompts: list[str], chat: bool = True) -> EvalData:
+    from .runner import encode_prompt
+    return EvalData(qa, [encode_prompt(model, item["prompt"], chat) for item in qa],
+                    open_prompts, [encode_prompt(model, p, chat) for p in open_prompts])
+
+
+def evaluate_mode(model, data: EvalData, mode: str, qa_cfg: SamplerConfig, open_cfg: SamplerConfig,
+                  batch_size: int) -> dict:
+    """QA and open-prompt generations of one mode with their scores (generations kept under '_gen')."""
+    qa_gen = generate(model, data.qa_ids, qa_cfg, mode, batch_size, f"{mode} qa")
+    open_gen = generate(model, data.open_ids, open_cfg, mode, batch_size, f"{mode} open")
+    return {"qa": score_qa(data.qa, qa_gen), "open": score_open(model, data.open_ids, open_gen, batch_size),
+            "speed": {"qa": speed_of(qa_gen), "open": speed_of(open_gen)},
+            "_gen": {"qa": qa_gen, "open": open_gen}}
+
+
+def compare(ar: dict, diff: dict, agree_n: int) -> dict:
+    """The diffusion-vs-AR figures: retention, agreement, speedups."""
+    cats = ar["qa"]["by_category"]
+    out = {"qa_retention": metrics.retention(diff["qa"]["accuracy"], ar["qa"]["accuracy"]),
+           "qa_retention_by_category": {c: metrics.retention(diff["qa"]["by_category"][c], cats[c]) for c in cats},
+           "agreement": mean_agreement(diff["_gen"]["open"], ar["_gen"]["open"], agree_n),
+           "nll_gap": diff["open"]["nll_per_token"] - ar["open"]["nll_per_token"]}
+    if "wallclock" in ar and "wallclock" in diff:
+        out["speedup_tokens_per_second"] = (diff["wallclock"]["tokens_per_second"]
+                                            / ar["wallclock"]["tokens_per_second"])
+    return out
+
+
+def sweep(model, data: EvalData, ar: dict, qa_cfg: SamplerConfig, open_cfg: SamplerConfig, batch_size: int,
+          thresholds, steps_list, agree_n: int) -> list[dict]:
+    """Diffusion quality and speed at every (steps, threshold) point of the grid."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    grid = [(steps, threshold) for steps in steps_list for threshold in thresholds]
+    for steps, threshold in tqdm(grid, desc="sweep", unit="config", file=sys.stderr):
+        qa_c, open_c = (replace(c, steps=steps, threshold=threshold) for c in (qa_cfg, open_cfg))
+        res = evaluate_mode(model, data, "diffusion", qa_c, open_c, batch_size)
+        cmp = compare(ar, res, agree_n)
+        rows.append({"steps": steps, "threshold": threshold, "qa_accuracy": res["qa"]["accuracy"],
+                     "qa_retention": cmp["qa_retention"], "agreement": cmp["agreement"],
+                     "nll_per_token": res["open"]["nll_per_token"], "distinct_2": res["open"]["distinct_2"],
+                     "tokens_per_nfe": res["speed"]["open"]["tokens_per_nfe"],
+                     "qa_tokens_per_nfe": res["speed"]["qa"]["tokens_per_nfe"],
+                     "batched_tokens_per_second": res["speed"]["open"]["batched_tokens_per_second"]})
+    return rows
+
+
+# ---- reports ---------------------------------------------------------------------------
+def device_name(device) -> str:
+    """A readable name of the machine the run used."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def fmt(value, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_table(res: dict) -> str:
+    """AR vs diffusion, one metric per row."""
+    ar, diff, agree_n = res["ar"], res["diffusion"], res["settings"]["agree_tokens"]
+    rows = [["QA accuracy", ar["qa"]["accuracy"], diff["qa"]["accuracy"]]]
+    rows += [[f"QA accuracy: {c}", v, diff["qa"]["by_category"][c]] for c, v in ar["qa"]["by_category"].items()]
+    for key, label in (("nll_per_token", "NLL/token (context tower)"), ("distinct_2", "distinct-2"),
+                       ("distinct_3", "distinct-3"), ("longest_repeat", "longest repeated n-gram"),
+                       ("mean_tokens", "tokens per reply")):
+        rows.append([label, ar["open"][key], diff["open"][key]])
+    rows.append(["tokens/NFE (open prompts)", ar["speed"]["open"]["tokens_per_nfe"],
+                 diff["speed"]["open"]["tokens_per_nfe"]])
+    rows.append(["batched tokens/s (open prompts)", ar["speed"]["open"]["batched_tokens_per_second"],
+                 diff["speed"]["open"]["batched_tokens_per_second"]])
+    if "wallclock" in ar:
+        rows.append(["tokens/s, batch 1", ar["wallclock"]["tokens_per_second"], diff["wallclock"]["tokens_per_second"]])
+    table = markdown_table(["metric", "AR", "diffusion"], rows)
+    cmp = res["comparison"]
+    lines = [f"- quality retention (QA accuracy diffusion / AR): {fmt(cmp['qa_retention'])}",
+             f"- agreement with AR on the first {agree_n} tokens: {fmt(cmp['agreement'])}"]
+    if "speedup_tokens_per_second" in cmp:
+        lines.append(f"- wall-clock speedup (batch 1): {fmt(cmp['speedup_tokens_per_second'], 2)}x")
+    return table + "\n\n" + "\n".join(lines)
+
+
+def report_markdown(res: dict) -> str:
+    s = res["settings"]
+    head = (f"# TwoTower evaluation: {res['model']['name']}\n\n"
+            f"Device: {res['device']}. QA items: {s['qa_items']}, open prompts: {s['open_prompts']}. "
+            f"Diffusion: block {s['block_size']}, steps {s['steps']}, threshold {s['threshold']}; "
+            f"greedy, seed {s['seed']}; answers up to {s['answer_tokens']} tokens, free generations up to "
+            f"{s['max_new_tokens']} tokens.\n\nQA rule: {QA_RULE}\n\n")
+    body = summary_table(res)
+    if res.get("sweep"):
+        body += "\n\n## Sweep\n\n" + sweep_markdown(res["sweep"])
+    return head + body + "\n"
+
+
+QA_RULE = ("first sentence of the first non-empty line, lowercased, punctuation and articles removed, "
+           "number words as digits; correct if any accepted answer occurs as whole words.")
+SWEEP_COLUMNS = ["steps", "threshold", "qa_accuracy", "qa_retention", "agreement", "nll_per_token",
+                 "distinct_2", "tokens_per_nfe", "qa_tokens_per_nfe", "batched_tokens_per_second"]
+
+
+def sweep_markdown(rows: list[dict]) -> str:
+    return markdown_table(SWEEP_COLUMNS, [[r[c] for c in SWEEP_COLUMNS] for r in rows])
+
+
+def sweep_figure(rows: list[dict], ar: dict):
+    """Quality (QA retention, agreement) against tokens per NFE, one line per steps value."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("QA retention vs tokens/NFE", "agreement with AR vs tokens/NFE"))
+    for steps in sorted({r["steps"] for r in rows}):
+        pts = sorted((r for r in rows if r["steps"] == steps), key=lambda r: r["threshold"])
+        for col, key in ((1, "qa_retention"), (2, "agreement")):
+            fig.add_trace(go.Scatter(x=[r["tokens_per_nfe"] for r in pts], y=[r[key] for r in pts],
+                                     mode="lines+markers+text", text=[f"{r['threshold']:g}" for r in pts],
+                                     textposition="top center", name=f"steps={steps}", legendgroup=str(steps),
+                                     showlegend=col == 1), row=1, col=col)
+    ar_tpn = ar["speed"]["open"]["tokens_per_nfe"]
+    fig.add_trace(go.Scatter(x=[ar_tpn], y=[1.0], mode="markers", marker_symbol="star", marker_size=12,
+                             name="AR baseline"), row=1, col=1)
+    fig.update_xaxes(title_text="tokens per NFE")
+    fig.update_yaxes(title_text="diffusion / AR QA accuracy", row=1, col=1)
+    fig.update_yaxes(title_text="fraction of the first tokens equal to AR", row=1, col=2)
+    fig.update_layout(title="Diffusion quality vs speed (labels: confidence threshold)", width=1200, height=500)
+    return fig
+
+
+def write_sweep(out: Path, rows: list[dict], ar: dict) -> list[str]:
+    """sweep.csv, sweep.md, sweep.html and (with kaleido) sweep.png; returns the names written."""
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "sweep.md").write_text(sweep_markdown(rows) + "\n")
+    fig = sweep_figure(rows, ar)
+    fig.write_html(out / "sweep.html", include_plotlyjs=True)
+    written = ["sweep.csv", "sweep.md", "sweep.html"]
+    try:
+        import kaleido  # noqa: F401
+        fig.write_image(out / "sweep.png")
+        written.append("sweep.png")
+    except Exception as e:  # kaleido missing or without a browser: the HTML suffices
+        print(f"[eval] sweep.png skipped ({type(e).__name__}: {e})", file=sys.stderr)
+    return written
+
+
+def public(res: dict) -> dict:
+    """The result without the raw generations (JSON-ready; nan becomes null)."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if not k.startswith("_") and k not in ("correct", "per_prompt_nll")}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return None if isinstance(x, float) and math.isnan(x) else x
+    return clean(res)
+
+
+def write_outputs(out: Path, res: dict, data: EvalData) -> None:
+    """results.json, report.md, qa_outputs.jsonl and open_outputs.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(public(res), indent=2))
+    (out / "report.md").write_text(report_markdown(res))
+    ar, diff, n = res["ar"], res["diffusion"], res["settings"]["agree_tokens"]
+    with open(out / "qa_outputs.jsonl", "w") as f:
+        for i, item in enumerate(data.qa):
+            f.write(json.dumps({**item, "ar": ar["_gen"]["qa"].texts[i], "diffusion": diff["_gen"]["qa"].texts[i],
+                                "ar_correct": ar["qa"]["correct"][i],
+                                "diffusion_correct": diff["qa"]["correct"][i]}) + "\n")
+    with open(out / "open_outputs.jsonl", "w") as f:
+        for i, prompt in enumerate(data.open_prompts):
+            a, d = ar["_gen"]["open"], diff["_gen"]["open"]
+            f.write(json.dumps({"prompt": prompt, "ar": a.texts[i], "diffusion": d.texts[i],
+                                "agreement": metrics.agreement(d.ids[i], a.ids[i], n),
+                                "ar_nll": ar["open"]["per_prompt_nll"][i],
+                                "diffusion_nll": diff["open"]["per_prompt_nll"][i]}) + "\n")
+
+
+# ---- command -----------------------------------------------------------------------------
+def configs(args) -> tuple[SamplerConfig, SamplerConfig]:
+    """Sampler settings for QA answers and for free generations (greedy, same seed in both modes)."""
+    base = SamplerConfig(block_size=args.block_size, steps=args.steps, threshold=args.threshold,
+                         temperature=0.0, seed=args.seed)
+    return (replace(base, max_new_tokens=args.answer_tokens).validate(),
+            replace(base, max_new_tokens=args.max_new_tokens).validate())
+
+
+def run_eval(model, args) -> dict:
+    """Everything the command computes, as one dict (raw generations under '_gen' keys)."""
+    qa = take(load_qa(args.qa), args.limit)
+    open_prompts = load_prompts(args.open_prompts)[: args.limit]
+    data = encode_all(model, qa, open_prompts, chat=not args.no_chat)
+    qa_cfg, open_cfg = configs(args)
+    agree_n = min(AGREE_TOKENS, args.max_new_tokens)
+    res = {"model": model.info(), "device": device_name(model.device),
+           "settings": {**{k: v for k, v in open_cfg.to_dict().items() if k != "max_new_tokens"},
+                        "answer_tokens": args.answer_tokens, "max_new_tokens": args.max_new_tokens,
+                        "agree_tokens": agree_n, "qa_items": len(qa), "open_prompts": len(open_prompts),
+                        "batch_size": args.batch_size, "speed_prompts": min(args.speed_prompts, len(open_prompts))}}
+    for mode in MODES:
+        res[mode] = evaluate_mode(model, data, mode, qa_cfg, open_cfg, args.batch_size)
+        if args.speed_prompts > 0:
+            res[mode]["wallclock"] = measure_speed(model, data.open_ids[: args.speed_prompts], open_cfg, mode)
+    res["comparison"] = compare(res["ar"], res["diffusion"], agree_n)
+    if args.sweep:
+        res["sweep"] = sweep(model, data, res["ar"], qa_cfg, open_cfg, args.batch_size,
+                             args.sweep_thresholds, args.sweep_steps, agree_n)
+    res["_data"] = data
+    return res
+
+
+def cmd_eval(args) -> int:
+    from .generate_cmd import load_model
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    start = time.perf_counter()
+    model = load_model(args)
+    res = run_eval(model, args)
+    res["seconds"] = round(time.perf_counter() - start, 2)
+    out = Path(args.out) if args.out else (Path("eval_out") if args.sweep else None)
+    if out is not None:
+        write_outputs(out, res, res["_data"])
+        if res.get("sweep"):
+            res["sweep_files"] = write_sweep(out, res["sweep"], res["ar"])
+        print(f"[eval] results written to {out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(public(res), indent=2))
+    else:
+        print(f"{res['model']['name']} on {res['device']}\n")
+        print(summary_table(res))
+        if res.get("sweep"):
+            print("\n" + sweep_markdown(res["sweep"]))
+    return 0
+
+
+def float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_parser(sub) -> None:
+    d = SamplerConfig()
+    p = sub.add_parser("eval", help="compare diffusion with the AR baseline: accuracy, agreement, NLL, speed",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model spec (default: the shipped default model)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--limit", type=int, default=None, help="use at most N QA items and N open prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="length of the free generations")
+    p.add_argument("--answer-tokens", type=int, default=24, help="length of the QA answers")
+    p.add_argument("--threshold", type=float, default=d.threshold, help="confidence threshold gamma")
+    p.add_argument("--steps", type=int, default=d.steps, help="denoiser steps per block")
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    p.add_argument("--speed-prompts", type=int, default=8,
+                   help="open prompts timed one by one for wall-clock tokens/s (0 = skip)")
+    p.add_argument("--sweep", action="store_true", help="also sweep thresholds x steps (quality vs speed)")
+    p.add_argument("--sweep-thresholds", type=float_list, default=list(SWEEP_THRESHOLDS), metavar="LIST")
+    p.add_argument("--sweep-steps", type=int_list, default=list(SWEEP_STEPS), metavar="LIST")
+    p.add_argument("--qa", default=str(QA_PATH), help="QA file (JSON lines)")
+    p.add_argument("--open-prompts", default=str(OPEN_PATH), help="open-ended prompts, one per line")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--out", default=None, help="directory for results (default with --sweep: eval_out)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,116 @@
+"""`python -m twotower generate ...` and `python -m twotower info SPEC`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .sampling import REMASKING, SamplerConfig
+
+
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    d = SamplerConfig()
+    p.add_argument("--model", default=None, help="model spec (default: the shipped default model)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--steps", type=int, default=d.steps, help="denoiser steps per block")
+    p.add_argument("--threshold", type=float, default=d.threshold, help="confidence threshold gamma")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--remasking", choices=REMASKING, default=d.remasking)
+    p.add_argument("--mask-token-id", type=int, default=None, help="override the model's mask token id")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
+
+
+def sampler_config(args) -> SamplerConfig:
+    return SamplerConfig(block_size=args.block_size, steps=args.steps, threshold=args.threshold,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         remasking=args.remasking, max_new_tokens=args.max_new_tokens,
+                         stop_at_eos=not args.no_stop, seed=args.seed).validate()
+
+
+def load_model(args):
+    from . import checkpoints
+    model = checkpoints.load(args.model, device=args.device)
+    if getattr(args, "mask_token_id", None) is not None:
+        vocab = model.context_lm.config.vocab_size
+        if not 0 <= args.mask_token_id < vocab:
+            raise ValueError(f"--mask-token-id {args.mask_token_id} is outside the vocabulary (0..{vocab - 1})")
+        model.mask_token_id = args.mask_token_id
+    return model
+
+
+def summary(stats: dict, mode: str) -> str:
+    return (f"[{mode}] tokens={stats['tokens']} nfe={stats['nfe']} tokens/nfe={stats['tokens_per_nfe']:.2f} "
+            f"seconds={stats['seconds']:.2f} tokens/s={stats['tokens_per_second']:.1f}")
+
+
+def cmd_generate(args) -> int:
+    from .runner import encode_prompt, parse_ids, run
+    cfg = sampler_config(args)
+    if sum(x is not None for x in (args.prompt, args.prompt_ids, args.prompts)) != 1:
+        raise ValueError("give exactly one of PROMPT, --prompt-ids or --prompts FILE")
+    model = load_model(args)
+    if args.prompts:
+        lines = [l for l in Path(args.prompts).read_text().splitlines() if l.strip()]
+        if not lines:
+            raise ValueError(f"{args.prompts} holds no prompt lines")
+        for line in lines:
+            trace, events = run(model, [encode_prompt(model, line, chat=not args.no_chat)], cfg, args.mode, [line])
+            for _ in events:
+                pass
+            s, done = trace.stats(), trace.done
+            print(json.dumps({"prompt": line, "text": done.texts[0], "tokens": s["tokens"], "nfe": s["nfe"],
+                              "seconds": round(s["seconds"], 4)}), flush=True)
+        return 0
+    if args.prompt_ids:
+        ids, text = parse_ids(args.prompt_ids), args.prompt_ids
+    else:
+        ids, text = encode_prompt(model, args.prompt, chat=not args.no_chat), args.prompt
+    trace, events = run(model, [ids], cfg, args.mode, [text])
+    for _ in events:
+        pass
+    done = trace.done
+    print(done.texts[0] if model.tokenizer is not None else " ".join(map(str, done.token_ids[0])))
+    print(summary(trace.stats(), args.mode), file=sys.stderr)
+    if args.trace:
+        trace.save(args.trace)
+        print(f"trace written to {args.trace}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+    model = load_model(args)
+    info = model.info()
+    if torch.cuda.is_available():
+        info["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text (diffusion or AR) and print it")
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text")
+    p.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line (JSON lines out)")
+    p.add_argument("--trace", default=None, help="write the run's trace to this JSON file")
+    add_sampler_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="describe a model (architecture, layers, params, devices)")
+    p.add_argument("model", nargs="?", default=None, help="model spec")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)

@@ -1,0 +1,318 @@
+"""Train a TwoTower denoiser: `python -m twotower train --config FILE.toml`.
+
+Masked-diffusion objective of the paper on blocks: each block of a clean sequence gets its
+own t ~ U(0, 1); each of its tokens is masked with probability t; cross-entropy on the masked
+positions only, averaged (the 1/t ELBO weight dropped). The frozen context tower reads the
+clean sequence once; the denoiser sees every noisy block at once, each block attending to
+the clean tokens before it and to itself (no loop over blocks). The denoiser is the context
+tower's weights plus a LoRA adapter (peft), the adaLN-single time conditioning and a learned
+[MASK] embedding: small enough to ship.
+
+Runs on CPU or GPU (bf16 autocast on CUDA) and on several GPUs with
+`torchrun --nproc-per-node N -m twotower train --config FILE` (DDP, same config).
+Checkpoints every `save_every` steps into OUT/last (resumable with --resume) and the
+final model into OUT/final (our checkpoint format, loadable as a model spec).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import checkpoints
+from .model import TwoTower
+
+
+@dataclass
+class TrainConfig:
+    # model
+    context: str = "smollm2"          # context tower: 'smollm2' or a transformers model dir
+    mask_token_id: int = checkpoints.SMOLLM2_MASK_ID   # SmolLM2 has no mask token: '<empty_output>'
+    learned_mask: bool = True         # a trained [MASK] input vector instead of the token's row
+    anchor: bool = True               # the denoiser also reads the token before the block, so its
+                                      # output i predicts token i as the AR init does (fast to learn)
+    lora_r: int = 32                  # adapter rank: 32 on every linear keeps the file ~20 MB in bf16
+    lora_alpha: int = 64
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                              "gate_proj", "up_proj", "down_proj"])
+    # data
+    corpus: str = "data/corpus/tokens.safetensors"
+    seq_len: int = 512                # tokens per training sequence (32 blocks of 16)
+    eval_fraction: float = 0.01       # held-out share of the corpus for eval loss
+    # objective
+    block_size: int = 16              # S: the size the sampler will run at
+    min_t: float = 0.02               # t ~ U(min_t, 1): a block with nothing masked teaches nothing
+    # optimisation
+    steps: int = 2000
+    batch_size: int = 32              # sequences per step per process
+    lr: float = 5e-4                  # LoRA + mask embedding
+    time_lr: float = 1e-3             # adaLN-single (starts at identity)
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # bookkeeping
+    out: str = "runs/default"
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 500
+    seed: int = 0
+    max_minutes: float = 0.0          # wall-clock budget; 0 = none. Ends early, saving as at the end
+    device: str | None = None         # default: cuda if available
+    name: str = "smollm2-twotower"
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"training config not found: {path}") from None
+        flat = {k: v for section in raw.values() for k, v in (section.items() if isinstance(section, dict) else [])}
+        flat.update({k: v for k, v in raw.items() if not isinstance(v, dict)})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) in {path}: {', '.join(unknown)}")
+        return cls(**flat)
+
+
+# ---- data ----------------------------------------------------------------------------------
+class TokenWindows:
+    """Random fixed-length windows over a token stream (documents packed back to back)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, seed: int):
+        if tokens.numel() <= seq_len:
+            raise ValueError(f"corpus has {tokens.numel()} tokens; need more than seq_len={seq_len}")
+        self.tokens, self.seq_len = tokens.long(), seq_len
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self, size: int) -> torch.Tensor:
+        starts = torch.randint(0, self.tokens.numel() - self.seq_len, (size,), generator=self.gen)
+        return torch.stack([self.tokens[s: s + self.seq_len] for s in starts.tolist()])
+
+
+def load_corpus(path: str, seq_len: int, eval_fraction: float, seed: int) -> tuple[TokenWindows, TokenWindows]:
+    tokens = checkpoints.read_safetensors(Path(path))["tokens"]
+    cut = min(int(tokens.numel() * (1 - eval_fraction)), tokens.numel() - seq_len - 1)
+    return TokenWindows(tokens[:cut], seq_len, seed), TokenWindows(tokens[cut:], seq_len, seed + 1)
+
+
+# ---- objective -----------------------------------------------------------------------------
+def add_noise(clean: torch.Tensor, block_size: int, mask_id: int, min_t: float, gen: torch.Generator):
+    """Mask each block with its own rate t ~ U(min_t, 1).
+
+    clean (B, N) -> noisy (B, N), masked (B, N) bool, t (B, N): each token's block's actual
+    masked fraction (what the sampler feeds the denoiser).
+    """
+    b, n = clean.shape
+    blocks = n // block_size
+    rate = min_t + (1 - min_t) * torch.rand(b, blocks, 1, generator=gen, device=clean.device)
+    masked = torch.rand(b, blocks, block_size, generator=gen, device=clean.device) < rate
+    t = masked.float().mean(-1, keepdim=True).expand(-1, -1, block_size)
+    masked, t = masked.reshape(b, n), t.reshape(b, n)
+    return torch.where(masked, torch.full_like(clean, mask_id), clean), masked, t
+
+
+class DiffusionObjective(torch.nn.Module):
+    """forward(clean) -> mean cross-entropy over masked positions (a module so DDP can wrap it)."""
+
+    def __init__(self, model: TwoTower, block_size: int, min_t: float):
+        super().__init__()
+        self.model, self.block_size, self.min_t = model, block_size, min_t
+
+    def forward(self, clean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        m, n = self.model, clean.shape[1] // self.block_size * self.block_size
+        clean = clean[:, :n]
+        noisy, masked, t = add_noise(clean, self.block_size, m.mask_token_id, self.min_t, gen)
+        logits = m.training_logits(clean, noisy, t, self.block_size)        # (B, N - start, V)
+        start = m.training_start(self.block_size)
+        masked, targets = masked[:, start:], clean[:, start:]
+        picked = logits[masked].float()                                     # (M, V): masked only
+        picked[:, m.mask_token_id] = float("-inf")                          # as in sampling
+        return F.cross_entropy(picked, targets[masked])
+
+
+# ---- setup ----------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, device: str):
+    """Frozen context tower + denoiser copy with a LoRA adapter. Returns (model, peft wrapper)."""
+    from peft import get_peft_model
+    ctx, tok = checkpoints.load_ar(cfg.context, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = checkpoints.build(ctx, tok, cfg.mask_token_id, cfg.learned_mask, cfg.name, anchor=cfg.anchor)
+    peft_model = get_peft_model(model.denoiser_lm, checkpoints.lora_config(lora_meta(cfg)))
+    for p in peft_model.parameters():       # LoRA weights train in fp32 under autocast
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.time.float()
+    if model.mask_embedding is not None:
+        model.mask_embedding.data = model.mask_embedding.data.float()
+    return model, peft_model
+
+
+def lora_meta(cfg: TrainConfig) -> dict:
+    return {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "target_modules": list(cfg.lora_targets)}
+
+
+def param_groups(model: TwoTower, cfg: TrainConfig) -> list[dict]:
+    adapter = [p for p in model.denoiser_lm.parameters() if p.requires_grad]
+    if model.mask_embedding is not None:
+        adapter.append(model.mask_embedding)
+    return [{"params": adapter, "lr": cfg.lr}, {"params": list(model.time.parameters()), "lr": cfg.time_lr}]
+
+
+def lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10% over the steps or the time budget, whichever ends first."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), time_fraction)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---- checkpoints (safetensors + JSON, never pickle) --------------------------------------------
+def save_state(path: Path, model, peft_model, opt, step: int, cfg: TrainConfig, history: list) -> None:
+    checkpoints.save(model, path, context=cfg.context, lora_model=peft_model, lora=lora_meta(cfg),
+                     dtype=torch.float32, extra={"train_step": step})
+    flat = {}
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            for key, value in opt.state.get(p, {}).items():
+                flat[f"{gi}.{pi}.{key}"] = value.detach().float().cpu().contiguous().reshape(value.shape)
+    save_file(flat, str(path / "optimizer.safetensors"))
+    (path / "train_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "history": history}))
+
+
+def load_state(path: Path, model, opt) -> tuple[int, list]:
+    from peft import set_peft_model_state_dict
+    weights = checkpoints.read_safetensors(path / "denoiser.safetensors")
+    model.time.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("time.")})
+    if model.mask_embedding is not None:
+        model.mask_embedding.data.copy_(weights["mask_embedding"])
+    set_peft_model_state_dict(model._peft, {k[5:]: v for k, v in weights.items() if k.startswith("lora.")})
+    flat = load_file(str(path / "optimizer.safetensors"))
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            state = {k.split(".", 2)[2]: v.to(p.device) for k, v in flat.items() if k.startswith(f"{gi}.{pi}.")}
+            if state:
+                opt.state[p] = state
+    meta = json.loads((path / "train_state.json").read_text())
+    return meta["step"], meta.get("history", [])
+
+
+# ---- loop ------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_loss(objective, data: TokenWindows, cfg: TrainConfig, device: str) -> float:
+    gen = torch.Generator(device=device).manual_seed(1234)   # same masks every eval
+    losses = []
+    for _ in range(cfg.eval_batches):
+        with autocast(device):
+            losses.append(objective(data.batch(cfg.batch_size).to(device), gen).item())
+    return sum(losses) / len(losses)
+
+
+def autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    from tqdm import tqdm
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{torch.cuda.current_device()}"
+    torch.manual_seed(cfg.seed + rank)
+    train_data, eval_data = load_corpus(cfg.corpus, cfg.seq_len, cfg.eval_fraction, cfg.seed + rank)
+    model, peft_model = build_model(cfg, device)
+    model._peft = peft_model
+    objective = DiffusionObjective(model, cfg.block_size, cfg.min_t)
+    runner = objective
+    if world > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=False)
+    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    out = Path(cfg.out)
+    step, history = 0, []
+    if resume and (out / "last" / "train_state.json").is_file():
+        step, history = load_state(out / "last", model, opt)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + step)
+    trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=rank != 0, file=sys.stderr)
+    if rank == 0:
+        print(f"[train] {trainable / 1e6:.2f}M trainable params on {device} x{world}; "
+              f"{train_data.tokens.numel() / 1e6:.2f}M corpus tokens", file=sys.stderr)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    t0, seen = time.time(), 0
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
+    while step < cfg.steps:
+        if time.time() > deadline:
+            if rank == 0:
+                tqdm.write(f"[train] time budget of {cfg.max_minutes} min reached at step {step}", file=sys.stderr)
+            break
+        spent = (time.time() - t0) / (cfg.max_minutes * 60) if cfg.max_minutes > 0 else 0.0
+        for g, base in zip(opt.param_groups, base_lrs):
+            g["lr"] = base * lr_factor(step, cfg, spent)
+        clean = train_data.batch(cfg.batch_size).to(device)
+        with autocast(device):
+            loss = runner(clean, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        step += 1
+        seen += clean.numel() * world
+        if rank == 0:
+            bar.update(1)
+            if step % 10 == 0 or step == cfg.steps:
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{seen / (time.time() - t0):.0f}")
+        last = step == cfg.steps or time.time() > deadline
+        if rank == 0 and (step % cfg.eval_every == 0 or last):
+            model.eval()
+            ev = evaluate_loss(objective, eval_data, cfg, device)
+            model.train()
+            history.append({"step": step, "train_loss": round(loss.item(), 4), "eval_loss": round(ev, 4),
+                            "seconds": round(time.time() - t0, 1)})
+            tqdm.write(f"[train] step {step} train {loss.item():.3f} eval {ev:.3f}", file=sys.stderr)
+        if rank == 0 and (step % cfg.save_every == 0 or last):
+            save_state(out / "last", model, peft_model, opt, step, cfg, history)
+    bar.close()
+    final = out / "final"
+    if rank == 0:
+        checkpoints.save(model, final, context=cfg.context, lora_model=peft_model, lora=lora_meta(cfg),
+                         dtype=torch.bfloat16, extra={"train_step": step, "history": history})
+        print(f"[train] done: {final}", file=sys.stderr)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return final
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a denoiser (masked diffusion on blocks)")
+    p.add_argument("--config", required=True, help="TOML file of TrainConfig settings")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last if present")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config settings")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    cfg = TrainConfig.from_toml(args.config)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in TrainConfig.__dataclass_fields__:
+            raise ValueError(f"unknown setting {key!r} in --set")
+        current = getattr(cfg, key)
+        if isinstance(current, bool):
+            value = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, (int, float)):
+            value = type(current)(value)
+        setattr(cfg, key, value)
+    train(cfg, resume=args.resume)
+    return 0

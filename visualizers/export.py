@@ -1,0 +1,56 @@
+"""A run as a standalone HTML page (the token grid with playback, no server), and as JSON.
+
+The page inlines assets/grid.css, assets/grid.js and the grid's payload, so it opens from a
+file or an e-mail attachment and needs no network.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from .trajectory import payload
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def asset(name: str) -> str:
+    return (ASSETS / name).read_text()
+
+
+def _script_json(obj) -> str:
+    """JSON safe to inline in a <script> element."""
+    return json.dumps(obj).replace("</", "<\\/")
+
+
+def static_html(trace, title: str = "TwoTower run") -> str:
+    data = json.dumps(payload(trace))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
+{asset("grid.css")}</style></head>
+<body><h2>{html.escape(title)}</h2>
+<p>Prompt: <em>{html.escape((trace.prompts or [""])[0][:500])}</em></p>
+<div id="grid" class="ttg-host"></div>
+<script>
+const code = {_script_json(asset("grid.js"))};
+const props = {{value: {_script_json(data)}}};
+new Function("element", "trigger", "props", "server", "upload", "watch", code)(
+  document.getElementById("grid"), () => {{}}, props, {{}}, null, () => {{}});
+</script></body></html>
+"""
+
+
+def _round(obj, digits: int):
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, list):
+        return [_round(x, digits) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    return obj
+
+
+def trace_json(trace, digits: int = 5) -> str:
+    """Trace.to_dict() with floats rounded (attention maps shrink about 3x); Trace.from_dict reads it."""
+    return json.dumps(_round(trace.to_dict(), digits), separators=(",", ":"))

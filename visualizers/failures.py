@@ -1,0 +1,88 @@
+"""Failure overlays: moments of a run worth a second look, each with a frame to jump to.
+
+- low-confidence commits: a token committed with p below LOW_CONFIDENCE
+- flips: a masked position whose best guess changed at least FLIPS times before it was committed
+- repeats: an n-gram of the output that occurs REPEAT_TIMES or more
+- end-of-text floods: one denoiser step that commits EOS_FLOOD or more end-of-text tokens
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .pieces import label
+
+LOW_CONFIDENCE = 0.3
+FLIPS = 2
+NGRAM, REPEAT_TIMES = 3, 3
+EOS_FLOOD = 3
+MAX_PER_KIND = 12
+
+
+def _finding(kind: str, frame: int, pos: int, text: str) -> dict:
+    return {"kind": kind, "frame": frame, "pos": pos, "text": text}
+
+
+def low_confidence(trace, commits) -> list[dict]:
+    low = sorted((c for c in commits if c.confidence < LOW_CONFIDENCE), key=lambda c: c.confidence)
+    return [_finding("low-confidence", c.frame, c.pos,
+                     f"'{label(trace, c.token)}' committed with p={c.confidence:.2f}")
+            for c in sorted(low[:MAX_PER_KIND], key=lambda c: c.frame)]
+
+
+def flips(trace, row: int = 0) -> list[dict]:
+    """Masked positions whose top-1 guess kept changing (diffusion only)."""
+    if trace.mode != "diffusion":
+        return []
+    mask = trace.model.get("mask_token_id")
+    starts = {b.block: b.start for b in trace.blocks()}
+    last_guess, count, last_frame = {}, defaultdict(int), {}
+    for i, e in enumerate(trace.steps()):
+        for j, (tok, cands) in enumerate(zip(e.tokens[row], e.top_ids[row])):
+            pos, guess = starts.get(e.block, 0) + j, cands[0]
+            was_masked = j in e.committed[row] or tok == mask
+            if was_masked and pos in last_guess and last_guess[pos] != guess:
+                count[pos] += 1
+                last_frame[pos] = i
+            last_guess[pos] = guess if tok == mask else None
+    busy = sorted((p for p in count if count[p] >= FLIPS), key=lambda p: -count[p])[:MAX_PER_KIND]
+    return [_finding("flips", last_frame[p], p, f"position {p}: best guess changed {count[p]} times")
+            for p in sorted(busy)]
+
+
+def repeats(trace, commits, row: int = 0) -> list[dict]:
+    done = trace.done
+    ids = done.token_ids[row] if done else [c.token for c in sorted(commits, key=lambda c: c.pos)]
+    frame_of = {c.pos: c.frame for c in commits}
+    seen: dict[tuple, list[int]] = defaultdict(list)
+    for p in range(len(ids) - NGRAM + 1):
+        seen[tuple(ids[p:p + NGRAM])].append(p)
+    out = []
+    for gram, places in seen.items():
+        if len(places) >= REPEAT_TIMES:
+            text = "".join(label(trace, t, 20) for t in gram)
+            p = places[1]
+            out.append(_finding("repeat", frame_of.get(p, 0), p, f"'{text}' occurs {len(places)} times"))
+    return out[:MAX_PER_KIND]
+
+
+def eos_floods(trace, row: int = 0) -> list[dict]:
+    if trace.mode != "diffusion":
+        return []
+    eos = set(trace.model.get("eos_token_ids", []))
+    starts = {b.block: b.start for b in trace.blocks()}
+    out = []
+    for i, e in enumerate(trace.steps()):
+        hits = [j for j in e.committed[row] if e.tokens[row][j] in eos]
+        if len(hits) >= EOS_FLOOD:
+            out.append(_finding("eos-flood", i, starts.get(e.block, 0) + hits[0],
+                                f"block {e.block} step {e.step} commits {len(hits)} end-of-text tokens"))
+    return out[:MAX_PER_KIND]
+
+
+def findings(trace, row: int = 0) -> list[dict]:
+    """All findings, ordered by frame."""
+    from .trajectory import commit_table
+    commits = commit_table(trace, row)
+    found = (low_confidence(trace, commits) + flips(trace, row) + repeats(trace, commits, row)
+             + eos_floods(trace, row))
+    return sorted(found, key=lambda f: (f["frame"], f["pos"]))

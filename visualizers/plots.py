@@ -1,0 +1,108 @@
+"""Plotly figures of a trace: unmasking order, confidence over steps, planned vs actual commits.
+
+Each function takes a trace and returns a plotly Figure; none needs the model. Colour scales
+are colour-blind safe (cividis), and markers carry shape as well as colour.
+"""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from .pieces import label
+from .trajectory import block_starts, commit_table
+
+SCALE = "Cividis"
+ORANGE, BLUE, GREEN = "#E69F00", "#0072B2", "#009E73"   # Okabe-Ito
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 360) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=15)), height=height,
+                      margin=dict(l=60, r=20, t=50, b=50), xaxis_title=x, yaxis_title=y,
+                      template="plotly_white", hoverlabel=dict(font_family="monospace"))
+    return fig
+
+
+def note_figure(text: str, height: int = 220) -> go.Figure:
+    """An empty figure that explains why there is nothing to plot."""
+    fig = go.Figure()
+    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font=dict(size=14))
+    fig.update_layout(height=height, template="plotly_white", xaxis_visible=False, yaxis_visible=False,
+                      margin=dict(l=20, r=20, t=20, b=20))
+    return fig
+
+
+def _block_lines(fig: go.Figure, trace) -> None:
+    for b in trace.blocks()[1:]:
+        fig.add_vline(x=b.start - 0.5, line=dict(color="#888", width=1, dash="dot"))
+
+
+def unmasking_map(trace, row: int = 0) -> go.Figure:
+    """Position x step: when each generated position was committed, coloured by confidence."""
+    if trace.mode != "diffusion":
+        return note_figure("AR runs commit one token per forward pass, left to right:<br>"
+                           "there is no unmasking order to show.")
+    commits = commit_table(trace, row)
+    if not commits:
+        return note_figure("No step recorded yet.")
+    fig = go.Figure(go.Scatter(
+        x=[c.pos for c in commits], y=[c.step for c in commits], mode="markers",
+        marker=dict(symbol="square", size=11, color=[c.confidence for c in commits], colorscale=SCALE,
+                    cmin=0, cmax=1, colorbar=dict(title="p at commit", thickness=12),
+                    line=dict(width=0.5, color="#333")),
+        customdata=[[label(trace, c.token, 20), c.block, c.confidence] for c in commits],
+        hovertemplate="position %{x}<br>'%{customdata[0]}'<br>block %{customdata[1]}, step %{y}"
+                      "<br>p=%{customdata[2]:.3f}<extra></extra>"))
+    _block_lines(fig, trace)
+    fig.update_yaxes(autorange="reversed", dtick=1 if max(c.step for c in commits) < 20 else None)
+    return _layout(fig, "Unmasking order: the step at which each position was committed",
+                   "generated position", "step within block")
+
+
+def confidence_heatmap(trace, row: int = 0) -> go.Figure:
+    """Step x position: p(chosen token) at every position at every step of its block; x = commit."""
+    if trace.mode != "diffusion":
+        return note_figure("Confidence over denoising steps exists only for diffusion runs.")
+    steps = trace.steps()
+    if not steps:
+        return note_figure("No step recorded yet.")
+    starts = block_starts(trace)
+    width = max(starts.get(e.block, 0) + len(e.confidence[row]) for e in steps)
+    depth = max(e.step for e in steps) + 1
+    z = [[None] * width for _ in range(depth)]
+    for e in steps:
+        for j, c in enumerate(e.confidence[row]):
+            z[e.step][starts.get(e.block, 0) + j] = c
+    fig = go.Figure(go.Heatmap(z=z, colorscale=SCALE, zmin=0, zmax=1, colorbar=dict(title="p", thickness=12),
+                               hovertemplate="position %{x}, step %{y}<br>p=%{z:.3f}<extra></extra>"))
+    commits = commit_table(trace, row)
+    fig.add_trace(go.Scatter(x=[c.pos for c in commits], y=[c.step for c in commits], mode="markers",
+                             marker=dict(symbol="x-thin", size=8, line=dict(width=2, color=ORANGE)),
+                             name="committed here", hoverinfo="skip"))
+    _block_lines(fig, trace)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(legend=dict(orientation="h", y=-0.25))
+    return _layout(fig, "Confidence of every position at every step (× = committed)",
+                   "generated position", "step within block")
+
+
+def commits_per_step(trace, row: int = 0) -> go.Figure:
+    """Teaching aid: commits the threshold asked for vs commits made, per denoiser pass."""
+    if trace.mode != "diffusion":
+        return note_figure("AR runs commit exactly one token per forward pass.")
+    steps = trace.steps()
+    if not steps:
+        return note_figure("No step recorded yet.")
+    x = list(range(1, len(steps) + 1))
+    text = [f"block {e.block}, step {e.step}" for e in steps]
+    fig = go.Figure([
+        go.Bar(x=x, y=[e.planned[row] for e in steps], name="above threshold (planned)",
+               marker_color=BLUE, hovertext=text),
+        go.Bar(x=x, y=[len(e.committed[row]) for e in steps], name="committed (after floor and cap)",
+               marker_color=ORANGE, marker_pattern_shape="/", hovertext=text),
+    ])
+    for b in trace.blocks()[1:]:
+        first = next((i for i, e in enumerate(steps) if e.block == b.block), None)
+        if first is not None:
+            fig.add_vline(x=first + 0.5, line=dict(color="#888", width=1, dash="dot"))
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.25))
+    return _layout(fig, "Planned vs actual commits per denoiser pass (NFE)", "denoiser pass", "positions")

@@ -1,0 +1,94 @@
+"""AR vs diffusion race: two traces of the same prompt, seed and model, timed apart.
+
+The browser (assets/race.js) replays both on one shared clock at true speed using each
+step's `elapsed`; this module packs the lanes, the summary table and a tokens-vs-time plot.
+"""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from .pieces import piece_table, special_ids
+from .plots import BLUE, ORANGE, _layout
+from .trajectory import commit_table, frames, layout_blocks, output_length
+
+NAMES = {"ar": "AR (context tower alone)", "diffusion": "Diffusion (TwoTower)"}
+
+
+def summary(trace) -> dict:
+    """tokens, seconds, tokens/s, forward passes, tokens per pass, time to first token."""
+    s = trace.stats()
+    if not s:
+        return {}
+    return {"mode": trace.mode, "tokens": s["tokens"], "seconds": round(s["seconds"], 4),
+            "tokens_per_second": round(s["tokens_per_second"], 2), "nfe": s["nfe"],
+            "tokens_per_nfe": round(s["tokens_per_nfe"], 3),
+            "first_token_seconds": round(s["first_token_seconds"], 4), "stopped": s["stopped"],
+            "text": trace.done.texts[0]}
+
+
+def lane(trace, row: int = 0) -> dict:
+    """One run for the race player: [offset, tokens, elapsed_ms] per frame, plus stats."""
+    fr, _ = frames(trace, row)
+    ids = {t for f in fr for t in f[3] if t >= 0}
+    prefill = next((e.seconds for e in trace.events if type(e).__name__ == "Prefill"), 0.0)
+    return {"mode": trace.mode, "name": NAMES.get(trace.mode, trace.mode),
+            "pieces": piece_table(trace, ids),
+            "special": sorted(i for i in special_ids(trace) if str(i) in trace.tokens),
+            "blocks": layout_blocks(trace, len(fr)),
+            "frames": [[f[2], f[3], f[8]] for f in fr],
+            "prefill_ms": int(prefill * 1000),
+            "n_out": output_length(trace, row), "stats": summary(trace)}
+
+
+def payload(ar, diffusion, row: int = 0) -> dict:
+    return {"kind": "race", "prompt": (ar.prompts[row] if ar.prompts else "")[:500],
+            "runs": [lane(ar, row), lane(diffusion, row)]}
+
+
+def curve(trace, row: int = 0) -> tuple[list[float], list[int]]:
+    """(seconds, output tokens so far): only positions kept in the output count."""
+    n_out = output_length(trace, row)
+    times = {}
+    steps = trace.ar_tokens() if trace.mode == "ar" else trace.steps()
+    for c in commit_table(trace, row):
+        if n_out is None or c.pos < n_out:
+            times.setdefault(c.frame, 0)
+            times[c.frame] += 1
+    xs, ys, total = [0.0], [0], 0
+    for frame in sorted(times):
+        total += times[frame]
+        xs.append(steps[frame].elapsed)
+        ys.append(total)
+    if trace.done:
+        xs.append(trace.done.seconds)
+        ys.append(total)
+    return xs, ys
+
+
+def tokens_over_time(ar, diffusion, row: int = 0) -> go.Figure:
+    fig = go.Figure()
+    for trace, colour, dash in ((ar, BLUE, "solid"), (diffusion, ORANGE, "dash")):
+        xs, ys = curve(trace, row)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(shape="hv", color=colour, width=3, dash=dash),
+                                 name=NAMES[trace.mode],
+                                 hovertemplate="%{x:.3f} s: %{y} tokens<extra></extra>"))
+    fig.update_layout(legend=dict(orientation="h", y=-0.25))
+    return _layout(fig, "Output tokens over wall-clock time (each run timed on its own)",
+                   "seconds since the run started", "tokens")
+
+
+def table(ar, diffusion) -> str:
+    """Markdown table of both runs and the speed ratio."""
+    a, d = summary(ar), summary(diffusion)
+    if not a or not d:
+        return "The race did not finish."
+    rows = [("tokens", "tokens", "{}"), ("wall-clock seconds", "seconds", "{:.3f}"),
+            ("tokens / second", "tokens_per_second", "{:.1f}"), ("forward passes (NFE)", "nfe", "{}"),
+            ("tokens per pass", "tokens_per_nfe", "{:.2f}"), ("time to first token (s)", "first_token_seconds", "{:.3f}"),
+            ("ended by", "stopped", "{}")]
+    lines = ["| | AR | Diffusion |", "|---|---:|---:|"]
+    lines += [f"| {name} | {fmt.format(a[key])} | {fmt.format(d[key])} |" for name, key, fmt in rows]
+    if a["tokens_per_second"] > 0 and d["tokens_per_second"] > 0:
+        ratio = d["tokens_per_second"] / a["tokens_per_second"]
+        lines.append(f"\nDiffusion throughput is **{ratio:.2f}×** the AR baseline's on this prompt.")
+    return "\n".join(lines)

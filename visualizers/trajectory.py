@@ -1,0 +1,155 @@
+"""A trace as compact JSON for the browser's token grid (assets/grid.js).
+
+One frame per observable step: a denoiser pass (diffusion) or a generated token (AR).
+Frames are lists, not objects, to keep the payload small:
+
+    [block, step, offset, tokens, guess, conf, new, planned, elapsed_ms, nfe]
+
+- tokens: the block's tokens after the step, -1 where still masked (AR: the one token)
+- guess:  the top-1 candidate at every position (what a masked cell is "thinking")
+- conf:   p(chosen token) per position, as integers 0..100
+- new:    block positions committed at this step; offset + j is the generated index
+- planned: commits the threshold rule asked for, before the floor raised it
+
+The grid state at frame i is: every position committed in frames 0..i, plus the masked
+guesses of frame i's block. A live payload sends the finished blocks once as `base`
+(per-position final token, confidence and commit step) and only the active block's frames.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .failures import findings
+from .pieces import piece_table, special_ids
+
+AR_ROW = 16                  # AR runs: tokens per grid row (layout only, no blocks)
+
+
+@dataclass
+class Commit:
+    """When and how one generated position was committed."""
+    pos: int                 # index among generated tokens
+    block: int
+    step: int                # denoiser step within the block (AR: 0)
+    frame: int               # index of the frame (step event) that committed it
+    token: int
+    confidence: float
+
+
+def _pct(p: float) -> int:
+    return int(round(100 * p))
+
+
+def block_starts(trace) -> dict[int, int]:
+    return {b.block: b.start for b in trace.blocks()}
+
+
+def frames(trace, row: int = 0, top: bool = False) -> tuple[list[list], list | None]:
+    """(frames, top candidates per frame or None). See the module docstring for the layout."""
+    out, tops = [], ([] if top else None)
+    if trace.mode == "ar":
+        for e in trace.ar_tokens():
+            ids, probs = e.top_ids[row], e.top_probs[row]
+            out.append([e.index // AR_ROW, e.index, e.index, [e.tokens[row]], [ids[0]],
+                        [_pct(e.confidence[row])], [0], 1, int(e.elapsed * 1000), e.nfe])
+            if top:
+                tops.append([[ids, [int(round(1000 * p)) for p in probs]]])
+        return out, tops
+    mask, starts = trace.model.get("mask_token_id"), block_starts(trace)
+    for e in trace.steps():
+        tokens = [-1 if t == mask else t for t in e.tokens[row]]
+        guess = [cands[0] for cands in e.top_ids[row]]
+        out.append([e.block, e.step, starts.get(e.block, 0), tokens, guess,
+                    [_pct(c) for c in e.confidence[row]], e.committed[row], e.planned[row],
+                    int(e.elapsed * 1000), e.nfe])
+        if top:
+            tops.append([[ids, [int(round(1000 * p)) for p in probs]]
+                         for ids, probs in zip(e.top_ids[row], e.top_probs[row])])
+    return out, tops
+
+
+def commit_table(trace, row: int = 0) -> list[Commit]:
+    """Every committed position in generation order of commits."""
+    if trace.mode == "ar":
+        return [Commit(e.index, e.index // AR_ROW, 0, i, e.tokens[row], e.confidence[row])
+                for i, e in enumerate(trace.ar_tokens())]
+    starts, out = block_starts(trace), []
+    for i, e in enumerate(trace.steps()):
+        for j in e.committed[row]:
+            out.append(Commit(starts.get(e.block, 0) + j, e.block, e.step, i, e.tokens[row][j], e.confidence[row][j]))
+    return out
+
+
+def layout_blocks(trace, n_frames: int) -> list[list[int]]:
+    """[[start, size, steps]] per block; AR runs get layout rows of AR_ROW tokens."""
+    if trace.mode == "ar":
+        return [[s, min(AR_ROW, n_frames - s), 1] for s in range(0, n_frames, AR_ROW)]
+    return [[b.start, b.size, b.steps] for b in trace.blocks()]
+
+
+def output_length(trace, row: int = 0) -> int | None:
+    """Tokens kept in the output (positions after end-of-text are not), None while running."""
+    done = trace.done
+    return len(done.token_ids[row]) if done else None
+
+
+def progress(trace) -> dict:
+    """Counters of a run so far (for live status lines)."""
+    last = next((e for e in reversed(trace.events) if hasattr(e, "nfe") and hasattr(e, "elapsed")), None)
+    steps = trace.ar_tokens() if trace.mode == "ar" else trace.steps()
+    return {"frames": len(steps), "nfe": last.nfe if last else 0,
+            "seconds": round(last.elapsed, 3) if last else 0.0,
+            "committed": len(commit_table(trace)), "blocks": len(trace.blocks())}
+
+
+def _ids_in(frame_list, tops) -> set[int]:
+    ids = set()
+    for f in frame_list:
+        ids.update(f[3])
+        ids.update(f[4])
+    for per_frame in tops or []:
+        for cand_ids, _ in per_frame:
+            ids.update(cand_ids)
+    return ids
+
+
+def _base(commits: list[Commit], cut: int) -> dict:
+    """Per-position final state of everything committed before frame `cut`."""
+    done = sorted((c for c in commits if c.frame < cut), key=lambda c: c.pos)
+    n = done[-1].pos + 1 if done else 0
+    tok, conf, cstep = [-1] * n, [0] * n, [-1] * n
+    for c in done:
+        tok[c.pos], conf[c.pos], cstep[c.pos] = c.token, _pct(c.confidence), c.step
+    return {"len": n, "tok": tok, "conf": conf, "cstep": cstep}
+
+
+def payload(trace, live: bool = False, row: int = 0) -> dict:
+    """The grid's data. live=True: compact (finished blocks as `base`, no candidates)."""
+    all_frames, tops = frames(trace, row, top=not live)
+    cut = 0
+    if live and all_frames:
+        last_block = all_frames[-1][0]
+        cut = next(i for i, f in enumerate(all_frames) if f[0] == last_block)
+    base = _base(commit_table(trace, row), cut) if cut else {"len": 0, "tok": [], "conf": [], "cstep": []}
+    shown = all_frames[cut:]
+    ids = _ids_in(shown, tops) | {t for t in base["tok"] if t >= 0}
+    settings = trace.settings or {}
+    return {
+        "kind": "trajectory",
+        "mode": trace.mode,
+        "live": live,
+        "prompt": (trace.prompts[row] if trace.prompts else "")[:500],
+        "pieces": piece_table(trace, ids),
+        "special": sorted(i for i in special_ids(trace) if str(i) in trace.tokens),
+        "eos": sorted(trace.model.get("eos_token_ids", [])),
+        "blocks": layout_blocks(trace, len(all_frames)),
+        "base": base,
+        "first_frame": cut,
+        "frames": shown,
+        "top": tops,
+        "n_out": output_length(trace, row),
+        "threshold": settings.get("threshold"),
+        "progress": progress(trace),
+        "stats": trace.stats(),
+        "findings": [] if live else findings(trace, row),
+    }
