@@ -37,6 +37,9 @@ class Throttle:
 
 
 # ---- status lines -----------------------------------------------------------------------
+ENDINGS = {"eos": "ended at end-of-text", "length": "reached max new tokens"}
+
+
 def model_info() -> str:
     """One line about the model; loads it on first call."""
     with user_errors():
@@ -51,12 +54,13 @@ def model_info() -> str:
 
 
 def status_line(trace: Trace, stopped: bool = False) -> str:
+    """One line of figures: final ones when the run finished, counters so far otherwise."""
     s = trace.stats()
     if s:
-        end = {"eos": "ended at end-of-text", "length": "reached max new tokens"}.get(s["stopped"], s["stopped"])
+        end = ENDINGS.get(s["stopped"], s["stopped"])
         return (f"**Finished** ({trace.mode}) · {s['tokens']} tokens · {s['nfe']} forward passes · "
-                f"{s['tokens_per_nfe']:.2f} tokens/pass · {s['seconds']:.2f} s · {s['tokens_per_second']:.1f} tokens/s · "
-                f"first token {s['first_token_seconds']:.2f} s · {end}")
+                f"{s['tokens_per_nfe']:.2f} tokens/pass · {s['seconds']:.2f} s · "
+                f"{s['tokens_per_second']:.1f} tokens/s · first token {s['first_token_seconds']:.2f} s · {end}")
     p = trajectory.progress(trace)
     head = "**Stopped**" if stopped else "**Running…**"
     return (f"{head} ({trace.mode}) · {p['committed']} tokens committed · {p['nfe']} forward passes · "
@@ -78,12 +82,17 @@ def partial_text(trace: Trace) -> str:
 
 
 def grid_value(trace: Trace, live: bool) -> str:
+    """The token grid's value: compact JSON (see visualizers/trajectory.py)."""
     return json.dumps(trajectory.payload(trace, live=live), separators=(",", ":"))
 
 
 # ---- the live run ---------------------------------------------------------------------------
-def start(prompt, mode, settings, capture, layers):
-    """(trace, events) of a new run; raises gr.Error for bad input."""
+TRAINED_BLOCK = 16        # the block size the release (and our default denoiser) trains at
+LARGE_CAPTURE = 128       # tokens beyond which captured attention makes a heavy trace
+
+
+def prepare(prompt, mode, settings, capture, layers):
+    """(prompt ids, SamplerConfig, capture layers) of a new run; raises gr.Error for bad input."""
     with user_errors():
         cfg = sampler_config(*settings)
         model = get_model()
@@ -91,31 +100,76 @@ def start(prompt, mode, settings, capture, layers):
         if mode not in ("diffusion", "ar"):
             raise ValueError(f"mode must be 'diffusion' or 'ar', got {mode!r}")
         ids = encode_prompt(model, prompt)
-        chosen = capture_layers(layers, model.family.attention_layers) if capture and mode == "diffusion" else ()
-        return run(model, [ids], cfg, mode, [prompt], capture_layers=chosen)
+        if len(ids) + cfg.max_new_tokens > model.max_context:
+            raise ValueError(f"the prompt ({len(ids)} tokens) + max new tokens ({cfg.max_new_tokens}) exceed "
+                             f"the model's context of {model.max_context} tokens")
+        chosen = ()
+        if capture and mode == "diffusion":
+            chosen = capture_layers(layers, model.family.attention_layers)
+    warn_about(cfg, mode, capture)
+    return ids, cfg, chosen
+
+
+def warn_about(cfg, mode: str, capture: bool) -> None:
+    """Settings that run but mislead: say so without stopping the run."""
+    if mode == "diffusion" and cfg.block_size > TRAINED_BLOCK:
+        gr.Warning(f"Block size {cfg.block_size} is above the trained {TRAINED_BLOCK}: "
+                   "quality usually collapses.")
+    if capture and mode == "ar":
+        gr.Warning("Cross-attention exists only in diffusion mode; this AR run captures none.")
+    if capture and mode == "diffusion" and cfg.max_new_tokens > LARGE_CAPTURE:
+        gr.Warning(f"Capturing attention for {cfg.max_new_tokens} tokens makes a large trace; "
+                   "the run will be slower.")
 
 
 @gpu(duration=120)
+def compute(prompt, ids, cfg, mode, layers):
+    """The model's side of a run: yield the empty trace, then (event, new token pieces) per event.
+
+    Only plain data leaves this generator, so on a ZeroGPU Space (where it runs in a GPU
+    worker) the UI process rebuilds the same trace. Closing it stops the computation.
+    """
+    trace, events = run(get_model(), [ids], cfg, mode, [prompt], capture_layers=layers)
+    yield Trace(mode=trace.mode, settings=trace.settings, model=trace.model, prompts=trace.prompts,
+                prompt_ids=trace.prompt_ids, tokens=dict(trace.tokens))
+    known = set(trace.tokens)
+    for event in events:
+        fresh = {k: v for k, v in trace.tokens.items() if k not in known}
+        known.update(fresh)
+        yield event, fresh
+
+
 def generate(prompt, mode, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
              remasking, seed, stop_at_eos, capture, layers, session: Session):
-    """Stream a run: (grid payload JSON, text, status) a few times per second, then the full trace."""
-    settings = (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, remasking, seed, stop_at_eos)
-    trace, events = start(prompt, mode, settings, capture, layers)
-    session.trace = trace
+    """Stream a run: (grid payload JSON, text, status) a few times per second, then the full trace.
+
+    The sampling loop runs inside this generator (no thread): Stop cancels the event, which
+    closes the generator and with it the computation, after the step in flight.
+    """
+    settings = (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, remasking, seed,
+                stop_at_eos)
+    ids, cfg, layers = prepare(prompt, mode, settings, capture, layers)
+    stream = compute(prompt, ids, cfg, mode, layers)
+    trace = next(stream)
+    session.begin(trace)
     throttle = Throttle(OPTIONS.stream_interval)
-    with user_errors():
-        for _ in events:
-            if throttle.ready():
-                yield grid_value(trace, live=True), partial_text(trace), status_line(trace)
+    try:
+        with user_errors():
+            for event, pieces in stream:
+                trace.tokens.update(pieces)
+                trace.events.append(event)
+                if throttle.ready():
+                    yield grid_value(trace, live=True), partial_text(trace), status_line(trace)
+    except Exception:
+        session.state = "failed"
+        raise
+    session.state = "done"
     yield grid_value(trace, live=False), partial_text(trace), status_line(trace)
 
 
-def stopped(session: Session):
-    """After Stop: show the steps computed so far as a full, scrubbable trajectory."""
-    trace = session.trace
-    if trace is None:
-        return gr.skip(), gr.skip(), "Nothing is running."
-    return grid_value(trace, live=False), partial_text(trace), status_line(trace, stopped=True)
+def request_stop(session: Session) -> None:
+    """Stop button: flag loops that cannot be cancelled at a yield (the button also cancels)."""
+    session.stop.requested = True
 
 
 # ---- views of the last trace -------------------------------------------------------------------
@@ -123,11 +177,25 @@ def _choices(values) -> list:
     return [(str(v), v) for v in values]
 
 
-def views(session: Session, block, layer, head, sink, renorm, include_block):
-    """Plots and attention controls for the session's trace."""
+def settle(session: Session, block, layer, head, sink, renorm, include_block):
+    """After a run ended (finished, failed or stopped): its plots, and the stopped state if so.
+
+    Runs as `.then` of the run, so it comes after the run's last update even when Stop
+    cancelled it.
+    """
+    if session.trace is None or session.settled:
+        return (gr.skip(),) * 10
+    session.settled = True
     trace = session.trace
-    if trace is None:
-        return (gr.skip(),) * 7
+    if session.state == "running":               # cancelled by Stop: show what was computed
+        head_out = grid_value(trace, live=False), partial_text(trace), status_line(trace, stopped=True)
+    else:
+        head_out = gr.skip(), gr.skip(), gr.skip()
+    return (*head_out, *views(trace, block, layer, head, sink, renorm, include_block))
+
+
+def views(trace: Trace, block, layer, head, sink, renorm, include_block):
+    """Plots and attention controls for a trace."""
     opts = attention.options(trace)
     block = block if block in opts["blocks"] else (opts["blocks"][0] if opts["blocks"] else None)
     layer = layer if layer in opts["layers"] else (opts["layers"][0] if opts["layers"] else None)
@@ -137,20 +205,26 @@ def views(session: Session, block, layer, head, sink, renorm, include_block):
             gr.Dropdown(choices=_choices(opts["blocks"]), value=block),
             gr.Dropdown(choices=_choices(opts["layers"]), value=layer),
             gr.Dropdown(choices=_choices(heads), value=head),
-            attention_view(session, block, layer, head, sink, renorm, include_block))
+            attention_figure(trace, block, layer, head, sink, renorm, include_block))
 
 
 def attention_view(session: Session, block, layer, head, sink, renorm, include_block):
-    trace = session.trace
+    """The attention map after a control changed."""
+    return attention_figure(session.trace, block, layer, head, sink, renorm, include_block)
+
+
+def attention_figure(trace, block, layer, head, sink, renorm, include_block):
     if trace is None or block is None or layer is None:
         return plots.note_figure("No cross-attention recorded.<br>Tick 'Capture cross-attention' "
                                  "(in the settings) and run a diffusion prompt.")
-    return attention.figure(trace, int(block), int(layer), head if head == "mean" else int(head),
-                            int(sink or 0), bool(renorm), bool(include_block))
+    with user_errors():
+        return attention.figure(trace, int(block), int(layer), head if head == "mean" else int(head),
+                                int(sink or 0), bool(renorm), bool(include_block))
 
 
 # ---- trace files --------------------------------------------------------------------------------
 def export_files(session: Session):
+    """The last run as trace JSON and as a standalone HTML page."""
     trace = session.trace
     if trace is None:
         raise gr.Error("Run a prompt (or open a trace) first.")
@@ -171,5 +245,5 @@ def import_trace(path, session: Session):
         trace = Trace.load(path)
     except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
         raise gr.Error(f"Cannot open this trace: {e}") from None
-    session.trace = trace
+    session.begin(trace, state="done")
     return grid_value(trace, live=False), partial_text(trace), "**Opened a saved trace** · " + status_line(trace)

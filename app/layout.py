@@ -14,15 +14,12 @@ from .state import OPTIONS, Session
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 INTRO = """# TwoTower: watch a diffusion language model write
-A frozen autoregressive **context tower** reads the prompt and every finished block; a
-**denoiser tower** fills each new block of masked tokens over a few steps, committing the
-tokens it is most confident about first. Run a prompt and watch every step, then scrub
-through it, see when each token was committed, what the block attended to, and race it
-against the plain AR model."""
+A frozen AR **context tower** reads the prompt and every finished block; a **denoiser tower** fills
+each new block of masked tokens over a few steps, most confident tokens first."""
 
-GRID_HELP = """Each row is a block. Masked cells show the denoiser's current best guess (faint) and
-the bar under every cell its probability. Orange = committed at this step. Scrub with the
-slider, ◀ / ▶ or the arrow keys; click a token for its top candidates at every step."""
+GRID_HELP = """Each row is a block (AR runs: 16 tokens a row). Masked cells show the denoiser's current
+best guess (faint), the bar under every cell its probability; orange = committed at this step.
+Scrub with the slider, ◀ / ▶ or the arrow keys; click a token for its top candidates at every step."""
 
 MAP_HELP = """**Unmasking order**: each square is a generated position at the step of its block when it was
 committed; colour = probability at commit. **Confidence**: the probability of every position at
@@ -92,23 +89,115 @@ def asset(name: str) -> str:
 def sampler_inputs() -> list:
     """Sampler settings, with the release's defaults."""
     d = SamplerConfig()
+    max_new = gr.Slider(1, OPTIONS.max_new_tokens, value=64, step=1, label="Max new tokens",
+                        elem_id="max-new-tokens")
     with gr.Row():
-        max_new = gr.Slider(1, OPTIONS.max_new_tokens, value=64, step=1, label="Max new tokens", elem_id="max-new-tokens")
         block = gr.Slider(1, 64, value=d.block_size, step=1, label="Block size S", elem_id="block-size",
-                          info="tokens per block (trained at 16)")
+                          info="trained at 16", min_width=140)
         steps = gr.Slider(1, 64, value=d.steps, step=1, label="Steps per block T", elem_id="steps",
-                          info="denoiser passes allowed per block")
+                          info="passes allowed", min_width=140)
+    threshold = gr.Slider(0.0, 1.0, value=d.threshold, step=0.01, label="Confidence threshold γ",
+                          elem_id="threshold", info="commit every masked token with p > γ")
+    remasking = gr.Dropdown(list(REMASKING), value=d.remasking, label="Commit order (remasking)")
     with gr.Row():
-        threshold = gr.Slider(0.0, 1.0, value=d.threshold, step=0.01, label="Confidence threshold γ", elem_id="threshold",
-                              info="commit every masked token with p > γ")
-        temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature", info="0 = greedy")
-        remasking = gr.Dropdown(list(REMASKING), value=d.remasking, label="Commit order (remasking)")
+        temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature",
+                                info="0 = greedy", min_width=140)
+        top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="Top-p", info="1 = off", min_width=140)
     with gr.Row():
-        top_k = gr.Number(value=d.top_k, precision=0, label="Top-k (0 = off)", minimum=0)
-        top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="Top-p (1 = off)")
-        seed = gr.Number(value=d.seed, precision=0, label="Seed")
-        stop_eos = gr.Checkbox(value=d.stop_at_eos, label="Stop at end-of-text")
+        top_k = gr.Number(value=d.top_k, precision=0, label="Top-k (0 = off)", minimum=0, min_width=90)
+        seed = gr.Number(value=d.seed, precision=0, label="Seed", min_width=90)
+    stop_eos = gr.Checkbox(value=d.stop_at_eos, label="Stop at end-of-text")
     return [max_new, block, steps, threshold, temperature, top_k, top_p, remasking, seed, stop_eos]
+
+
+def build_controls() -> dict:
+    """Left column: prompt, Run / Stop, mode, sampler settings, attention capture, examples."""
+    prompt = gr.Textbox(label="Prompt", lines=3, max_lines=12, placeholder="Ask something…", elem_id="prompt")
+    with gr.Row():
+        run = gr.Button("Run", variant="primary", elem_id="run", min_width=80)
+        stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=80)
+    mode = gr.Radio(["diffusion", "ar"], value="diffusion", label="Mode",
+                    info="diffusion = TwoTower; ar = the context tower alone")
+    with gr.Accordion("Sampler settings", open=True):
+        settings = sampler_inputs()
+    with gr.Accordion("Cross-attention capture", open=False, elem_id="capture-settings"):
+        capture = gr.Checkbox(value=False, label="Capture cross-attention", info="slower; traces get large",
+                              elem_id="capture")
+        layers = gr.Textbox(value="first, middle, last", label="Layers",
+                            info="first / middle / last or indices, at most 4")
+    gr.Examples(examples(), inputs=[prompt], label="Example prompts")
+    return dict(prompt=prompt, run=run, stop=stop, mode=mode, settings=settings, capture=capture, layers=layers)
+
+
+def grid_tab() -> dict:
+    gr.Markdown(GRID_HELP, elem_classes=["help"])
+    grid = gr.HTML(value="", html_template='<div class="ttg"></div>', css_template=asset("grid.css"),
+                   js_on_load=asset("grid.js"), elem_id="grid", padding=False, apply_default_css=False)
+    text = gr.Textbox(label="Output text", lines=3, max_lines=20, buttons=["copy"], elem_id="output-text")
+    return dict(grid=grid, text=text)
+
+
+def map_tab() -> dict:
+    gr.Markdown(MAP_HELP, elem_classes=["help"])
+    return dict(unmask_plot=gr.Plot(show_label=False), confidence_plot=gr.Plot(show_label=False),
+                commits_plot=gr.Plot(show_label=False))
+
+
+def attention_tab() -> dict:
+    gr.Markdown(ATTENTION_HELP, elem_classes=["help"])
+    with gr.Row():
+        att_block = gr.Dropdown([], label="Block", interactive=True, min_width=90)
+        att_layer = gr.Dropdown([], label="Layer", interactive=True, min_width=90)
+        att_head = gr.Dropdown(["mean"], value="mean", label="Head", interactive=True, min_width=90)
+        att_sink = gr.Slider(0, 16, value=1, step=1, label="Drop first k context keys (sinks)", min_width=200)
+        with gr.Column(min_width=200):
+            att_renorm = gr.Checkbox(value=True, label="Renormalise rows")
+            att_self = gr.Checkbox(value=False, label="Show the block's own keys too")
+    att_plot = gr.Plot(show_label=False, elem_id="attention-plot")
+    return dict(att_block=att_block, att_layer=att_layer, att_head=att_head, att_sink=att_sink,
+                att_renorm=att_renorm, att_self=att_self, att_plot=att_plot)
+
+
+def race_tab() -> dict:
+    gr.Markdown(RACE_HELP, elem_classes=["help"])
+    with gr.Row():
+        race_run = gr.Button("Race", variant="primary", elem_id="race-run")
+        race_stop = gr.Button("Stop", variant="stop", elem_id="race-stop")
+    race_status = gr.Markdown("")
+    race_view = gr.HTML(value="", html_template='<div class="ttr"></div>', css_template=asset("race.css"),
+                        js_on_load=asset("race.js"), elem_id="race", padding=False, apply_default_css=False)
+    with gr.Row():
+        race_table = gr.Markdown("")
+        race_plot = gr.Plot(show_label=False)
+    return dict(race_run=race_run, race_stop=race_stop, race_status=race_status, race_view=race_view,
+                race_table=race_table, race_plot=race_plot)
+
+
+def trace_tab() -> dict:
+    gr.Markdown("Save the last run (settings + every step) as JSON, or as a standalone HTML page with the "
+                "playable grid. Open a saved JSON trace to study it without running the model.")
+    with gr.Row():
+        with gr.Column():
+            export = gr.Button("Export the last run")
+            export_files = gr.File(label="Downloads", file_count="multiple", interactive=False)
+        with gr.Column():
+            import_file = gr.File(label="Open a trace (.json)", file_types=[".json"], type="filepath",
+                                  elem_id="import-file")
+    return dict(export=export, export_files=export_files, import_file=import_file)
+
+
+def build_views() -> dict:
+    """Right column: the status line and one tab per view."""
+    status = gr.Markdown("", elem_id="status")
+    tabs = (("Denoising", "grid", grid_tab), ("Unmasking map", "map", map_tab),
+            ("Cross-attention", "attention", attention_tab), ("Race: AR vs diffusion", "race", race_tab),
+            ("Trace file", "trace", trace_tab))
+    parts = {}
+    with gr.Tabs():
+        for title, tab_id, make in tabs:
+            with gr.Tab(title, id=tab_id):
+                parts.update(make())
+    return dict(status=status, **parts)
 
 
 def build_layout() -> UI:
@@ -117,70 +206,8 @@ def build_layout() -> UI:
     gr.Markdown(INTRO)
     model_info = gr.Markdown("*Loading the model…*", elem_id="model-info")
     with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=320):
+            controls = build_controls()
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", lines=3, max_lines=12, placeholder="Ask something…",
-                                elem_id="prompt")
-            with gr.Row():
-                run = gr.Button("Run", variant="primary", elem_id="run")
-                stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                mode = gr.Radio(["diffusion", "ar"], value="diffusion", label="Mode", show_label=False,
-                                info="diffusion = TwoTower; ar = the context tower alone")
-            gr.Examples(examples(), inputs=[prompt], label="Example prompts")
-        with gr.Column(scale=4):
-            with gr.Accordion("Sampler settings", open=True):
-                settings = sampler_inputs()
-            with gr.Accordion("Cross-attention capture", open=False, elem_id="capture-settings"):
-                with gr.Row():
-                    capture = gr.Checkbox(value=False, label="Capture cross-attention",
-                                          info="slower; traces get large", elem_id="capture")
-                    layers = gr.Textbox(value="first, middle, last", label="Layers",
-                                        info="first / middle / last or indices, at most 4")
-    status = gr.Markdown("", elem_id="status")
-    with gr.Tabs():
-        with gr.Tab("Denoising", id="grid"):
-            gr.Markdown(GRID_HELP, elem_classes=["help"])
-            grid = gr.HTML(value="", html_template='<div class="ttg"></div>', css_template=asset("grid.css"),
-                           js_on_load=asset("grid.js"), elem_id="grid", padding=False)
-            text = gr.Textbox(label="Output text", lines=4, max_lines=20, buttons=["copy"], elem_id="output-text")
-        with gr.Tab("Unmasking map", id="map"):
-            gr.Markdown(MAP_HELP, elem_classes=["help"])
-            unmask_plot = gr.Plot(show_label=False)
-            confidence_plot = gr.Plot(show_label=False)
-            commits_plot = gr.Plot(show_label=False)
-        with gr.Tab("Cross-attention", id="attention"):
-            gr.Markdown(ATTENTION_HELP, elem_classes=["help"])
-            with gr.Row():
-                att_block = gr.Dropdown([], label="Block", interactive=True)
-                att_layer = gr.Dropdown([], label="Layer", interactive=True)
-                att_head = gr.Dropdown(["mean"], value="mean", label="Head", interactive=True)
-                att_sink = gr.Slider(0, 16, value=1, step=1, label="Drop first k context keys (sinks)")
-                att_renorm = gr.Checkbox(value=True, label="Renormalise rows")
-                att_self = gr.Checkbox(value=False, label="Show the block's own keys too")
-            att_plot = gr.Plot(show_label=False, elem_id="attention-plot")
-        with gr.Tab("Race: AR vs diffusion", id="race"):
-            gr.Markdown(RACE_HELP, elem_classes=["help"])
-            with gr.Row():
-                race_run = gr.Button("Race", variant="primary", elem_id="race-run")
-                race_stop = gr.Button("Stop", variant="stop", elem_id="race-stop")
-            race_status = gr.Markdown("")
-            race_view = gr.HTML(value="", html_template='<div class="ttr"></div>', css_template=asset("race.css"),
-                                js_on_load=asset("race.js"), elem_id="race", padding=False)
-            with gr.Row():
-                race_table = gr.Markdown("")
-                race_plot = gr.Plot(show_label=False)
-        with gr.Tab("Trace file", id="trace"):
-            gr.Markdown("Save the last run (settings + every step) as JSON, or as a standalone HTML page "
-                        "with the playable grid. Load a saved JSON trace to study it without the model.")
-            with gr.Row():
-                with gr.Column():
-                    export = gr.Button("Export the last run")
-                    export_files = gr.File(label="Downloads", file_count="multiple", interactive=False)
-                with gr.Column():
-                    import_file = gr.File(label="Open a trace (.json)", file_types=[".json"], type="filepath")
-    return UI(session=session, model_info=model_info, prompt=prompt, mode=mode, run=run, stop=stop,
-              settings=settings, capture=capture, layers=layers, status=status, grid=grid, text=text,
-              unmask_plot=unmask_plot, confidence_plot=confidence_plot, commits_plot=commits_plot,
-              att_block=att_block, att_layer=att_layer, att_head=att_head, att_sink=att_sink,
-              att_renorm=att_renorm, att_self=att_self, att_plot=att_plot, race_run=race_run,
-              race_stop=race_stop, race_status=race_status, race_view=race_view, race_table=race_table,
-              race_plot=race_plot, export=export, export_files=export_files, import_file=import_file)
+            views = build_views()
+    return UI(session=session, model_info=model_info, **controls, **views)

@@ -12,10 +12,10 @@ COMPUTE = "model"        # every event that runs the model shares this queue slo
 def wire(ui: UI, demo: gr.Blocks) -> None:
     """Connect the components to the handlers."""
     sampler = ui.settings
+    run_outputs = [ui.grid, ui.text, ui.status]
     views_out = [ui.unmask_plot, ui.confidence_plot, ui.commits_plot, ui.att_block, ui.att_layer,
                  ui.att_head, ui.att_plot]
     views_in = [ui.session, *ui.attention_controls]
-    run_outputs = [ui.grid, ui.text, ui.status]
 
     demo.load(handlers.model_info, outputs=ui.model_info, api_visibility="private")
 
@@ -23,24 +23,24 @@ def wire(ui: UI, demo: gr.Blocks) -> None:
                 inputs=[ui.prompt, ui.mode, *sampler, ui.capture, ui.layers, ui.session],
                 outputs=run_outputs, api_name="generate", concurrency_id=COMPUTE,
                 show_progress="minimal")
-    gen.success(handlers.views, views_in, views_out, api_visibility="private")
+    gen.then(handlers.settle, views_in, run_outputs + views_out, api_visibility="private")
 
     racing = ui.race_run.click(race.race, inputs=[ui.prompt, *sampler, ui.session],
                                outputs=[ui.race_view, ui.race_table, ui.race_plot, ui.race_status],
                                api_name="race", concurrency_id=COMPUTE, show_progress="minimal")
+    racing.then(race.race_settle, ui.session, ui.race_status, api_visibility="private")
 
-    for button in (ui.stop, ui.race_stop):
-        button.click(handlers.stopped, ui.session, run_outputs, cancels=[gen, racing],
-                     api_visibility="private", concurrency_limit=None, queue=False
-                     ).then(handlers.views, views_in, views_out, api_visibility="private")
+    for button in (ui.stop, ui.race_stop):        # cancelling ends the generator: compute stops
+        button.click(handlers.request_stop, ui.session, None, cancels=[gen, racing], queue=False,
+                     api_visibility="private")
 
     for control in ui.attention_controls:
         control.input(handlers.attention_view, views_in, ui.att_plot, api_visibility="private")
 
     ui.export.click(handlers.export_files, ui.session, ui.export_files, api_visibility="private")
     ui.import_file.upload(handlers.import_trace, [ui.import_file, ui.session], run_outputs,
-                          api_visibility="private").success(handlers.views, views_in, views_out,
-                                                            api_visibility="private")
+                          api_visibility="private").success(handlers.settle, views_in,
+                                                            run_outputs + views_out, api_visibility="private")
 
 
 def build_demo(model=None, stream_interval: float | None = None) -> gr.Blocks:

@@ -1,6 +1,6 @@
 """The race: AR and diffusion on the same prompt, seed and model, each timed on its own.
 
-The two runs go one after the other in this thread and nothing is yielded while a run is
+The two runs go one after the other in one generator and nothing is yielded while a run is
 timed, so neither timer includes the other run or the UI. The browser replays both on one
 clock (assets/race.js).
 """
@@ -11,46 +11,72 @@ from dataclasses import replace
 
 import gradio as gr
 
-from twotower.runner import encode_prompt, run
+from twotower.runner import run
 from visualizers import race as race_view
 
 from .gpu import gpu
-from .settings import sampler_config, user_errors
-from .state import Session, get_model
+from .handlers import prepare
+from .state import Session, StopFlag, get_model
 
 
-def timed_run(model, ids, cfg, mode, prompt):
-    """Run to the end without yielding; the trace's `elapsed` values are the run's own."""
+class Stopped(Exception):
+    """The Stop button was pressed during a timed run."""
+
+
+def timed_run(model, ids, cfg, mode, prompt, stop: StopFlag):
+    """Run to the end without yielding; the trace's `elapsed` values are the run's own.
+
+    A Gradio cancel only takes effect at a yield, so the loop checks the Stop flag instead.
+    """
     trace, events = run(model, [ids], cfg, mode, [prompt])
     for _ in events:
-        pass
+        if stop.requested:
+            raise Stopped
     return trace
 
 
-def warm_up(model, ids, cfg) -> None:
+def warm_up(model, ids, cfg, stop: StopFlag) -> None:
     """A short untimed pass of both modes, so first-call costs do not land on one runner."""
     small = replace(cfg, max_new_tokens=min(2, cfg.max_new_tokens), steps=1)
     for mode in ("ar", "diffusion"):
-        timed_run(model, ids, small, mode, "")
+        timed_run(model, ids, small, mode, "", stop)
 
 
 @gpu(duration=180)
+def compute(prompt, ids, cfg, stop: StopFlag):
+    """The model's side: yield progress lines, then (AR trace, diffusion trace)."""
+    model = get_model()
+    yield "Warming up (untimed)…"
+    warm_up(model, ids, cfg, stop)
+    yield "Running AR (timed on its own)…"
+    ar = timed_run(model, ids, cfg, "ar", prompt, stop)
+    yield "Running diffusion (timed on its own)…"
+    yield ar, timed_run(model, ids, cfg, "diffusion", prompt, stop)
+
+
 def race(prompt, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, remasking,
          seed, stop_at_eos, session: Session):
     """Yield progress, then (race payload JSON, table, tokens-over-time plot, status)."""
-    with user_errors():
-        cfg = sampler_config(max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
-                             remasking, seed, stop_at_eos)
-        model = get_model()
-        cfg.validate(model.max_context)
-        ids = encode_prompt(model, prompt)
-        yield gr.skip(), gr.skip(), gr.skip(), "Warming up (untimed)…"
-        warm_up(model, ids, cfg)
-        yield gr.skip(), gr.skip(), gr.skip(), "Running AR (timed on its own)…"
-        ar = timed_run(model, ids, cfg, "ar", prompt)
-        yield gr.skip(), gr.skip(), gr.skip(), "Running diffusion (timed on its own)…"
-        diffusion = timed_run(model, ids, cfg, "diffusion", prompt)
-    session.race = (ar, diffusion)
+    settings = (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, remasking, seed,
+                stop_at_eos)
+    ids, cfg, _ = prepare(prompt, "diffusion", settings, False, "")
+    session.race_state, session.stop = "running", StopFlag()
+    try:
+        for item in compute(prompt, ids, cfg, session.stop):
+            if isinstance(item, str):
+                yield gr.skip(), gr.skip(), gr.skip(), item
+    except Stopped:
+        return                                    # race_settle reports it
+    ar, diffusion = item
+    session.race, session.race_state = (ar, diffusion), "done"
     payload = json.dumps(race_view.payload(ar, diffusion), separators=(",", ":"))
     yield (payload, race_view.table(ar, diffusion), race_view.tokens_over_time(ar, diffusion),
            "**Replaying both runs on one clock.** Slow the replay down to study it.")
+
+
+def race_settle(session: Session):
+    """After the race event ended: say so if Stop cancelled it."""
+    if session.race_state == "running":
+        session.race_state = "stopped"
+        return "**Race stopped.** Nothing was timed to the end; press Race to run it again."
+    return gr.skip()

@@ -50,7 +50,8 @@ def sampler_config(max_new_tokens, block_size, steps, threshold, temperature, to
         max_new_tokens=whole("max new tokens", max_new_tokens), stop_at_eos=bool(stop_at_eos),
         seed=whole("seed", seed))
     if cfg.max_new_tokens > OPTIONS.max_new_tokens:
-        raise ValueError(f"max new tokens is {cfg.max_new_tokens}; this app allows at most {OPTIONS.max_new_tokens}")
+        raise ValueError(f"max new tokens is {cfg.max_new_tokens}; "
+                         f"this app allows at most {OPTIONS.max_new_tokens}")
     return cfg.validate()
 
 

@@ -43,11 +43,25 @@ def model_loaded() -> bool:
 
 
 @dataclass
+class StopFlag:
+    """Set by the Stop button; long loops that do not yield (the timed race runs) check it."""
+    requested: bool = False
+
+
+@dataclass
 class Session:
     """What one browser session keeps on the server (gr.State; never sent to the browser).
 
-    `trace` is filled while a run goes on, so Stop can still show what was computed.
+    `trace` is filled while a run goes on, so after Stop the views still show what was
+    computed. `state` is "running" until the run ends ("done") or fails ("failed"); a run
+    that was cancelled stays "running" and `settle` shows it as stopped.
     """
     trace: object | None = None
+    state: str = "done"
+    settled: bool = True           # views of `trace` are drawn
     race: tuple | None = None
-    notes: list = field(default_factory=list)
+    race_state: str = "done"
+    stop: StopFlag = field(default_factory=StopFlag)
+
+    def begin(self, trace, state: str = "running") -> None:
+        self.trace, self.state, self.settled = trace, state, False

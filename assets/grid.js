@@ -94,7 +94,7 @@ const LEGEND = `<div class="ttg-legend">
   <span class="ttg-cell st-n"><span class="ttg-t">word</span><span class="ttg-bar" style="width:60%"></span></span> committed this step
   <span class="ttg-cell st-m"><span class="ttg-t">guess</span><span class="ttg-bar" style="width:30%"></span></span> masked (faint: current best guess)
   <span class="ttg-cell st-c special"><span class="ttg-t">&lt;eos&gt;</span></span> special / end-of-text
-  <span class="ttg-cell st-c after"><span class="ttg-t">word</span></span> after end-of-text
+  <span class="ttg-cell st-c after"><span class="ttg-t">word</span></span> after end-of-text (not in the output)
   <span class="ttg-key">bar under a token = its probability p · · = space · ⏎ = newline · click a token for its candidates</span></div>`;
 
 function entropyBound(probs) {

@@ -27,3 +27,19 @@ more)
       out=/root/run max_minutes=${TRAIN_MIN:-5} steps=100000 warmup=20 eval_every=200 save_every=400 --resume 2>&1 | tr '\r' '\n' | grep -E "\[train\]" | tail -30
   cp /root/run/final/* $OUT/ ; cp /root/run/last/train_state.json $OUT/ ;;
 esac
+# Second session (after the Gumbel fix): re-split GGUF (60 MB + rest) and start from the
+# first run's adapter (carried in .gpu/b2 as two split parts).
+case $stage in
+prep2) cp .gpu/a2/part_00 /root/g/ ; nvidia-smi --query-gpu=name --format=csv,noheader ;;
+train2)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b2/*.whl
+  export PYTHONPATH=/tmp/site
+  cat /root/g/part_00 .gpu/b2/part_01 > /root/g/smollm2.gguf && md5sum /root/g/smollm2.gguf
+  mkdir -p /root/init && cat .gpu/b2/denoiser.part_0* > /root/init/denoiser.safetensors && cp .gpu/b2/twotower.json /root/init/
+  python3 -m twotower corpus --out /root/corpus --device cuda --prompts ${PROMPTS:-24000} --batch ${BATCH:-768} \
+      --max-new-tokens 256 --text-dir .gpu/b2 --max-seconds ${CORPUS_S:-150} 2>&1 | grep -E "^\{|budget"
+  python3 -m twotower train --config configs/default.toml --set corpus=/root/corpus/tokens.safetensors init=/root/init \
+      out=/root/run max_minutes=${TRAIN_MIN:-5} steps=100000 warmup=30 eval_every=200 save_every=100000 2>&1 | tr '\r' '\n' | grep -E "\[train\]" | tail -20
+  cp /root/run/final/* $OUT/ ; cp /root/corpus/meta.json $OUT/corpus_meta.json; cp /root/run/last/train_state.json $OUT/
+  cd $OUT && split -n 2 -d denoiser.safetensors denoiser.part_ && rm denoiser.safetensors ;;
+esac

@@ -73,7 +73,8 @@ def test_generate_streams_steps_and_ends_with_the_text(served):
     assert len(updates) >= 4, "several live updates"
     assert all(d["live"] for d in live) and not json.loads(final[0])["live"]
     assert [d["progress"]["nfe"] for d in live] == sorted(d["progress"]["nfe"] for d in live)
-    trace, events = run(model, [encode_prompt(model, "Hello there")], SamplerConfig(**{**DEFAULTS, "threshold": 0.5}))
+    cfg = SamplerConfig(**{**DEFAULTS, "threshold": 0.5})
+    trace, events = run(model, [encode_prompt(model, "Hello there")], cfg)
     for _ in events:
         pass
     assert final[1] == trace.done.texts[0]               # same text as the library gives

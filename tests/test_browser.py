@@ -2,7 +2,8 @@
 
 Types a prompt, runs it, watches the grid fill, scrubs the playback, opens the map,
 attention and race views, and presses Stop during a run. Screenshots go to a temp dir, and
-to SAVE_SCREENSHOTS (e.g. `SAVE_SCREENSHOTS=assets`) as screenshot_*.png when it is set.
+to SAVE_SCREENSHOTS (e.g. `SAVE_SCREENSHOTS=assets`) as screenshot_tiny_*.png when it is set
+(tests/make_screenshots.py takes the real-model screenshot_*.png).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ except ImportError:
 
 pytestmark = [
     pytest.mark.skipif(sync_playwright is None, reason="playwright (python) is not installed"),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
 ]
 
 
@@ -70,7 +72,7 @@ def shots(tmp_path_factory):
     keep = os.environ.get("SAVE_SCREENSHOTS")
 
     def save(pg, name: str, full: bool = False) -> Path:
-        path = folder / f"screenshot_{name}.png"
+        path = folder / f"screenshot_tiny_{name}.png"
         pg.screenshot(path=str(path), full_page=full)
         if keep:
             target = (ROOT / keep) if not os.path.isabs(keep) else Path(keep)
@@ -190,6 +192,65 @@ def test_stop_ends_a_running_generation(page, server, shots):
     set_slider(page, "threshold", 0.9)
     run_prompt(page, "Still usable?")
     wait_finished(page)
+
+
+def test_stop_ends_a_race(page, server):
+    _, counter = server
+    page.get_by_role("tab", name="Race: AR vs diffusion").click()
+    set_slider(page, "max-new-tokens", 256)
+    set_slider(page, "threshold", 1)
+    counter.delay = 0.03
+    try:
+        page.locator("#race-run").click()
+        expect(page.get_by_text("Running diffusion (timed on its own)…")).to_be_visible(timeout=60_000)
+        page.locator("#race-stop").click()
+        expect(page.get_by_text("Race stopped.")).to_be_visible(timeout=15_000)
+        calls = counter.calls
+        time.sleep(1.0)
+        assert counter.calls - calls <= 1, "the race kept running after Stop"
+    finally:
+        counter.delay = 0.0
+    set_slider(page, "max-new-tokens", 16)
+    set_slider(page, "threshold", 0.9)
+
+
+def finished_trace(mode="diffusion"):
+    from app.state import get_model
+    from twotower.runner import encode_prompt, run
+    from twotower.sampling import SamplerConfig
+    model = get_model()
+    cfg = SamplerConfig(max_new_tokens=24, steps=4)
+    trace, events = run(model, [encode_prompt(model, "Saved run")], cfg, mode)
+    for _ in events:
+        pass
+    return trace
+
+
+def test_import_a_saved_trace(page, tmp_path):
+    trace = finished_trace()
+    path = tmp_path / "saved.json"
+    trace.save(path)
+    page.get_by_role("tab", name="Trace file").click()
+    page.locator("#import-file input[type=file]").set_input_files(str(path))
+    expect(page.locator("#status")).to_contain_text("Opened a saved trace", timeout=20_000)
+    page.get_by_role("tab", name="Denoising").click()
+    expect(page.locator("#grid .ttg-pos")).to_have_text(f"{trace.done.nfe}/{trace.done.nfe}")
+
+
+def test_static_page_plays_without_a_server(page, tmp_path):
+    from visualizers.export import static_html
+    path = tmp_path / "run.html"
+    path.write_text(static_html(finished_trace()))
+    context = page.context.browser.new_context()
+    offline = context.new_page()
+    errors = []
+    offline.on("pageerror", lambda e: errors.append(str(e)))
+    offline.goto(path.as_uri())
+    expect(offline.locator(".ttg-cell").first).to_be_visible()
+    offline.get_by_role("button", name="⇤").click()
+    expect(offline.locator(".ttg-pos")).to_contain_text("1/")
+    context.close()
+    assert errors == []
 
 
 def test_no_javascript_errors(page):

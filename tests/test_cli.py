@@ -96,6 +96,7 @@ def test_bad_sampler_arguments_exit_2(capsys, ar_dir, args, message):
     (["hello", "--prompt-ids", "1,2"], "error: give exactly one of PROMPT, --prompt-ids or --prompts FILE"),
     (["--prompt-ids", "5,x"], "error: prompt ids must be comma-separated integers, got '5,x'"),
     (["--prompt-ids", ","], "error: the prompt is empty"),
+    (["--prompt-ids", "5,96"], "error: prompt token id 96 is outside the vocabulary (0..95)"),
     (["hello"], "error: this model ships no tokenizer: give the prompt as token ids"),
     (["--prompts", "/nonexistent/prompts.txt"], "error:"),
 ])
@@ -123,6 +124,28 @@ def test_bad_model_exit_2(capsys, spec, message):
     assert rc == 2 and message in err
     rc, _, err = cli(capsys, "info", spec, "--device", "cpu")
     assert rc == 2 and message in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "tpu", "--prompt-ids", "1,2"], "error: unknown device 'tpu'"),
+    (["--prompts", "."], "error: [Errno 21] Is a directory"),
+])
+def test_bad_device_or_file_exit_2(capsys, ar_dir, args, message):
+    rc, _, err = cli(capsys, "generate", "--model", str(ar_dir), *args)
+    assert rc == 2 and message in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_exit_2(capsys, ar_dir):
+    rc, _, err = cli(capsys, "info", str(ar_dir), "--device", "cuda")
+    assert rc == 2 and "error: device 'cuda' asked for, but no CUDA device is available" in err
+
+
+def test_broken_config_json_exit_2(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    rc, _, err = cli(capsys, "info", str(tmp_path), "--device", "cpu")
+    assert rc == 2 and "error:" in err and "config.json" in err
 
 
 def test_unsupported_architecture_exit_2(capsys, tmp_path):

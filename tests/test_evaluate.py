@@ -40,6 +40,8 @@ def test_words_to_digits_leaves_other_words():
     ("\n\n1. Red\n2. Blue", "Red"),
     ("Sure! Paris is the answer.", "Sure"),
     ("It is 3.5 metres long. Yes.", "It is 3.5 metres long"),
+    ("It was written by J.K. Rowling. She is British.", "It was written by J.K. Rowling"),   # initials
+    ("Dr. Watson. Yes.", "Dr. Watson"),
     ("no sentence end", "no sentence end"),
     ("", ""),
 ])

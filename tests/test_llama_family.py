@@ -331,3 +331,78 @@ def test_model_facts(model):
     assert info["denoiser_params"] > info["context_params"]            # + time conditioning
     assert model.eos_token_ids == {2}
     assert model.family.num_tables == 4 and model.time.scale_shift_tables[0].shape == (3, 32)
+
+
+def test_eos_ids_from_config_and_tokenizer(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.add_special_tokens({"unk_token": "<|endoftext|>", "additional_special_tokens": ["<|im_end|>"]})
+    m = tiny_twotower(seed=0, vocab_size=len(tok))
+    m.tokenizer = tok
+    end, im_end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    assert end == tok.unk_token_id and tok.convert_tokens_to_ids("<|eot_id|>") == end   # absent -> unk
+    assert m.eos_token_ids == {2, end, im_end}          # config/tokenizer eos, <|endoftext|>, <|im_end|>
+    m.mask_token_id = im_end
+    assert m.eos_token_ids == {2, end}                  # the mask id never ends a reply
+
+
+# ---- the release's conditioning, written out from DESIGN.md -------------------------------
+def test_time_embedding_follows_the_release():
+    """t -> sinusoidal(t * 1000, 256) (cos half, sin half) -> Linear, SiLU, Linear -> SiLU -> Linear(H, 3H)."""
+    from twotower.conditioning import TimeConditioning, sinusoidal
+    t = torch.tensor([1.0, 0.25, 0.0])
+    half = torch.arange(128, dtype=torch.float32)
+    args = (t * 1000)[:, None] * torch.exp(-torch.log(torch.tensor(10000.0)) * half / 128)
+    assert torch.allclose(sinusoidal(t), torch.cat([args.cos(), args.sin()], -1), atol=1e-5)
+    tc = TimeConditioning(8, num_tables=2)
+    assert torch.equal(tc.mods(tc(t), 1)[2], torch.ones(3, 1, 8))                  # identity: gate 1
+    assert torch.equal(tc.mods(tc(t), 0)[0], torch.zeros(3, 1, 8))
+    torch.manual_seed(0)
+    for p in tc.parameters():
+        p.data.normal_()
+    mlp, lin = tc.t_embedder.mlp, tc.t_block[1]
+    emb = lin(torch.nn.functional.silu(mlp[2](torch.nn.functional.silu(mlp[0](sinusoidal(t))))))
+    shift, scale, gate = tc.mods(tc(t), 1)
+    want = emb.view(3, 3, 8) + tc.scale_shift_tables[1]
+    assert torch.allclose(shift[:, 0], want[:, 0], atol=1e-5)
+    assert torch.allclose(scale[:, 0], want[:, 1], atol=1e-5)
+    assert torch.allclose(gate[:, 0], want[:, 2], atol=1e-5)
+
+
+def test_denoiser_layer_loop_follows_the_release(model, seq):
+    """A from-scratch denoiser: attention = modulate THEN RMSNorm; MLP = RMSNorm THEN modulate;
+    the gate scales each mixer output before the residual add; block queries attend over
+    [context K/V | block K/V] with no mask; RoPE positions continue after the context."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+    m = copy.deepcopy(model)
+    randomise_time(m, seed=21, std=0.5)
+    with torch.no_grad():                       # make the denoiser differ from the context tower
+        for p in m.denoiser_lm.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    L, S = 9, 5
+    x = torch.tensor([[MASK_ID, int(seq[L + 1]), MASK_ID, MASK_ID, int(seq[L + 4])]])
+    t = torch.tensor([0.6])
+    ctx, _ = m.prefill([seq[:L].tolist()])
+    with torch.no_grad():
+        got = m.denoise(x, m.block_inputs(ctx, S), t)
+        cache = m.family.new_cache()
+        m.context_lm(input_ids=seq[:L][None], past_key_values=cache, use_cache=True)
+        dm = m.denoiser_lm.model
+        h = dm.embed_tokens(x)
+        cos, sin = dm.rotary_emb(h, torch.arange(L, L + S)[None])
+        base = m.time(t)                                               # (1, 3, H)
+        for i, layer in enumerate(dm.layers):
+            shift, scale, gate = (base + m.time.scale_shift_tables[2 * i])[:, :, None, :].unbind(1)
+            a = layer.input_layernorm(h * (1 + scale) + shift)
+            att = layer.self_attn
+            q = att.q_proj(a).view(1, S, 4, 8).transpose(1, 2)
+            k = att.k_proj(a).view(1, S, 2, 8).transpose(1, 2)
+            v = att.v_proj(a).view(1, S, 2, 8).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys = repeat_kv(torch.cat([cache.layers[i].keys, k], 2), 2)
+            vals = repeat_kv(torch.cat([cache.layers[i].values, v], 2), 2)
+            probs = (q @ keys.transpose(-1, -2) / 8 ** 0.5).softmax(-1)
+            h = h + gate * att.o_proj((probs @ vals).transpose(1, 2).reshape(1, S, 32))
+            shift, scale, gate = (base + m.time.scale_shift_tables[2 * i + 1])[:, :, None, :].unbind(1)
+            h = h + gate * layer.mlp(layer.post_attention_layernorm(h) * (1 + scale) + shift)
+        want = m.denoiser_lm.lm_head(dm.norm(h))
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())

@@ -347,6 +347,8 @@ def test_anchored_model_runs(model):
     ([PROMPT], dict(threshold=-1.0), "threshold must lie in [0, 1]"),
     ([PROMPT], dict(temperature=-1.0), "temperature must be >= 0"),
     ([PROMPT], dict(remasking="low"), "remasking must be one of"),
+    ([PROMPT + [VOCAB]], {}, f"prompt token id {VOCAB} is outside the vocabulary (0..{VOCAB - 1})"),
+    ([[5, -1]], {}, "prompt token id -1 is outside the vocabulary"),
 ])
 def test_bad_input_is_refused_before_any_work(model, sampler, prompts, settings, message):
     with pytest.raises(ValueError) as e:
@@ -392,3 +394,17 @@ def test_encode_prompt_and_parse_ids(model, tiny_tokenizer):
         parse_ids("5,a")
     with pytest.raises(ValueError, match="the prompt is empty"):
         parse_ids(",")
+
+
+def test_token_pieces_keep_leading_spaces(model, tiny_tokenizer):
+    from twotower.runner import piece
+    fox = tiny_tokenizer.convert_tokens_to_ids("Ġfox")
+    assert piece(tiny_tokenizer, fox) == " fox"
+    assert piece(tiny_tokenizer, tiny_tokenizer.mask_token_id) == "<mask>"
+    assert piece(None, 42) == "<42>"
+    with_tok = tiny_twotower(seed=0, vocab_size=len(tiny_tokenizer))
+    with_tok.tokenizer = tiny_tokenizer
+    trace, events = run(with_tok, [[fox, 5]], cfg(max_new_tokens=4), "ar")
+    list(events)
+    assert trace.tokens[str(fox)] == " fox"
+    assert all(trace.tokens[str(i)] == piece(tiny_tokenizer, i) for i in trace.done.token_ids[0])

@@ -44,7 +44,8 @@ def test_model_facts(model):
     assert tok.convert_ids_to_tokens(model.mask_token_id) == "<empty_output>"     # a special, unused in text
     assert tok.added_tokens_decoder[model.mask_token_id].special
     assert model.mask_token_id not in tok.encode("Empty output: " + QUESTION, add_special_tokens=False)
-    assert tok.convert_tokens_to_ids("<|im_end|>") in model.eos_token_ids
+    ends = {tok.convert_tokens_to_ids(n) for n in ("<|im_end|>", "<|endoftext|>")}
+    assert ends <= model.eos_token_ids
     assert model.mask_token_id not in model.eos_token_ids
 
 

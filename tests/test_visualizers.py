@@ -196,7 +196,8 @@ def test_findings(diffusion_trace):
 
 def test_repeats_are_found():
     trace = Trace(mode="ar", settings={}, model={}, prompts=[""], prompt_ids=[[1]], tokens=dict(PIECES),
-                  events=[Done(texts=[""], token_ids=[[10, 11, 12] * 3], nfe=9, seconds=1.0, first_token_seconds=0.1)])
+                  events=[Done(texts=[""], token_ids=[[10, 11, 12] * 3], nfe=9, seconds=1.0,
+                               first_token_seconds=0.1)])
     found = failures.findings(trace)
     assert found and found[0]["kind"] == "repeat" and "3 times" in found[0]["text"]
 
@@ -214,3 +215,17 @@ def test_trace_json_round_trips(diffusion_trace):
     loaded = Trace.from_dict(json.loads(export.trace_json(diffusion_trace, digits=3)))
     assert loaded.done.token_ids == diffusion_trace.done.token_ids
     assert len(loaded.steps()) == 3
+
+
+def test_anchored_attention_keeps_block_rows_and_context_columns():
+    """An anchored denoiser re-reads the last clean token: Q = 1 + S rows, K = L + S columns."""
+    size, context = 4, 3
+    rows = [[0.0] * (context + size) for _ in range(size + 1)]
+    for r in rows:
+        r[2] = 1.0                                    # everything on the anchor's key (context index 2)
+    s = step(0, 0, [10, MASK, 12, MASK], [0, 2], [0.9, 0.1, 0.9, 0.1], 0.1, 1,
+             attention_maps={0: [[rows]]})
+    m = attention.matrix(s, 0, "mean", renormalise=False)
+    assert m.shape == (size, context) and m[:, 2] == pytest.approx([1.0] * size)
+    with pytest.raises(ValueError, match="head 3"):
+        attention.matrix(s, 0, 3)

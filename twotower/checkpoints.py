@@ -42,6 +42,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """The device string, or SpecError when torch cannot place a model there."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SpecError(f"unknown device {device!r}: expected cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"device {device!r} asked for, but no CUDA device is available")
+    return device
+
+
 def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
@@ -179,7 +190,7 @@ def save(model: TwoTower, path: str | Path, context: str, lora_model=None, lora:
 # ---- specs --------------------------------------------------------------------------------
 def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> TwoTower:
     """Resolve a model spec (see the module docstring) into a ready TwoTower in eval mode."""
-    device = device or default_device()
+    device = check_device(device or default_device())
     dtype = dtype or default_dtype(device)
     if spec in (None, "", "default"):
         if not (DEFAULT_DIR / "twotower.json").is_file():

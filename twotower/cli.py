@@ -44,6 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:     # OSError: missing/unreadable files, bad config.json
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -163,7 +163,7 @@ def build(args) -> dict:
     budget = lambda share: start + share * args.max_seconds   # shares of the time budget per stage
     prompts = make_prompts(args.prompts, args.seed)
     chat_ids = [encode_prompt(model, p) for p in prompts]
-    stages = [(args.temperature, len(chat_ids), 0.6), (0.0, len(chat_ids) // 4, 0.8)]  # sampled, greedy
+    stages = [(0.0, len(chat_ids), 0.5), (args.temperature, len(chat_ids), 0.85)]  # greedy, then sampled
     for temp, n, share in stages:
         replies = distill(model, chat_ids[:n], args.max_new_tokens, args.batch, temp, args.seed,
                           f"distill T={temp}", budget(share))

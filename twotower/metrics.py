@@ -1,8 +1,9 @@
 """Pure metric functions of the evaluation: answer matching, agreement, repetition, NLL.
 
 Answer matching rule (used by `python -m twotower eval` on assets/eval/qa.jsonl):
-  1. The answer span is the first non-empty line of the output, cut at its first sentence
-     end ('.', '!' or '?' followed by a space or the end; a '.' between digits is kept).
+  1. The answer span is the first non-empty line of the output, without a leading list
+     marker ("1.", "-", "*"), cut at its first sentence end: '.', '!' or '?' followed by a
+     space or the end of the line, not after an initial ("J. K.") or a title ("Dr.").
   2. Span and accepted answers are normalised alike (`normalise`): lowercase; commas inside
      numbers dropped ("1,000" -> "1000"); punctuation becomes a space; the articles a, an,
      the are dropped; runs of number words become digits ("twenty-one" -> "21").
@@ -26,7 +27,9 @@ FOLLOWS = {None: {"zero", "unit", "teen", "tens", "hundred", "thousand"}, "zero"
            "hundred": {"unit", "teen", "tens", "thousand", "and"}, "thousand": {"unit", "teen", "tens", "and"},
            "and": {"unit", "teen", "tens"}}
 _LIST_MARKER = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+")
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+# a sentence ends at . ! ? before a space or the end, except after an initial ("J. K.") or a
+# title (Mr. Mrs. Ms. Dr. St.)
+_SENTENCE_END = re.compile(r"(?<!\b[A-Z])(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)[.!?](?=\s|$)")
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}“”‘’«»…–—]")
 
 

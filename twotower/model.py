@@ -68,7 +68,8 @@ class TwoTower(nn.Module):
         if tok is not None:
             for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
                 tid = tok.convert_tokens_to_ids(name)
-                if isinstance(tid, int) and tid != tok.unk_token_id:
+                # a missing name maps to unk; but unk may BE <|endoftext|> (SmolLM2): compare names
+                if isinstance(tid, int) and tok.convert_ids_to_tokens(tid) == name:
                     ids.add(tid)
             if tok.eos_token_id is not None:
                 ids.add(tok.eos_token_id)

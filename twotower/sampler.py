@@ -27,6 +27,10 @@ def _check(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -> Non
         if len(p) + cfg.max_new_tokens > model.max_context:
             raise ValueError(f"prompt ({len(p)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds "
                              f"the model's context of {model.max_context} tokens")
+        vocab = model.context_lm.config.vocab_size
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
 
 
 def _generator(model: TwoTower, seed: int) -> torch.Generator:

@@ -66,6 +66,7 @@ class TrainConfig:
     save_every: int = 500
     seed: int = 0
     max_minutes: float = 0.0          # wall-clock budget; 0 = none. Ends early, saving as at the end
+    init: str = ""                    # start from this checkpoint dir's denoiser weights (no optimizer)
     device: str | None = None         # default: cuda if available
     name: str = "smollm2-twotower"
 
@@ -188,13 +189,18 @@ def save_state(path: Path, model, peft_model, opt, step: int, cfg: TrainConfig, 
     (path / "train_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "history": history}))
 
 
-def load_state(path: Path, model, opt) -> tuple[int, list]:
+def load_weights(path: Path, model) -> None:
+    """Denoiser weights (time conditioning, mask embedding, LoRA) from a checkpoint dir."""
     from peft import set_peft_model_state_dict
     weights = checkpoints.read_safetensors(path / "denoiser.safetensors")
     model.time.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("time.")})
     if model.mask_embedding is not None:
         model.mask_embedding.data.copy_(weights["mask_embedding"])
     set_peft_model_state_dict(model._peft, {k[5:]: v for k, v in weights.items() if k.startswith("lora.")})
+
+
+def load_state(path: Path, model, opt) -> tuple[int, list]:
+    load_weights(path, model)
     flat = load_file(str(path / "optimizer.safetensors"))
     for gi, group in enumerate(opt.param_groups):
         for pi, p in enumerate(group["params"]):
@@ -243,6 +249,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     step, history = 0, []
     if resume and (out / "last" / "train_state.json").is_file():
         step, history = load_state(out / "last", model, opt)
+    elif cfg.init:
+        load_weights(Path(cfg.init), model)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + step)
     trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=rank != 0, file=sys.stderr)

@@ -1,9 +1,13 @@
 """Cross-attention of a denoiser block over its context, from steps that captured attention.
 
-A Step's `attention` is {layer: (B, heads, S, L + S)}: block queries over the L context keys
-(the prompt and every earlier block, as the context tower cached them) followed by the S
-block keys. The cross-attention map is the first L columns. Attention sinks (the first
-tokens, which soak up attention whatever the query) can be dropped and the rest renormalised.
+A Step's `attention` is {layer: (B, heads, Q, K)}: the denoiser's queries over the context
+tower's cached keys followed by the denoiser's own inputs. Plain denoisers have Q = S (the
+block) and K = L + S. An anchored denoiser also re-reads the last `a` clean tokens with the
+block: Q = a + S and those tokens' keys sit with the block's, K = (L - a) + (a + S).
+Either way the block's queries are the last S rows and its own keys the last S columns; every
+other key is a context token (prompt and earlier blocks), so the cross-attention map is
+rows [-S:] x columns [:-S]. Attention sinks (the first tokens, which soak up attention
+whatever the query) can be dropped and the rest renormalised.
 """
 from __future__ import annotations
 
@@ -17,10 +21,13 @@ MEAN = "mean"
 
 
 def _probs(step, layer: int, row: int = 0) -> np.ndarray | None:
-    """(heads, S, L + S) for one layer of one step, or None if it was not captured."""
+    """(heads, S, L + S) block-query rows of one layer of one step, or None if not captured."""
     att = step.attention or {}
     data = att.get(layer, att.get(str(layer)))
-    return None if data is None else np.asarray(data[row], dtype=np.float32)
+    if data is None:
+        return None
+    probs = np.asarray(data[row], dtype=np.float32)        # (heads, Q, K)
+    return probs[:, -len(step.tokens[row]):, :]             # drop anchor queries, if any
 
 
 def captured_steps(trace, block: int | None = None) -> list:
@@ -58,23 +65,45 @@ def matrix(step, layer: int, head, sink: int = 0, renormalise: bool = True,
         raise ValueError(f"layer {layer} was not captured at block {step.block}, step {step.step}")
     size = probs.shape[1]
     context = probs.shape[2] - size
+    if head != MEAN and not 0 <= int(head) < probs.shape[0]:
+        raise ValueError(f"head {head} does not exist: this layer has heads 0..{probs.shape[0] - 1}")
     a = probs.mean(0) if head == MEAN else probs[int(head)]
-    keep = list(range(min(sink, context), context)) + (list(range(context, context + size)) if include_block else [])
+    keep = list(range(min(sink, context), context))
+    if include_block:
+        keep += list(range(context, context + size))
     a = a[:, keep]
     if renormalise:
         a = a / np.clip(a.sum(1, keepdims=True), 1e-12, None)
     return a
 
 
-def key_labels(trace, block: int, context: int, sink: int, include_block: bool, size: int,
-               final_block: list[int] | None, row: int = 0) -> list[str]:
+def key_labels(trace, block: int, context: int, sink: int, include_block: bool,
+               final_block: list[int], row: int = 0) -> list[str]:
+    """'i:piece' per context key kept (and 'Bj:piece' per block key); unique, for category axes."""
     ids = context_ids(trace, block, row)
     if len(ids) != context:                     # left padding or an unknown layout: index only
         ids = [None] * context
     names = [f"{i}:{label(trace, t) if t is not None else '?'}" for i, t in enumerate(ids)][sink:]
     if include_block:
-        names += [f"B{j}:{label(trace, t) if t is not None else '▢'}" for j, t in enumerate(final_block or [None] * size)]
+        names += [f"B{j}:{label(trace, t)}" for j, t in enumerate(final_block)]
     return names
+
+
+def _title(block: int, layer: int, head, sink: int, renormalise: bool) -> str:
+    parts = [f"Block {block}", f"layer {layer}", "mean of heads" if head == MEAN else f"head {head}"]
+    if sink:
+        parts.append(f"first {sink} keys dropped")
+    if renormalise:
+        parts.append("renormalised")
+    return ", ".join(parts)
+
+
+def _step_slider(steps) -> dict:
+    """A plotly slider that shows one heatmap trace per denoiser step (no frames needed)."""
+    return dict(active=0, currentvalue=dict(prefix="step "), pad=dict(t=40),
+                steps=[dict(label=str(s.step), method="update",
+                            args=[{"visible": [i == k for i in range(len(steps))]}])
+                       for k, s in enumerate(steps)])
 
 
 def figure(trace, block: int, layer: int, head=MEAN, sink: int = 0, renormalise: bool = True,
@@ -88,7 +117,7 @@ def figure(trace, block: int, layer: int, head=MEAN, sink: int = 0, renormalise:
     size = len(steps[0].tokens[row])
     context = _probs(steps[0], layer, row).shape[2] - size
     final = steps[-1].tokens[row]
-    keys = key_labels(trace, block, context, sink, include_block, size, final, row)
+    keys = key_labels(trace, block, context, sink, include_block, final, row)
     if not keys:
         return note_figure("Every context key was dropped: lower 'drop first k keys'.")
     queries = [f"{j}:{label(trace, t)}" for j, t in enumerate(final)]
@@ -102,16 +131,10 @@ def figure(trace, block: int, layer: int, head=MEAN, sink: int = 0, renormalise:
             customdata=[[now[j]] * m.shape[1] for j in range(m.shape[0])],
             colorbar=dict(title="attention", thickness=12),
             hovertemplate="query %{y} (now '%{customdata}')<br>key %{x}<br>%{z:.3f}<extra></extra>"))
-    head_name = "mean of heads" if head == MEAN else f"head {head}"
-    sliders = [dict(active=0, currentvalue=dict(prefix="step "), pad=dict(t=40),
-                    steps=[dict(label=str(s.step), method="update",
-                                args=[{"visible": [i == k for i in range(len(steps))]}])
-                           for k, s in enumerate(steps)])]
     fig.update_layout(
-        title=dict(text=f"Block {block}, layer {layer}, {head_name}"
-                        f"{f', first {sink} keys dropped' if sink else ''}{', renormalised' if renormalise else ''}",
-                   x=0.01, font=dict(size=15)),
-        sliders=sliders, height=max(380, 22 * size + 200), template="plotly_white",
-        margin=dict(l=110, r=20, t=50, b=60), xaxis=dict(title="context keys", tickangle=-60, type="category"),
+        title=dict(text=_title(block, layer, head, sink, renormalise), x=0.01, font=dict(size=15)),
+        sliders=[_step_slider(steps)], height=max(380, 22 * size + 200), template="plotly_white",
+        margin=dict(l=110, r=20, t=50, b=60),
+        xaxis=dict(title="context keys", tickangle=-60, type="category"),
         yaxis=dict(title="block queries (final token)", autorange="reversed", type="category"))
     return fig

@@ -79,7 +79,7 @@ def confidence_heatmap(trace, row: int = 0) -> go.Figure:
                              marker=dict(symbol="x-thin", size=8, line=dict(width=2, color=ORANGE)),
                              name="committed here", hoverinfo="skip"))
     _block_lines(fig, trace)
-    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(autorange="reversed", dtick=1 if depth < 20 else None)
     fig.update_layout(legend=dict(orientation="h", y=-0.25))
     return _layout(fig, "Confidence of every position at every step (× = committed)",
                    "generated position", "step within block")

@@ -84,8 +84,8 @@ def table(ar, diffusion) -> str:
         return "The race did not finish."
     rows = [("tokens", "tokens", "{}"), ("wall-clock seconds", "seconds", "{:.3f}"),
             ("tokens / second", "tokens_per_second", "{:.1f}"), ("forward passes (NFE)", "nfe", "{}"),
-            ("tokens per pass", "tokens_per_nfe", "{:.2f}"), ("time to first token (s)", "first_token_seconds", "{:.3f}"),
-            ("ended by", "stopped", "{}")]
+            ("tokens per pass", "tokens_per_nfe", "{:.2f}"),
+            ("time to first token (s)", "first_token_seconds", "{:.3f}"), ("ended by", "stopped", "{}")]
     lines = ["| | AR | Diffusion |", "|---|---:|---:|"]
     lines += [f"| {name} | {fmt.format(a[key])} | {fmt.format(d[key])} |" for name, key, fmt in rows]
     if a["tokens_per_second"] > 0 and d["tokens_per_second"] > 0:

@@ -75,8 +75,9 @@ def commit_table(trace, row: int = 0) -> list[Commit]:
                 for i, e in enumerate(trace.ar_tokens())]
     starts, out = block_starts(trace), []
     for i, e in enumerate(trace.steps()):
+        start = starts.get(e.block, 0)
         for j in e.committed[row]:
-            out.append(Commit(starts.get(e.block, 0) + j, e.block, e.step, i, e.tokens[row][j], e.confidence[row][j]))
+            out.append(Commit(start + j, e.block, e.step, i, e.tokens[row][j], e.confidence[row][j]))
     return out
 
 

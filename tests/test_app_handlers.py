@@ -1,0 +1,106 @@
+"""App handlers called directly (no server): settings parsing, stop/settle, export and import."""
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+import pytest
+
+from app import handlers, settings
+from app.state import OPTIONS, Session, set_model
+from tests.tiny_app import tiny_app_model
+
+SETTINGS = (24, 8, 4, 0.5, 0.0, 0, 1.0, "confidence", 0, False)   # sampler_config's order
+
+
+@pytest.fixture(scope="module", autouse=True)
+def model():
+    m = tiny_app_model()
+    set_model(m)
+    interval, OPTIONS.stream_interval = OPTIONS.stream_interval, 0.0     # yield at every step
+    yield m
+    OPTIONS.stream_interval = interval
+
+
+def run_to_end(session: Session, capture=False, mode="diffusion"):
+    outputs = list(handlers.generate("Hello", mode, *SETTINGS, capture, "first, last", session))
+    return outputs[-1]
+
+
+def test_sampler_config_accepts_ui_floats_and_names_bad_values():
+    cfg = settings.sampler_config(16.0, 16.0, 4.0, 0.9, 0.0, 0.0, 1.0, "margin", 3.0, True)
+    assert (cfg.max_new_tokens, cfg.block_size, cfg.remasking, cfg.seed) == (16, 16, "margin", 3)
+    with pytest.raises(ValueError, match="block size must be a whole number"):
+        settings.sampler_config(16, 2.5, 4, 0.9, 0, 0, 1, "confidence", 0, True)
+    with pytest.raises(ValueError, match="threshold"):
+        settings.sampler_config(16, 16, 4, 1.5, 0, 0, 1, "confidence", 0, True)
+    with pytest.raises(ValueError, match="at most"):
+        settings.sampler_config(10**6, 16, 4, 0.9, 0, 0, 1, "confidence", 0, True)
+
+
+def test_capture_layers_parses_names_and_indices():
+    assert settings.capture_layers("first, middle, last", list(range(30))) == (0, 15, 29)
+    assert settings.capture_layers("3; 3, last", [0, 3, 7]) == (3, 7)
+    with pytest.raises(ValueError, match="'99'"):
+        settings.capture_layers("99", [0, 1])
+    with pytest.raises(ValueError, match="at least one"):
+        settings.capture_layers(" , ", [0, 1])
+
+
+def test_bad_input_is_a_ui_error():
+    with pytest.raises(gr.Error, match="empty"):
+        next(handlers.generate("  ", "diffusion", *SETTINGS, False, "", Session()))
+
+
+def test_a_finished_run_settles_into_views():
+    session = Session()
+    grid, text, status = run_to_end(session, capture=True)
+    assert status.startswith("**Finished**") and session.state == "done"
+    out = handlers.settle(session, None, None, "mean", 1, True, False)
+    assert out[0] is not None and len(out) == 10
+    unmask, confidence, commits = out[3:6]
+    assert unmask.data and confidence.data and commits.data
+    assert out[6].choices and out[9].layout.sliders             # attention blocks and a step slider
+    assert handlers.settle(session, None, None, "mean", 1, True, False) == (gr.skip(),) * 10
+
+
+def test_a_cancelled_run_settles_as_stopped():
+    session = Session()
+    stream = handlers.generate("Hello", "diffusion", *SETTINGS, False, "", session)
+    next(stream)
+    next(stream)
+    stream.close()                                             # what Stop's cancel does
+    grid, text, status = handlers.settle(session, None, None, "mean", 0, True, False)[:3]
+    assert status.startswith("**Stopped**")
+    data = json.loads(grid)
+    assert not data["live"] and data["n_out"] is None
+
+
+def test_export_then_import_without_the_model(tmp_path):
+    session = Session()
+    run_to_end(session)
+    json_path, html_path = handlers.export_files(session)
+    assert "<html>" in open(html_path).read()
+    fresh = Session()
+    grid, text, status = handlers.import_trace(json_path, fresh)
+    assert "Opened a saved trace" in status and text == session.trace.done.texts[0]
+    assert len(json.loads(grid)["frames"]) == session.trace.done.nfe
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(gr.Error, match="not a TwoTower trace"):
+        handlers.import_trace(str(bad), fresh)
+
+
+def test_race_runs_both_and_stops_on_request():
+    from app import race
+    session = Session()
+    *progress, final = race.race("Hello", *SETTINGS, session)
+    assert [p[3] for p in progress][-1].startswith("Running diffusion")
+    runs = json.loads(final[0])["runs"]
+    assert [r["mode"] for r in runs] == ["ar", "diffusion"] and session.race_state == "done"
+    assert race.race_settle(session) == gr.skip()
+    stream = race.race("Hello", *SETTINGS, session)
+    assert "Warming up" in next(stream)[3]
+    handlers.request_stop(session)                   # Stop pressed during the untimed warm-up
+    assert list(stream) == []
+    assert "stopped" in race.race_settle(session)
