@@ -14,6 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from twotower.runner import encode_prompt, run
+from twotower.sampler import check_request
 from twotower.trace import Trace
 from visualizers import attention, export, plots, trajectory
 
@@ -100,9 +101,7 @@ def prepare(prompt, mode, settings, capture, layers):
         if mode not in ("diffusion", "ar"):
             raise ValueError(f"mode must be 'diffusion' or 'ar', got {mode!r}")
         ids = encode_prompt(model, prompt)
-        if len(ids) + cfg.max_new_tokens > model.max_context:
-            raise ValueError(f"the prompt ({len(ids)} tokens) + max new tokens ({cfg.max_new_tokens}) exceed "
-                             f"the model's context of {model.max_context} tokens")
+        check_request(model, [ids], cfg)
         chosen = ()
         if capture and mode == "diffusion":
             chosen = capture_layers(layers, model.family.attention_layers)

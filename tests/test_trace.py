@@ -76,9 +76,16 @@ def test_stats_of_an_unfinished_trace_are_empty():
 def test_stats_figures():
     t = Trace(mode="ar", settings={}, model={}, prompts=["x"], prompt_ids=[[1]],
               events=[Done(texts=["a b"], token_ids=[[4, 5, 6, 7]], nfe=2, seconds=0.5, first_token_seconds=0.1,
-                           stopped="eos")])
-    assert t.stats() == {"tokens": 4, "nfe": 2, "tokens_per_nfe": 2.0, "seconds": 0.5, "tokens_per_second": 8.0,
-                         "first_token_seconds": 0.1, "stopped": "eos"}
+                           stopped="eos", context_passes=2)])
+    assert t.stats() == {"tokens": 4, "nfe": 2, "tokens_per_nfe": 2.0, "context_passes": 2, "seconds": 0.5,
+                         "tokens_per_second": 8.0, "first_token_seconds": 0.1, "stopped": "eos"}
+
+
+def test_stats_tokens_per_nfe_is_per_sequence_in_a_batch():
+    t = Trace(mode="diffusion", settings={}, model={}, prompts=["x", "y"], prompt_ids=[[1], [2]],
+              events=[Done(texts=["a", "b"], token_ids=[[4, 5, 6, 7], [4, 5]], nfe=2, seconds=1.0,
+                           first_token_seconds=0.1)])
+    assert t.stats()["tokens_per_nfe"] == 1.5 and t.stats()["tokens"] == 6
 
 
 def test_event_dicts_round_trip():

@@ -48,7 +48,9 @@ class Step(Event):
     top_probs: list[list[list[float]]]  # (B, S, k) their probabilities
     elapsed: float                  # seconds since the run started
     nfe: int                        # denoiser passes so far
-    attention: dict | None = None   # {layer: (B, heads, S, ctx+S) probs} when captured
+    attention: dict | None = None   # {layer: (B, heads, A+S, L-A + A+S) probs} when captured:
+                                    # queries = [A anchor tokens | block], keys = [context | queries]
+    anchor: int = 0                 # A: clean tokens the denoiser re-reads before the block (0 or 1)
 
 
 @dataclass
@@ -77,10 +79,12 @@ class Done(Event):
     """The run ended: final text and figures per row."""
     texts: list[str]
     token_ids: list[list[int]]      # generated ids per row (up to and excluding end-of-text)
-    nfe: int                        # forward passes of the network that decodes (denoiser or AR)
+    nfe: int                        # passes of the network that decodes: denoiser (diffusion) or
+                                    # context tower incl. the prefill that yields token 1 (AR)
     seconds: float
-    first_token_seconds: float      # latency until the first token was committed
+    first_token_seconds: float      # latency until the text's first token is committed (readable)
     stopped: str = "length"         # "eos" | "length"
+    context_passes: int = 0         # context-tower passes: prefill + one per committed block (diffusion)
 
     @property
     def tokens(self) -> int:

@@ -60,13 +60,15 @@ def new_trace(model: TwoTower, prompts: list[str], prompt_ids: list[list[int]], 
 
 
 def add_pieces(trace: Trace, tokenizer, ids) -> None:
+    """Record the text piece of every id not yet in the trace."""
     for i in ids:
         key = str(i)
         if key not in trace.tokens:
             trace.tokens[key] = piece(tokenizer, int(i))
 
 
-def _event_ids(event: Event):
+def event_ids(event: Event):
+    """Every token id an event mentions (tokens and candidates), for `add_pieces`."""
     if isinstance(event, Step):
         for row, tops in zip(event.tokens, event.top_ids):
             yield from row
@@ -93,6 +95,6 @@ def run(model: TwoTower, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: 
 
     def events():
         for event in trace.record(source):
-            add_pieces(trace, model.tokenizer, _event_ids(event))
+            add_pieces(trace, model.tokenizer, event_ids(event))
             yield event
     return trace, events()

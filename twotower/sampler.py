@@ -17,7 +17,8 @@ from .model import TwoTower
 from .sampling import SamplerConfig, choose_tokens, commit_counts, remasking_score, select_commits
 
 
-def _check(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -> None:
+def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -> None:
+    """Raise ValueError naming the first problem of a run request (settings, prompt sizes, ids)."""
     cfg.validate(model.max_context)
     if not prompts:
         raise ValueError("no prompt given")
@@ -67,7 +68,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
     the commit rule picks and leaves the rest masked; then the finished block enters the
     context tower's cache in one pass.
     """
-    _check(model, prompts, cfg)
+    check_request(model, prompts, cfg)
     gen, eos, mask_id = _generator(model, cfg.seed), model.eos_token_ids, model.mask_token_id
     start = time.perf_counter()
     ctx, _ = model.prefill(prompts)
@@ -76,7 +77,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
 
     out: list[list[int]] = [[] for _ in range(batch)]
     ended = [False] * batch
-    nfe, first_token, block, produced = 0, None, 0, 0
+    nfe, passes, first_token, block, produced = 0, 1, None, 0, 0
     while produced < cfg.max_new_tokens and not all(ended):
         size = min(cfg.block_size, cfg.max_new_tokens - produced)
         yield BlockStart(block=block, start=produced, size=size, steps=cfg.steps)
@@ -100,9 +101,10 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
                          planned=planned.tolist(), confidence=conf.tolist(),
                          top_ids=top_ids.tolist(), top_probs=top_probs.tolist(),
                          elapsed=time.perf_counter() - start, nfe=nfe,
-                         attention={i: p.tolist() for i, p in capture.probs.items()} if capture else None)
-            if first_token is None:
-                first_token = event.elapsed
+                         attention={i: p.tolist() for i, p in capture.probs.items()} if capture else None,
+                         anchor=int(model.anchor))
+            if first_token is None and all(row[0] != mask_id for row in event.tokens):
+                first_token = event.elapsed                        # the text's first token is readable
             yield event
             if not bool((x == mask_id).any()):
                 break
@@ -118,18 +120,20 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         produced += size
         if not all(ended) and produced < cfg.max_new_tokens:
             ctx, _ = model.extend(ctx, x)                          # one context pass per block
+            passes += 1
         yield BlockCommitted(block=block, tokens=tokens, steps_used=step + 1,
                              elapsed=time.perf_counter() - start)
         block += 1
     seconds = time.perf_counter() - start
     yield Done(texts=_decode(model, out), token_ids=out, nfe=nfe, seconds=seconds,
-               first_token_seconds=first_token or seconds, stopped="eos" if all(ended) else "length")
+               first_token_seconds=first_token or seconds, stopped="eos" if all(ended) else "length",
+               context_passes=passes)
 
 
 @torch.no_grad()
 def ar_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -> Iterator[Event]:
     """The AR baseline: the context tower alone, one cached forward pass per token."""
-    _check(model, prompts, cfg)
+    check_request(model, prompts, cfg)
     gen, eos = _generator(model, cfg.seed), model.eos_token_ids
     start = time.perf_counter()
     ctx, logits = model.prefill(prompts)
@@ -160,4 +164,5 @@ def ar_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -
         nfe += 1
     seconds = time.perf_counter() - start
     yield Done(texts=_decode(model, out), token_ids=out, nfe=nfe, seconds=seconds,
-               first_token_seconds=first_token or seconds, stopped="eos" if all(ended) else "length")
+               first_token_seconds=first_token or seconds, stopped="eos" if all(ended) else "length",
+               context_passes=nfe)

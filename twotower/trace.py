@@ -51,11 +51,12 @@ class Trace:
         done = self.done
         if done is None:
             return {}
-        n = done.tokens
+        n, rows = done.tokens, max(1, len(done.token_ids))
         return {
             "tokens": n,
             "nfe": done.nfe,
-            "tokens_per_nfe": n / done.nfe if done.nfe else 0.0,
+            "tokens_per_nfe": n / rows / done.nfe if done.nfe else 0.0,   # per sequence
+            "context_passes": done.context_passes,
             "seconds": done.seconds,
             "tokens_per_second": n / done.seconds if done.seconds > 0 else 0.0,
             "first_token_seconds": done.first_token_seconds,
