@@ -287,7 +287,7 @@ def test_attention_capture_matches_sdpa_and_hides_pads(model, seq):
 
 # ---- masks, facts, refusals --------------------------------------------------------------
 def test_block_mask_shapes():
-    from twotower.backbones.llama import block_mask
+    from twotower.context import block_mask
     valid = torch.tensor([[True, True, True], [False, True, True]])
     mask = block_mask(valid, 2, causal=True)
     assert mask.shape == (2, 1, 2, 5)

@@ -62,3 +62,19 @@ class ContextView:
         k[..., L: L + key.shape[-2], :] = key
         v[..., L: L + value.shape[-2], :] = value
         return k[..., : L + key.shape[-2], :], v[..., : L + value.shape[-2], :]
+
+
+def block_mask(valid: torch.Tensor, size: int, causal: bool = False) -> torch.Tensor | None:
+    """(B, 1, S, L + S) bool attention mask of block queries, or None when all may be seen.
+
+    valid: (B, L) real context tokens; pads are never attended. With `causal`, block query
+    j sees block keys <= j.
+    """
+    if bool(valid.all()) and not causal:
+        return None
+    batch = valid.shape[0]
+    block = torch.ones(size, size, dtype=torch.bool, device=valid.device)
+    if causal:
+        block = block.tril()
+    context = valid[:, None, None, :].expand(batch, 1, size, -1)
+    return torch.cat([context, block.expand(batch, 1, size, size)], -1)

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from ..attention import AttentionCapture
 from ..conditioning import modulate
-from ..context import ContextState, ContextView
+from ..context import ContextState, ContextView, block_mask
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite")
 
@@ -117,19 +117,3 @@ class LlamaFamily:
         return {"view": ContextView(self.context_kv(cache), qpos.numel(), inplace=False),
                 "positions": qpos.expand(clean.shape[0], -1), "mask": mask[None, None],
                 "query_positions": qpos}
-
-
-def block_mask(valid: torch.Tensor, size: int, causal: bool = False) -> torch.Tensor | None:
-    """(B, 1, S, L + S) bool attention mask of block queries, or None when all may be seen.
-
-    valid: (B, L) real context tokens; pads are never attended. With `causal`, block query
-    j sees block keys <= j.
-    """
-    if bool(valid.all()) and not causal:
-        return None
-    batch = valid.shape[0]
-    block = torch.ones(size, size, dtype=torch.bool, device=valid.device)
-    if causal:
-        block = block.tril()
-    context = valid[:, None, None, :].expand(batch, 1, size, -1)
-    return torch.cat([context, block.expand(batch, 1, size, size)], -1)

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from ..attention import AttentionCapture
 from ..conditioning import modulate
-from ..context import ContextState, ContextView
+from ..context import ContextState, ContextView, block_mask
 
 MODEL_TYPES = ("nemotron_h",)
 MAMBA, ATTENTION = "linear_attention", "full_attention"
@@ -214,20 +214,6 @@ class NemotronHFamily:
         kv = self._full_kv(self.context_kv(cache), clean.shape[0], device)
         return {"view": ContextView(kv, n, inplace=False), "mask": mask, "mamba": seeds,
                 "scan_length": block_size}
-
-
-def block_mask(valid: torch.Tensor, size: int, causal: bool = False) -> torch.Tensor | None:
-    """(B, 1, S, L + S) bool mask of block queries over [context | block], or None when all
-    may be seen. valid: (B, L) real context tokens (pads are never attended); with `causal`,
-    block query j sees block keys <= j."""
-    if bool(valid.all()) and not causal:
-        return None
-    batch = valid.shape[0]
-    block = torch.ones(size, size, dtype=torch.bool, device=valid.device)
-    if causal:
-        block = block.tril()
-    context = valid[:, None, None, :].expand(batch, 1, size, -1)
-    return torch.cat([context, block.expand(batch, 1, size, size)], -1)
 
 
 # ---- Mamba-2 -----------------------------------------------------------------------------
