@@ -26,16 +26,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import SpecError
 from .model import TwoTower
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / "assets" / "default_model"
 FORMAT = "twotower"
 SMOLLM2_MASK_ID = 16   # "<empty_output>": a special token that never occurs in text
-
-
-class SpecError(ValueError):
-    """The model spec cannot be resolved or loaded."""
 
 
 def default_device() -> str:

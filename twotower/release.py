@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import SpecError
+from .errors import SpecError
 from .model import TwoTower
 
 MASK_TOKEN_ID = 3
