@@ -82,9 +82,16 @@ def partial_text(trace: Trace) -> str:
     return "".join(pieces)
 
 
+def grid_key(trace: Trace) -> str:
+    """Names the trace the grid shows, so answers about an older one (the AR view) are ignored."""
+    return f"{id(trace):x}"
+
+
 def grid_value(trace: Trace, live: bool) -> str:
-    """The token grid's value: compact JSON (see visualizers/trajectory.py)."""
-    return json.dumps(trajectory.payload(trace, live=live), separators=(",", ":"))
+    """The token grid's value: compact JSON (see visualizers/trajectory.py), with the app's
+    buttons (fork, ask the AR model) switched on."""
+    data = {**trajectory.payload(trace, live=live), "actions": True, "key": grid_key(trace)}
+    return json.dumps(data, separators=(",", ":"))
 
 
 # ---- the live run ---------------------------------------------------------------------------
@@ -122,15 +129,16 @@ def warn_about(cfg, mode: str, capture: bool) -> None:
 
 
 @gpu(duration=120)
-def compute(prompt, ids, cfg, mode, layers):
+def compute(prompt, ids, cfg, mode, layers, resume=None):
     """The model's side of a run: yield the empty trace, then (event, new token pieces) per event.
 
     Only plain data leaves this generator, so on a ZeroGPU Space (where it runs in a GPU
     worker) the UI process rebuilds the same trace. Closing it stops the computation.
+    resume: a twotower.fork.ForkPoint to continue from (the Fork tab).
     """
-    trace, events = run(get_model(), [ids], cfg, mode, [prompt], capture_layers=layers)
+    trace, events = run(get_model(), [ids], cfg, mode, [prompt], capture_layers=layers, resume=resume)
     yield Trace(mode=trace.mode, settings=trace.settings, model=trace.model, prompts=trace.prompts,
-                prompt_ids=trace.prompt_ids, tokens=dict(trace.tokens))
+                prompt_ids=trace.prompt_ids, tokens=dict(trace.tokens), fork=trace.fork)
     known = set(trace.tokens)
     for event in events:
         fresh = {k: v for k, v in trace.tokens.items() if k not in known}
@@ -183,7 +191,7 @@ def settle(session: Session, block, layer, head, sink, renorm, include_block):
     cancelled it.
     """
     if session.trace is None or session.settled:
-        return (gr.skip(),) * 10
+        return (gr.skip(),) * 11
     session.settled = True
     trace = session.trace
     if session.state == "running":               # cancelled by Stop: show what was computed
@@ -204,7 +212,8 @@ def views(trace: Trace, block, layer, head, sink, renorm, include_block):
             gr.Dropdown(choices=_choices(opts["blocks"]), value=block),
             gr.Dropdown(choices=_choices(opts["layers"]), value=layer),
             gr.Dropdown(choices=_choices(heads), value=head),
-            attention_figure(trace, block, layer, head, sink, renorm, include_block))
+            attention_figure(trace, block, layer, head, sink, renorm, include_block),
+            plots.tokens_per_step(trace))
 
 
 def attention_view(session: Session, block, layer, head, sink, renorm, include_block):

@@ -18,18 +18,38 @@ A frozen AR **context tower** reads the prompt and every finished block; a **den
 each new block of masked tokens over a few steps, most confident tokens first."""
 
 GRID_HELP = """Each row is a block (AR runs: 16 tokens a row). Masked cells show the denoiser's current
-best guess (faint), the bar under every cell its probability; orange = committed at this step.
-Scrub with the slider, ◀ / ▶ or the arrow keys; click a token for its top candidates at every step."""
+best guess (faint), the bar under every cell its probability; orange = committed at this step. The line
+under the step counter spells out the commit rule for that step. Scrub with the slider, ◀ / ▶ or the
+arrow keys; click a token to inspect it (candidates per step, flips, the AR model's choice);
+**⋔ fork from this step** continues the run from there with other settings."""
 
-MAP_HELP = """**Unmasking order**: each square is a generated position at the step of its block when it was
-committed; colour = probability at commit. **Confidence**: the probability of every position at
-every step (× marks the commit). **Planned vs actual**: positions above the threshold vs positions
-committed; the gap is the rule's floor `ceil(masked / steps left)` at work."""
+MAP_HELP = """Four views of when tokens were committed. Hover any mark for its numbers."""
+
+MAP_VIEWS = (   # (component name, explanation shown beside the plot)
+    ("unmask_plot", """**Unmasking order.** Each square is one generated position, placed at the step of its
+block when it was committed; colour = its probability then. Easy words go first; hard ones wait for
+more context."""),
+    ("confidence_plot", """**Confidence over steps.** The probability of every position at every step of its
+block (× = committed). Watch confidence rise as neighbours get committed: the denoiser reads the block
+as a whole, not left to right."""),
+    ("commits_plot", """**Planned vs actual.** Per denoiser pass: positions above the threshold γ (planned) and
+positions committed. When fewer pass γ than the step budget needs, the floor `ceil(masked / steps left)`
+commits more (the gap); at least one token is committed per pass."""),
+    ("tokens_plot", """**Tokens per step, per block.** How many tokens each step committed. Early blocks often
+need many small steps; once the context is rich, blocks fill in two or three passes: that is where
+diffusion beats one-token-per-pass AR decoding."""),
+)
 
 ATTENTION_HELP = """Attention of the block's queries (rows) over the context tower's keys (columns: prompt and
 earlier blocks) in one denoiser layer. Tick **Capture cross-attention** before running (it costs speed
 and memory). The first tokens often act as *attention sinks*: drop them and renormalise to see the rest.
 Move the slider under the map to animate the steps."""
+
+FORK_HELP = """**Fork** a run: in the *Denoising* tab scrub to any step and press **⋔ fork from this step**
+(or type a block and step here). The fork keeps everything committed up to that step, then continues
+with the settings below: the remaining steps of that block and every later block are new. Both runs
+appear side by side, with the positions where their text differs marked. Compare two saved traces
+below (e.g. γ 0.5 vs 0.9 on the same prompt)."""
 
 RACE_HELP = """The same prompt, seed, settings and context tower, run once as plain AR (one token per forward
 pass) and once as TwoTower diffusion (a block per few passes). A short untimed warm-up runs first;
@@ -55,6 +75,7 @@ class UI:
     unmask_plot: gr.Plot
     confidence_plot: gr.Plot
     commits_plot: gr.Plot
+    tokens_plot: gr.Plot
     att_block: gr.Dropdown
     att_layer: gr.Dropdown
     att_head: gr.Dropdown
@@ -71,10 +92,30 @@ class UI:
     export: gr.Button
     export_files: gr.File
     import_file: gr.File
+    tabs: gr.Tabs
+    fork_block: gr.Number
+    fork_step: gr.Number
+    fork_threshold: gr.Slider
+    fork_remasking: gr.Dropdown
+    fork_temperature: gr.Slider
+    fork_steps: gr.Slider
+    fork_run: gr.Button
+    fork_stop: gr.Button
+    fork_open: gr.Button
+    fork_status: gr.Markdown
+    compare_view: gr.HTML
+    compare_a: gr.File
+    compare_b: gr.File
+    compare_run: gr.Button
 
     @property
     def attention_controls(self) -> list:
         return [self.att_block, self.att_layer, self.att_head, self.att_sink, self.att_renorm, self.att_self]
+
+    @property
+    def fork_settings(self) -> list:
+        """The settings a fork may change, in study.run_fork's order."""
+        return [self.fork_threshold, self.fork_remasking, self.fork_temperature, self.fork_steps]
 
 
 def examples() -> list[str]:
@@ -132,15 +173,22 @@ def build_controls() -> dict:
 def grid_tab() -> dict:
     gr.Markdown(GRID_HELP, elem_classes=["help"])
     grid = gr.HTML(value="", html_template='<div class="ttg"></div>', css_template=asset("grid.css"),
-                   js_on_load=asset("grid.js"), elem_id="grid", padding=False, apply_default_css=False)
+                   js_on_load=asset("grid.js"), elem_id="grid", padding=False, apply_default_css=False,
+                   ar=None)          # prop: the AR model's view for the inspector (app/study.py)
     text = gr.Textbox(label="Output text", lines=3, max_lines=20, buttons=["copy"], elem_id="output-text")
     return dict(grid=grid, text=text)
 
 
 def map_tab() -> dict:
     gr.Markdown(MAP_HELP, elem_classes=["help"])
-    return dict(unmask_plot=gr.Plot(show_label=False), confidence_plot=gr.Plot(show_label=False),
-                commits_plot=gr.Plot(show_label=False))
+    parts = {}
+    for name, text in MAP_VIEWS:
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=4):
+                parts[name] = gr.Plot(show_label=False, elem_id=name.replace("_", "-"))
+            with gr.Column(scale=1, min_width=200):
+                gr.Markdown(text, elem_classes=["help", "beside"])
+    return parts
 
 
 def attention_tab() -> dict:
@@ -186,18 +234,48 @@ def trace_tab() -> dict:
     return dict(export=export, export_files=export_files, import_file=import_file)
 
 
+def fork_tab() -> dict:
+    gr.Markdown(FORK_HELP, elem_classes=["help"])
+    d = SamplerConfig()
+    with gr.Row():
+        fork_block = gr.Number(value=0, precision=0, minimum=0, label="Block", elem_id="fork-block", min_width=90)
+        fork_step = gr.Number(value=0, precision=0, minimum=0, label="After step", elem_id="fork-step", min_width=90)
+        fork_threshold = gr.Slider(0.0, 1.0, value=d.threshold, step=0.01, label="Confidence threshold γ",
+                                   elem_id="fork-threshold", min_width=180)
+        fork_remasking = gr.Dropdown(list(REMASKING), value=d.remasking, label="Commit order", min_width=140)
+        fork_temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature", min_width=140)
+        fork_steps = gr.Slider(1, 64, value=d.steps, step=1, label="Steps per block T", elem_id="fork-steps",
+                               min_width=140)
+    with gr.Row():
+        fork_run = gr.Button("Continue from here", variant="primary", elem_id="fork-run")
+        fork_stop = gr.Button("Stop", variant="stop", elem_id="fork-stop")
+        fork_open = gr.Button("Open the fork in the Denoising tab", elem_id="fork-open")
+    fork_status = gr.Markdown("", elem_id="fork-status")
+    compare_view = gr.HTML("", css_template=asset("compare.css"), elem_id="compare", padding=False,
+                           apply_default_css=False)
+    with gr.Accordion("Compare two saved traces", open=False, elem_id="compare-files"):
+        with gr.Row():
+            compare_a = gr.File(label="Trace A (.json)", file_types=[".json"], type="filepath", elem_id="compare-a")
+            compare_b = gr.File(label="Trace B (.json)", file_types=[".json"], type="filepath", elem_id="compare-b")
+        compare_run = gr.Button("Compare A and B", elem_id="compare-run")
+    return dict(fork_block=fork_block, fork_step=fork_step, fork_threshold=fork_threshold,
+                fork_remasking=fork_remasking, fork_temperature=fork_temperature, fork_steps=fork_steps,
+                fork_run=fork_run, fork_stop=fork_stop, fork_open=fork_open, fork_status=fork_status,
+                compare_view=compare_view, compare_a=compare_a, compare_b=compare_b, compare_run=compare_run)
+
+
 def build_views() -> dict:
     """Right column: the status line and one tab per view."""
     status = gr.Markdown("", elem_id="status")
     tabs = (("Denoising", "grid", grid_tab), ("Unmasking map", "map", map_tab),
             ("Cross-attention", "attention", attention_tab), ("Race: AR vs diffusion", "race", race_tab),
-            ("Trace file", "trace", trace_tab))
+            ("Fork & compare", "fork", fork_tab), ("Trace file", "trace", trace_tab))
     parts = {}
-    with gr.Tabs():
+    with gr.Tabs() as tab_set:
         for title, tab_id, make in tabs:
             with gr.Tab(title, id=tab_id):
                 parts.update(make())
-    return dict(status=status, **parts)
+    return dict(status=status, tabs=tab_set, **parts)
 
 
 def build_layout() -> UI:

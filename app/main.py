@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import handlers, race, state
+from . import handlers, race, state, study
 from .layout import UI, asset, build_layout
 
 COMPUTE = "model"        # every event that runs the model shares this queue slot
@@ -14,7 +14,7 @@ def wire(ui: UI, demo: gr.Blocks) -> None:
     sampler = ui.settings
     run_outputs = [ui.grid, ui.text, ui.status]
     views_out = [ui.unmask_plot, ui.confidence_plot, ui.commits_plot, ui.att_block, ui.att_layer,
-                 ui.att_head, ui.att_plot]
+                 ui.att_head, ui.att_plot, ui.tokens_plot]
     views_in = [ui.session, *ui.attention_controls]
 
     demo.load(handlers.model_info, outputs=ui.model_info, api_visibility="private")
@@ -30,9 +30,23 @@ def wire(ui: UI, demo: gr.Blocks) -> None:
                                api_name="race", concurrency_id=COMPUTE, show_progress="minimal")
     racing.then(race.race_settle, ui.session, ui.race_status, api_visibility="private")
 
-    for button in (ui.stop, ui.race_stop):        # cancelling ends the generator: compute stops
-        button.click(handlers.request_stop, ui.session, None, cancels=[gen, racing], queue=False,
+    forking = ui.fork_run.click(study.run_fork, inputs=[ui.fork_block, ui.fork_step, *ui.fork_settings, ui.session],
+                                outputs=[ui.compare_view, ui.fork_status], concurrency_id=COMPUTE,
+                                show_progress="minimal", api_visibility="private")
+    forking.then(study.fork_settle, ui.session, ui.fork_status, api_visibility="private")
+
+    for button in (ui.stop, ui.race_stop, ui.fork_stop):   # cancelling ends the generator: compute stops
+        button.click(handlers.request_stop, ui.session, None, cancels=[gen, racing, forking], queue=False,
                      api_visibility="private")
+
+    # the grid's own buttons: "fork from this step" (select) and the inspector's AR view (submit)
+    ui.grid.select(study.pick_fork, ui.session, [ui.fork_block, ui.fork_step, *ui.fork_settings, ui.fork_status,
+                                                 ui.tabs], api_visibility="private")
+    ui.grid.submit(study.ar_view, ui.session, ui.grid, concurrency_id=COMPUTE, api_visibility="private")
+    ui.fork_open.click(study.open_fork, ui.session, run_outputs + [ui.tabs], api_visibility="private").success(
+        handlers.settle, views_in, run_outputs + views_out, api_visibility="private")
+    ui.compare_run.click(study.compare_files, [ui.compare_a, ui.compare_b], [ui.compare_view, ui.fork_status],
+                         api_visibility="private")
 
     for control in ui.attention_controls:
         control.input(handlers.attention_view, views_in, ui.att_plot, api_visibility="private")

@@ -62,6 +62,10 @@ class Session:
     race: tuple | None = None
     race_state: str = "done"
     stop: StopFlag = field(default_factory=StopFlag)
+    ar: tuple | None = None        # (trace, the AR model's predictions for it): the inspector's cache
+    fork: object | None = None     # the last fork (spliced: inherited steps + its own)
+    fork_parent: object | None = None
+    fork_state: str = "done"
 
     def begin(self, trace, state: str = "running") -> None:
         self.trace, self.state, self.settled = trace, state, False

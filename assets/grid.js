@@ -2,13 +2,20 @@
 // props.value is a JSON string made by visualizers/trajectory.py:payload(). Frames are
 // [block, step, offset, tokens, guess, conf, new, planned, elapsed_ms, nfe]; tokens are -1
 // where masked; the grid at frame i = every commit of frames 0..i + frame i's masked guesses.
-// Everything here runs in the browser: scrubbing never calls the server.
+// Everything here runs in the browser: scrubbing never calls the server. In the app
+// (data.actions) two buttons do: "fork here" triggers `select` {block, step}, and the
+// inspector's "ask the AR model" triggers `submit` {pos}; the answer arrives as props.ar.
 
 let data = null;        // parsed payload
 let frame = 0;          // index into data.frames
 let picked = null;      // generated position whose candidates are shown
 let timer = null;       // play interval
 let speed = 4;          // frames per second
+let ar = null;          // the AR model's predictions per position (props.ar), for this payload
+let asking = false;     // an AR request is on its way
+let marks = true;       // show failure findings on the grid's cells
+let flags = {};         // position -> findings that mark it
+let listOpen = false;   // the findings list is unfolded (kept across re-renders)
 
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const host = () => {
@@ -16,7 +23,7 @@ const host = () => {
   if (!root) { root = document.createElement("div"); root.className = "ttg"; element.appendChild(root); }
   return root;
 };
-const piece = (id) => (data.pieces[String(id)] ?? `<${id}>`);
+const piece = (id) => (data.pieces[String(id)] ?? (ar && ar.pieces && ar.pieces[String(id)]) ?? `<${id}>`);
 const isSpecial = (id) => data.special.includes(id);
 
 function parse(value) {
@@ -27,7 +34,7 @@ function parse(value) {
 // ---- state at a frame --------------------------------------------------------------------
 function stateAt(i) {
   const b = data.base;
-  const s = {tok: b.tok.slice(), conf: b.conf.slice(), cstep: b.cstep.slice(),
+  const s = {tok: b.tok.slice(), conf: b.conf.slice(), cstep: b.cstep.slice(), cframe: b.tok.map(() => -1),
              status: b.tok.map((t) => (t >= 0 ? "c" : undefined)), guess: [], gconf: []};
   let f = null;
   for (let k = 0; k <= i && k < data.frames.length; k++) {
@@ -35,7 +42,8 @@ function stateAt(i) {
     const [, step, off, toks, , conf, fresh] = f;
     for (const j of fresh) {
       const p = off + j;
-      s.tok[p] = toks[j]; s.conf[p] = conf[j]; s.cstep[p] = step; s.status[p] = k === i ? "n" : "c";
+      s.tok[p] = toks[j]; s.conf[p] = conf[j]; s.cstep[p] = step; s.cframe[p] = k;
+      s.status[p] = k === i ? "n" : "c";
     }
   }
   if (f && data.mode === "diffusion") {
@@ -56,12 +64,17 @@ function cell(s, p, block) {
   const masked = st === "m";
   const id = masked ? s.guess[p] : s.tok[p];
   const conf = masked ? s.gconf[p] : s.conf[p];
+  const flagged = marks && !masked && flags[p];
+  const inherited = !masked && data.fork && s.cframe[p] >= 0 && s.cframe[p] < data.fork.frame;
   const cls = ["ttg-cell", "st-" + st, isSpecial(id) ? "special" : "", after ? "after" : "",
-               picked === p ? "picked" : ""].join(" ");
+               picked === p ? "picked" : "", flagged ? "flag kind-" + flagged[0].kind : "",
+               inherited ? "inh" : ""].join(" ");
   const where = data.mode === "diffusion" ? `block ${block}` : `token ${p}`;
-  const title = masked
+  const title = (masked
     ? `position ${p} · ${where} · masked; best guess '${piece(id)}' p=${conf / 100}`
-    : `position ${p} · ${where}${data.mode === "diffusion" ? ` · committed at step ${s.cstep[p]}` : ""} · p=${conf / 100}${after ? " · after end-of-text" : ""}`;
+    : `position ${p} · ${where}${data.mode === "diffusion" ? ` · committed at step ${s.cstep[p]}` : ""} · p=${conf / 100}${after ? " · after end-of-text" : ""}`)
+    + (inherited ? " · inherited from the original run" : "")
+    + (flagged ? flagged.map((f) => `\n⚑ ${f.kind}: ${f.text}`).join("") : "");
   return `<span class="${cls}" data-pos="${p}" title="${esc(title)}"><span class="ttg-t">${esc(piece(id))}</span>` +
          `<span class="ttg-bar" style="width:${conf}%"></span></span>`;
 }
@@ -84,9 +97,44 @@ function info(s) {
   const [block, step, , , , , fresh, planned, ms, nfe] = f;
   const t = (ms / 1000).toFixed(2);
   if (data.mode === "ar") return `Token <b>${step + 1}</b> · forward pass ${nfe} · ${t} s`;
-  const nb = data.blocks.length, steps = data.blocks[block] ? data.blocks[block][2] : "?";
-  const floor = fresh.length > planned ? ` — the threshold${data.threshold !== null ? ` (${data.threshold})` : ""} passed ${planned}, the step floor raised it` : "";
-  return `Block <b>${block + 1}</b>/${nb} · step <b>${step + 1}</b>/${steps} · NFE ${nfe} · ${t} s · committed <b>${fresh.length}</b> this step${floor}`;
+  const nb = data.blocks.length, steps = budget(block, frame);
+  const fork = !data.fork ? "" : frame < data.fork.frame
+    ? ` · <span class="ttg-inh-note">inherited from the original run</span>`
+    : ` · <span class="ttg-fork-note">fork: ${esc(changes())}</span>`;
+  return `Block <b>${block + 1}</b>/${nb} · step <b>${step + 1}</b>/${steps} · NFE ${nfe} · ${t} s · committed <b>${fresh.length}</b> this step${fork}` +
+    `<div class="ttg-rule">${rule(s.frame, steps, gammaAt(frame))}</div>`;
+}
+
+// The step budget of a block; a fork's inherited steps of the forked block ran under the parent's.
+function budget(block, k) {
+  if (data.fork && block === data.fork.block && k < data.fork.frame && data.fork.parent_steps) return data.fork.parent_steps;
+  return data.blocks[block] ? data.blocks[block][2] : "?";
+}
+
+// The threshold a frame ran under: a fork's inherited frames ran under the parent's.
+function gammaAt(k) {
+  const was = data.fork && data.fork.changes && data.fork.changes.threshold;
+  return was && k < data.fork.frame ? was[0] : data.threshold;
+}
+
+function changes() {
+  const c = Object.entries(data.fork.changes || {});
+  return c.length ? c.map(([k, [a, b]]) => `${k} ${a} → ${b}`).join(", ") : "same settings";
+}
+
+// Teaching aid: the commit rule of this step, with its numbers.
+function rule(f, steps, threshold) {
+  const [, step, , toks, , , fresh, planned] = f;
+  const masked = toks.filter((t) => t < 0).length + fresh.length;
+  const left = typeof steps === "number" ? steps - step : null;
+  if (left === null || masked === 0) return "";
+  const floor = Math.ceil(masked / left);
+  const gamma = threshold !== null && threshold !== undefined ? `γ = ${threshold}` : "the threshold";
+  const why = left === 1 ? "last step of the block: every masked position is committed"
+    : fresh.length > Math.max(planned, 1) ? `the floor ⌈${masked} masked / ${left} steps left⌉ = ${floor} raised it`
+    : planned === 0 ? "none passed, so the most confident one is committed anyway"
+    : "the threshold decided";
+  return `Commit rule: <b>${planned}</b> of ${masked} masked positions had p &gt; ${gamma} → committed <b>${fresh.length}</b> (${why}).`;
 }
 
 const LEGEND = `<div class="ttg-legend">
@@ -95,6 +143,8 @@ const LEGEND = `<div class="ttg-legend">
   <span class="ttg-cell st-m"><span class="ttg-t">guess</span><span class="ttg-bar" style="width:30%"></span></span> masked (faint: current best guess)
   <span class="ttg-cell st-c special"><span class="ttg-t">&lt;eos&gt;</span></span> special / end-of-text
   <span class="ttg-cell st-c after"><span class="ttg-t">word</span></span> after end-of-text (not in the output)
+  <span class="ttg-cell st-c flag kind-low-confidence"><span class="ttg-t">word</span></span> flagged (see "worth a look")
+  <span class="ttg-cell st-c inh ttg-fork-only"><span class="ttg-t">word</span></span><span class="ttg-fork-only">inherited by a fork</span>
   <span class="ttg-key">bar under a token = its probability p · · = space · ⏎ = newline · click a token for its candidates</span></div>`;
 
 function entropyBound(probs) {
@@ -102,23 +152,67 @@ function entropyBound(probs) {
   return [...probs, rest].filter((p) => p > 0).reduce((h, p) => h - p * Math.log(p), 0);
 }
 
-function candidates() {
-  if (picked === null) return `<div class="ttg-cands muted">Click a token to see its top candidates at every step.</div>`;
+// ---- position inspector --------------------------------------------------------------------
+// Every frame of the picked position's block: its candidates, margin, entropy, whether the
+// best guess flipped, and (on request) what the AR model would have put there.
+function inspector() {
+  if (picked === null) return `<div class="ttg-cands muted">Click a token to inspect it: its top candidates at every step, when it was committed, whether its best guess flipped, and what the AR model would have put there.</div>`;
   if (!data.top) return `<div class="ttg-cands muted">Candidates for position ${picked} arrive when the run ends.</div>`;
-  let out = "";
+  let out = "", prev = null, flips = [], commit = null;
   data.frames.forEach((f, k) => {
-    const [, step, off, toks, , , fresh] = f;
+    const [block, step, off, toks, guess, , fresh] = f;
     const j = picked - off;
     if (j < 0 || j >= toks.length) return;
     const [ids, probs1000] = data.top[k][j];
     const probs = probs1000.map((p) => p / 1000);
+    const wasMasked = toks[j] < 0 || fresh.includes(j);
+    const flip = wasMasked && prev !== null && prev !== guess[j];
+    if (flip) flips.push(data.mode === "ar" ? k : step);
+    if (fresh.includes(j)) commit = {block, step, k, tok: toks[j], p: probs[ids.indexOf(toks[j])]};
+    prev = wasMasked ? guess[j] : null;
     const state = fresh.includes(j) ? "<b>committed</b>" : toks[j] < 0 ? "masked" : "kept";
-    const cands = ids.map((id, r) => `<span class="${r === 0 ? "top1" : ""}">${esc(piece(id))} ${probs[r].toFixed(3)}</span>`).join(" ");
+    const cands = ids.map((id, r) => cand(id, probs[r], r === 0)).join(" ");
     const margin = probs.length > 1 ? (probs[0] - probs[1]).toFixed(3) : "–";
-    out += `<tr class="${k === frame ? "now" : ""}" data-frame="${k}"><td>${data.mode === "ar" ? "" : step}</td><td>${state}</td><td>${cands}</td><td>${margin}</td><td>${entropyBound(probs).toFixed(2)}</td></tr>`;
+    const inh = data.fork && k < data.fork.frame ? " inh" : "";
+    out += `<tr class="${k === frame ? "now" : ""}${inh}" data-frame="${k}"><td>${data.mode === "ar" ? "" : step}</td><td>${state}</td>` +
+           `<td>${flip ? '<span class="ttg-flip" title="the best guess changed at this step">↻</span>' : ""}</td>` +
+           `<td class="ttg-cs">${cands}</td><td>${margin}</td><td>${entropyBound(probs).toFixed(2)}</td></tr>`;
   });
-  return `<div class="ttg-cands"><div class="ttg-h">Position ${picked}: top candidates per step (click a row to jump)</div>
-    <table><tr><th>step</th><th>state</th><th>candidates (p)</th><th>margin p1−p2</th><th>entropy ≥ (nats)</th></tr>${out}</table></div>`;
+  return `<div class="ttg-cands"><div class="ttg-h">Position ${picked}${summary(commit, flips)}</div>
+    ${arSection(commit)}
+    <table><tr><th>step</th><th>state</th><th title="best guess changed">flip</th><th>candidates (p)</th><th>margin p1−p2</th><th>entropy ≥ (nats)</th></tr>${out}</table>
+    <div class="ttg-note">Click a row to jump to that step. Entropy is a lower bound from the top candidates (the rest of the mass counted as one).</div></div>`;
+}
+
+// One candidate: its piece in a chip (so punctuation and spaces stay readable), then p.
+const cand = (id, p, top) => `<span class="ttg-c${top ? " top1" : ""}"><span class="ttg-p">${esc(piece(id))}</span> ${p.toFixed(3)}</span>`;
+
+function summary(commit, flips) {
+  if (!commit) return ": not committed yet";
+  const where = data.mode === "ar" ? `token ${commit.k + 1}` : `block ${commit.block}, step ${commit.step}`;
+  const after = data.n_out !== null && picked >= data.n_out ? " · after end-of-text" : "";
+  const flipped = data.mode === "ar" ? "" : flips.length
+    ? ` · best guess flipped <b>${flips.length}</b>× (step${flips.length > 1 ? "s" : ""} ${flips.join(", ")})`
+    : " · best guess never flipped";
+  const p = commit.p === undefined ? "" : ` with p=${commit.p.toFixed(3)}`;
+  return `: <b>${esc(piece(commit.tok))}</b>, committed at ${where}${p}${flipped}${after}`;
+}
+
+function arSection(commit) {
+  if (!data.actions && !ar) return "";
+  if (ar && ar.error) return `<div class="ttg-ar muted">The AR model's view is not available: ${esc(ar.error)}</div>`;
+  if (ar && picked < ar.top.length) {
+    const [ids, probs] = ar.top[picked];
+    const cands = ids.map((id, r) => cand(id, probs[r] / 1000, r === 0)).join(" ");
+    const mine = commit ? commit.tok : null;
+    const verdict = mine === null ? "" : ids[0] === mine
+      ? `<span class="ttg-agree">agrees</span> with this run's token`
+      : `<span class="ttg-disagree">differs</span>: it gives this run's <b>${esc(piece(mine))}</b> p=${(ar.chosen[picked] / 1000).toFixed(3)}`;
+    return `<div class="ttg-ar"><b>AR model here</b> (the context tower reading the prompt and this run's text before position ${picked}): ${cands} · ${verdict}</div>`;
+  }
+  if (ar) return `<div class="ttg-ar muted">The AR model's view covers positions 0..${ar.top.length - 1} (the text before the others is not complete).</div>`;
+  return `<div class="ttg-ar"><button class="ttg-ask" ${asking ? "disabled" : ""}>${asking ? "asking the AR model…" : "What would the AR model put here?"}</button>
+    <span class="ttg-note">one pass of the context tower over the prompt and this run's text</span></div>`;
 }
 
 function findings() {
@@ -128,7 +222,9 @@ function findings() {
   const kinds = {};
   data.findings.forEach((f) => { kinds[f.kind] = (kinds[f.kind] || 0) + 1; });
   const counts = Object.entries(kinds).map(([k, n]) => `${n} ${k}`).join(", ");
-  return `<details class="ttg-findings"><summary>Worth a look: ${esc(counts)} (click one to jump to its step)</summary><div class="ttg-find-list">${items}</div></details>`;
+  return `<details class="ttg-findings" ${listOpen ? "open" : ""}><summary>Worth a look: ${esc(counts)} (click one to jump to its step)</summary>
+    <label class="ttg-marks"><input type="checkbox" data-act="marks" ${marks ? "checked" : ""}> mark them on the grid (⚑ corner)</label>
+    <div class="ttg-find-list">${items}</div></details>`;
 }
 
 function controls() {
@@ -140,7 +236,8 @@ function controls() {
     <button data-act="last" title="last step">⇥</button>
     <input type="range" min="0" max="0" value="0" aria-label="step">
     <select data-act="speed" title="playback speed">${[1, 2, 4, 8, 16].map((v) => `<option value="${v}" ${v === speed ? "selected" : ""}>${v} steps/s</option>`).join("")}</select>
-    <span class="ttg-pos"></span><span class="ttg-live">● live</span></div>`;
+    <span class="ttg-pos"></span><span class="ttg-live">● live</span>
+    ${data.actions && data.mode === "diffusion" ? `<button data-act="fork" class="ttg-forkbtn" title="continue this run from the shown step with other settings">⋔ fork from this step</button>` : ""}</div>`;
 }
 
 // The skeleton is built once per payload; `update` refreshes only what a frame changes,
@@ -163,7 +260,7 @@ function update() {
   const s = stateAt(frame), n = data.frames.length;
   root.querySelector(".ttg-info").innerHTML = info(s);
   root.querySelector(".ttg-grid").innerHTML = rows(s);
-  root.querySelector(".ttg-cands-host").innerHTML = candidates();
+  root.querySelector(".ttg-cands-host").innerHTML = inspector();
   const range = root.querySelector("input[type=range]");
   range.max = String(Math.max(0, n - 1));
   range.value = String(frame);
@@ -171,6 +268,7 @@ function update() {
   root.querySelector("button[data-act=play]").textContent = timer ? "❚❚ pause" : "▶ play";
   root.querySelectorAll(".ttg-controls button, .ttg-controls input, .ttg-controls select").forEach((c) => { c.disabled = data.live; });
   root.querySelector(".ttg-live").style.display = data.live ? "" : "none";
+  root.querySelectorAll(".ttg-fork-only").forEach((e) => { e.style.display = data.fork ? "" : "none"; });
 }
 
 // ---- interaction -------------------------------------------------------------------------
@@ -193,7 +291,7 @@ function play() {
 
 function wire(root) {
   const acts = {first: () => go(0), back: () => go(frame - 1), fwd: () => go(frame + 1),
-                last: () => go(data.frames.length - 1), play: play};
+                last: () => go(data.frames.length - 1), play: play, fork: forkHere};
   root.querySelectorAll("button[data-act]").forEach((b) => b.addEventListener("click", () => {
     if (b.dataset.act !== "play") stop();
     acts[b.dataset.act]();
@@ -214,28 +312,62 @@ function wire(root) {
     if (e.key === " ") { play(); e.preventDefault(); }
   });
   root.querySelector(".ttg-cands-host").addEventListener("click", (e) => {
+    if (e.target.closest(".ttg-ask")) { askAR(); return; }
     const r = e.target.closest("tr[data-frame]");
     if (r) { stop(); go(parseInt(r.dataset.frame, 10)); }
   });
+  const list = root.querySelector(".ttg-findings");
+  if (list) list.addEventListener("toggle", () => { listOpen = list.open; });
+  const box = root.querySelector("input[data-act=marks]");
+  if (box) box.addEventListener("change", () => { marks = box.checked; update(); });
   root.querySelectorAll(".ttg-find").forEach((b) => b.addEventListener("click", () => {
     const f = data.findings[parseInt(b.dataset.k, 10)];
     stop(); picked = f.pos; go(f.frame - data.first_frame);
   }));
 }
 
+function forkHere() {
+  const f = data.frames[frame];
+  if (f) trigger("select", {block: f[0], step: f[1]});
+}
+
+function askAR() {
+  asking = true;
+  trigger("submit", {pos: picked});
+  update();
+}
+
+function loadAR() {
+  const next = parse(props.ar);
+  asking = false;
+  if (next && data && next.key === data.key) ar = next;
+  build();
+}
+
+function indexFlags() {
+  flags = {};
+  (data && data.findings || []).forEach((f) => (f.span || [f.pos]).forEach((p) => { (flags[p] = flags[p] || []).push(f); }));
+}
+
 function load() {
   const next = parse(props.value);
   const wasLive = data && data.live;
   const atEnd = !data || frame >= data.frames.length - 1;
+  const other = !data || !next || next.key !== data.key;
   data = next;
   if (data) {
     stop();
-    if (data.live || wasLive || atEnd) frame = Math.max(0, data.frames.length - 1);
+    if (data.live || wasLive || atEnd || other) frame = Math.max(0, data.frames.length - 1);
+    if (other && data.fork && !data.live) frame = data.fork.frame;   // a fork opens where it leaves its run
     frame = Math.min(frame, Math.max(0, data.frames.length - 1));
     if (!wasLive) picked = null;                  // a new run or an imported trace
   }
+  ar = null;
+  asking = false;
+  indexFlags();
   build();
 }
 
 load();
 watch("value", load);
+watch("ar", loadAR);

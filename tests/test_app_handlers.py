@@ -57,11 +57,12 @@ def test_a_finished_run_settles_into_views():
     grid, text, status = run_to_end(session, capture=True)
     assert status.startswith("**Finished**") and session.state == "done"
     out = handlers.settle(session, None, None, "mean", 1, True, False)
-    assert out[0] is not None and len(out) == 10
+    assert out[0] is not None and len(out) == 11
     unmask, confidence, commits = out[3:6]
     assert unmask.data and confidence.data and commits.data
     assert out[6].choices and out[9].layout.sliders             # attention blocks and a step slider
-    assert handlers.settle(session, None, None, "mean", 1, True, False) == (gr.skip(),) * 10
+    assert out[10].data                                         # tokens per step per block
+    assert handlers.settle(session, None, None, "mean", 1, True, False) == (gr.skip(),) * 11
 
 
 def test_a_cancelled_run_settles_as_stopped():
@@ -104,3 +105,73 @@ def test_race_runs_both_and_stops_on_request():
     handlers.request_stop(session)                   # Stop pressed during the untimed warm-up
     assert list(stream) == []
     assert "stopped" in race.race_settle(session)
+
+
+# ---- studying a run: the inspector's AR view, forks, comparisons ---------------------------------
+class Event:
+    """What gr.EventData carries from the grid's trigger(...)."""
+    def __init__(self, **data):
+        self.__dict__.update(data)
+
+
+def test_ar_view_answers_for_every_position_and_caches(model):
+    from app import study
+    session = Session()
+    run_to_end(session)
+    update = study.ar_view(session, Event(pos=3))
+    data = json.loads(update.props["ar"])
+    n = len(study.committed_text(session.trace))
+    assert len(data["top"]) == len(data["chosen"]) == n == 24
+    ids, probs = data["top"][3]
+    assert len(ids) == study.AR_CANDIDATES and probs == sorted(probs, reverse=True)
+    assert data["key"] == handlers.grid_key(session.trace)
+    assert all(str(i) in data["pieces"] for i in ids)
+    cached = session.ar
+    study.ar_view(session, Event(pos=0))
+    assert session.ar is cached                                   # one pass per trace
+
+
+def test_ar_view_refuses_a_trace_of_another_model(tmp_path):
+    from app import study
+    session = Session()
+    run_to_end(session)
+    session.trace.model["name"] = "someone-else"
+    update = study.ar_view(session, Event(pos=0))
+    data = json.loads(update.props["ar"])
+    assert "someone-else" in data["error"]
+
+
+def test_fork_from_the_grid_runs_compares_and_opens():
+    from app import study
+    session = Session()
+    run_to_end(session)                                           # 24 tokens: blocks of 8, 4 steps, γ 0.5
+    block, step, threshold, remasking, temperature, steps, note, tabs = study.pick_fork(session, Event(block=1, step=0))
+    assert (block, step, threshold, steps) == (1, 0, 0.5, 4) and "Fork point" in note
+    *progress, (view, status) = study.run_fork(block, step, 0.0, remasking, temperature, steps, session)
+    assert status.startswith("**Fork finished**") and "ttc-cols" in view
+    fork = session.fork
+    assert fork.fork["block"] == 1 and session.fork_parent is session.trace
+    assert fork.done.token_ids[0][:8] == session.trace.done.token_ids[0][:8]      # block 0 is inherited
+    assert study.fork_settle(session) == gr.skip()
+    grid, text, status, tabs = study.open_fork(session)
+    data = json.loads(grid)
+    assert data["fork"]["frame"] == fork.fork["inherited"] and data["fork"]["changes"] == {"threshold": [0.5, 0.0]}
+    assert session.trace is fork and "Showing the fork" in status
+    with pytest.raises(gr.Error, match="no step 9"):
+        list(study.run_fork(1, 9, 0.5, "confidence", 0.0, 4, session))
+
+
+def test_compare_two_saved_traces(tmp_path):
+    from app import study
+    paths = []
+    for threshold in (0.5, 0.9):
+        session = Session()
+        outputs = list(handlers.generate("Hello", "diffusion", 24, 8, 4, threshold, 0.0, 0, 1.0, "confidence", 0,
+                                         False, False, "", session))
+        path = tmp_path / f"run-{threshold}.json"
+        session.trace.save(path)
+        paths.append(str(path))
+    view, status = study.compare_files(*paths)
+    assert "run-0.5.json" in view and "threshold" in view and "Comparing" in status
+    with pytest.raises(gr.Error, match="trace file B"):
+        study.compare_files(paths[0], None)

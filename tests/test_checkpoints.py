@@ -103,6 +103,19 @@ def test_lora_round_trip_merges(ar_dir, tmp_path):
     assert not any("lora" in n for n, _ in loaded.denoiser_lm.named_modules())      # merged
     assert_same(probe(loaded), expected, atol=1e-5)
 
+    shared = load(str(out), device="cpu", dtype=F32, share_base=True)   # one backbone, adapter unmerged
+    assert shared.shares_base and shared.adapter is not None
+    assert shared.info()["denoiser_params"] < loaded.info()["denoiser_params"]   # no backbone copy
+    assert_same(probe(shared), expected, atol=1e-5)    # the context tower still runs without the adapter
+
+
+def test_share_base_needs_a_lora_checkpoint(ar_dir, tmp_path):
+    save(perturb(fresh(ar_dir), seed=5), tmp_path / "full", context=str(ar_dir), dtype=F32)
+    with pytest.raises(SpecError, match="share_base needs a LoRA denoiser"):
+        load(str(tmp_path / "full"), device="cpu", dtype=F32, share_base=True)
+    with pytest.raises(SpecError, match="share_base works for LoRA checkpoints"):
+        load("smollm2", device="cpu", dtype=F32, share_base=True)
+
 
 def test_ctx_denoiser_spec(ar_dir, tmp_path):
     model = perturb(fresh(ar_dir), seed=4)

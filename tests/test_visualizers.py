@@ -8,7 +8,7 @@ import pytest
 
 from twotower.events import BlockCommitted, BlockStart, Done, Prefill, Step, Token
 from twotower.trace import Trace
-from visualizers import attention, export, failures, plots, race, trajectory
+from visualizers import attention, compare, export, failures, plots, race, trajectory
 from visualizers.pieces import visible
 
 MASK, EOS = 3, 2
@@ -229,3 +229,121 @@ def test_anchored_attention_keeps_block_rows_and_context_columns():
     assert m.shape == (size, context) and m[:, 2] == pytest.approx([1.0] * size)
     with pytest.raises(ValueError, match="head 3"):
         attention.matrix(s, 0, 3)
+
+
+# ---- failure detectors on hand-made traces -----------------------------------------------------------
+def one_block(steps, done_ids, eos=(EOS,)) -> Trace:
+    """A diffusion trace of one block of 4 from (tokens, committed, conf, top-1 guesses) per step."""
+    events = [Prefill(prompt_tokens=[1], seconds=0.01), BlockStart(block=0, start=0, size=4, steps=len(steps))]
+    for i, (tokens, committed, conf, guesses) in enumerate(steps):
+        events.append(Step(block=0, step=i, t=[tokens.count(MASK) / 4], tokens=[tokens], committed=[committed],
+                           planned=[len(committed)], confidence=[conf], top_ids=[[[g, 14] for g in guesses]],
+                           top_probs=[[[c, 1 - c] for c in conf]], elapsed=0.01 * (i + 1), nfe=i + 1))
+    events.append(BlockCommitted(block=0, tokens=[steps[-1][0]], steps_used=len(steps), elapsed=0.1))
+    events.append(Done(texts=[""], token_ids=[done_ids], nfe=len(steps), seconds=0.1, first_token_seconds=0.01))
+    return Trace(mode="diffusion", settings={"threshold": 0.9}, model={"mask_token_id": MASK, "eos_token_ids": list(eos)},
+                 prompts=["Hi"], prompt_ids=[[20]], tokens=dict(PIECES), events=events)
+
+
+def test_flips_count_changes_of_the_best_guess_while_masked():
+    trace = one_block([
+        ([10, MASK, MASK, MASK], [0], [0.9, 0.3, 0.5, 0.5], [10, 11, 12, 13]),
+        ([10, MASK, 12, MASK], [2], [0.9, 0.3, 0.9, 0.5], [10, 12, 12, 13]),     # pos 1: 11 -> 12
+        ([10, 11, 12, 13], [1, 3], [0.9, 0.6, 0.9, 0.8], [10, 11, 12, 13]),      # pos 1: 12 -> 11, committed
+    ], [10, 11, 12, 13])
+    found = failures.flips(trace)
+    assert [(f["pos"], f["frame"]) for f in found] == [(1, 2)] and "2 times" in found[0]["text"]
+    assert found[0]["span"] == [1]
+
+
+def test_a_committed_position_never_flips_again():
+    trace = one_block([
+        ([10, MASK, MASK, MASK], [0], [0.9, 0.3, 0.5, 0.5], [10, 11, 12, 13]),
+        ([10, 11, 12, 13], [1, 2, 3], [0.9, 0.6, 0.9, 0.8], [14, 11, 12, 13]),   # pos 0's guess moves after its commit
+    ], [10, 11, 12, 13])
+    assert failures.flips(trace) == []
+
+
+def test_low_confidence_keeps_the_worst_and_orders_by_frame(monkeypatch):
+    monkeypatch.setattr(failures, "MAX_PER_KIND", 2)
+    trace = one_block([
+        ([10, 11, MASK, MASK], [0, 1], [0.05, 0.2, 0.5, 0.5], [10, 11, 12, 13]),
+        ([10, 11, 12, 13], [2, 3], [0.05, 0.2, 0.1, 0.9], [10, 11, 12, 13]),
+    ], [10, 11, 12, 13])
+    found = failures.low_confidence(trace, trajectory.commit_table(trace))
+    assert [(f["pos"], f["frame"]) for f in found] == [(0, 0), (2, 1)]     # p 0.05 and 0.1; 0.2 is cut
+
+
+def test_eos_flood_marks_every_end_of_text_it_commits():
+    trace = one_block([([10, EOS, EOS, EOS], [0, 1, 2, 3], [0.9, 0.99, 0.99, 0.99], [10, EOS, EOS, EOS])], [10])
+    [flood] = failures.eos_floods(trace)
+    assert flood["pos"] == 1 and flood["span"] == [1, 2, 3] and flood["frame"] == 0
+    assert failures.eos_floods(one_block([([10, EOS, EOS, 12], [0, 1, 2, 3], [0.9] * 4, [10, EOS, EOS, 12])],
+                                         [10])) == []                       # two are not a flood
+
+
+def test_repeats_mark_every_occurrence():
+    trace = one_block([([10, 11, 10, 11], [0, 1, 2, 3], [0.9] * 4, [10, 11, 10, 11])], [10, 11, 10, 11, 10, 11, 10])
+    [rep] = [f for f in failures.findings(trace) if f["kind"] == "repeat" and "·cat" in f["text"]]
+    assert rep["span"] == [0, 1, 2, 3, 4, 5, 6] and rep["pos"] == 2
+
+
+def test_ar_traces_have_no_flips_or_floods(ar_trace):
+    assert failures.flips(ar_trace) == [] and failures.eos_floods(ar_trace) == []
+
+
+# ---- teaching aids, forks and comparisons --------------------------------------------------------
+def test_tokens_per_step_per_block(diffusion_trace, ar_trace):
+    fig = plots.tokens_per_step(diffusion_trace)
+    assert [list(r) for r in fig.data[0].z] == [[2, 2], [4, None]]   # block 1 was full after one step
+    assert list(fig.data[0].y) == ["block 0", "block 1"]
+    assert "AR" in plots.tokens_per_step(ar_trace).layout.annotations[0].text
+
+
+def test_fork_info_marks_inherited_frames(diffusion_trace):
+    assert trajectory.payload(diffusion_trace)["fork"] is None
+    diffusion_trace.fork = {"block": 0, "step": 0, "inherited": 1, "parent_steps": 4,
+                            "parent_settings": {"threshold": 0.5, "block_size": 4, "steps": 4}}
+    info = trajectory.payload(diffusion_trace)["fork"]
+    assert info["frame"] == 1 and info["changes"] == {"threshold": [0.5, 0.9]}
+
+
+def test_compare_marks_differing_positions_and_lists_figures(diffusion_trace):
+    other = Trace.from_dict(json.loads(json.dumps(diffusion_trace.to_dict())))
+    other.events[2].tokens = [[10, MASK, 14, MASK]]                # position 2 committed as ' on', not ' sat'
+    other.events[3].tokens = [[10, 11, 14, 13]]
+    other.events[-1].token_ids = [[10, 11, 14, 13, 14]]
+    assert compare.final_tokens(diffusion_trace) == [10, 11, 12, 13, 14, compare.END, compare.END, compare.END]
+    assert compare.differences(diffusion_trace, other) == [2]
+    page = compare.html(diffusion_trace, other, ("γ 0.9", "copy"))
+    assert page.count('class="ttc-cell diff" data-pos="2"') == 2    # one per side
+    assert "steps per block" in page and "2·1" in page and "<b>1</b> position differs" in page
+    assert compare.differences(diffusion_trace, diffusion_trace) == []
+
+
+def test_compare_a_fork_shows_what_it_inherited(diffusion_trace):
+    fork = Trace.from_dict(json.loads(json.dumps(diffusion_trace.to_dict())))
+    fork.fork = {"block": 1, "step": 0, "inherited": 2, "nfe": 2, "parent_steps": 4,
+                 "parent_settings": diffusion_trace.settings}
+    fork.settings = {**diffusion_trace.settings, "threshold": 0.5}
+    page = compare.html(diffusion_trace, fork)
+    assert compare.is_fork_of(fork, diffusion_trace) and "passes after the fork point" in page
+    assert page.count("ttc-cell inh\" data-pos") == 2 * 4 and "setting: threshold" in page   # block 0, both sides
+
+
+# ---- the export command -------------------------------------------------------------------------------
+def test_export_command_writes_html_and_json(diffusion_trace, tmp_path, capsys):
+    from twotower.cli import main
+    src, page, data = tmp_path / "run.json", tmp_path / "run.html", tmp_path / "small.json"
+    diffusion_trace.save(src)
+    assert main(["export", str(src), "--html", str(page), "--json", str(data)]) == 0
+    assert "ttg-cell" in page.read_text() and "<title>TwoTower diffusion run: run</title>" in page.read_text()
+    assert Trace.load(data).done.token_ids == diffusion_trace.done.token_ids
+    assert main(["export", str(src)]) == 2 and "--html" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing.json"), "--html", str(page)]) == 2
+
+
+def test_findings_after_end_of_text_are_left_out():
+    trace = one_block([([10, EOS, 12, 13], [0, 1, 2, 3], [0.9, 0.9, 0.1, 0.1], [10, EOS, 12, 13])], [10])
+    assert [f["pos"] for f in failures.low_confidence(trace, trajectory.commit_table(trace))] == [2, 3]
+    assert failures.findings(trace) == []                      # positions 2 and 3 are not in the text

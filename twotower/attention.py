@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 NAME = "twotower"
@@ -22,8 +23,15 @@ class AttentionCapture:
 
 
 def twotower_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                       capture: AttentionCapture | None = None, **kwargs):
-    """query: (B, heads, S, d); key/value: (B, kv_heads, L + S, d); mask: (B, 1, S, L + S) bool or None."""
+                       capture: AttentionCapture | None = None, denoiser: bool = False, **kwargs):
+    """query: (B, heads, S, d); key/value: (B, kv_heads, L + S, d); mask: (B, 1, S, L + S) bool or None.
+
+    Only calls marked `denoiser=True` are the denoiser's; any other call (the context tower
+    running through a backbone shared with the denoiser) is plain causal SDPA.
+    """
+    if not denoiser:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     kwargs.pop("is_causal", None)
     if capture is None or module.layer_idx not in capture.layers:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -40,3 +48,6 @@ def twotower_attention(module, query, key, value, attention_mask, dropout=0.0, s
 
 
 AttentionInterface.register(NAME, twotower_attention)
+# the masks transformers builds for a model set to this implementation (the context tower,
+# when it shares its modules with the denoiser) are SDPA's
+AttentionMaskInterface.register(NAME, sdpa_mask)

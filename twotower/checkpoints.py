@@ -96,9 +96,13 @@ def lora_config(meta: dict):
 
 
 def build(context_lm, tokenizer, mask_token_id: int, learned_mask: bool, name: str,
-          anchor: bool = False) -> TwoTower:
-    """A TwoTower whose denoiser is an untrained copy of the context tower (the paper's init)."""
-    denoiser = copy.deepcopy(context_lm).requires_grad_(False)
+          anchor: bool = False, share_base: bool = False) -> TwoTower:
+    """A TwoTower whose denoiser is an untrained copy of the context tower (the paper's init).
+
+    share_base: the denoiser IS the context tower's module (no copy), for an adapter that is
+    then kept unmerged and switched off whenever the context tower runs (half the memory).
+    """
+    denoiser = context_lm if share_base else copy.deepcopy(context_lm).requires_grad_(False)
     model = TwoTower(context_lm, denoiser, mask_token_id, tokenizer, name=name, learned_mask=learned_mask,
                      anchor=anchor)
     return model.to(device=context_lm.device, dtype=context_lm.dtype)
@@ -123,8 +127,13 @@ def apply_denoiser_file(model: TwoTower, meta: dict, weights: dict[str, torch.Te
         result = set_peft_model_state_dict(peft_model, part("lora."))
         if getattr(result, "unexpected_keys", None):
             raise SpecError(f"LoRA weights do not fit this backbone: {result.unexpected_keys[:3]}...")
-        model.denoiser_lm = peft_model.merge_and_unload()
-        model.family.denoiser_lm = model.denoiser_lm
+        if model.shares_base:
+            model.adapter = peft_model              # kept unmerged; off while the context tower runs
+        else:
+            model.denoiser_lm = peft_model.merge_and_unload()
+            model.family.denoiser_lm = model.denoiser_lm
+    elif model.shares_base:
+        raise SpecError("share_base needs a LoRA denoiser; this checkpoint holds a full denoiser")
     elif kind == "full":
         sd = part("denoiser.")
         try:
@@ -136,7 +145,7 @@ def apply_denoiser_file(model: TwoTower, meta: dict, weights: dict[str, torch.Te
     return model.to(dtype=model.context_lm.dtype)
 
 
-def load_own(path: Path, device: str, dtype: torch.dtype) -> TwoTower:
+def load_own(path: Path, device: str, dtype: torch.dtype, share_base: bool = False) -> TwoTower:
     meta = json.loads((path / "twotower.json").read_text())
     if meta.get("format") != FORMAT:
         raise SpecError(f"{path}/twotower.json is not a TwoTower checkpoint (format={meta.get('format')!r})")
@@ -145,7 +154,7 @@ def load_own(path: Path, device: str, dtype: torch.dtype) -> TwoTower:
         context_src = str((path / context_src).resolve())
     ctx, tok = load_ar(context_src, device, dtype)
     model = build(ctx, tok, meta["mask_token_id"], meta.get("learned_mask", False), meta.get("name", path.name),
-                  anchor=meta.get("anchor", False))
+                  anchor=meta.get("anchor", False), share_base=share_base)
     return apply_denoiser_file(model, meta, read_safetensors(path / "denoiser.safetensors")).eval()
 
 
@@ -185,14 +194,22 @@ def save(model: TwoTower, path: str | Path, context: str, lora_model=None, lora:
 
 
 # ---- specs --------------------------------------------------------------------------------
-def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> TwoTower:
-    """Resolve a model spec (see the module docstring) into a ready TwoTower in eval mode."""
+def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+         share_base: bool = False) -> TwoTower:
+    """Resolve a model spec (see the module docstring) into a ready TwoTower in eval mode.
+
+    share_base: for a LoRA checkpoint in our format, keep ONE backbone in memory and run the
+    adapter unmerged (less memory, a little slower); by default the adapter is merged into a
+    copy of the backbone.
+    """
     device = check_device(device or default_device())
     dtype = dtype or default_dtype(device)
     if spec in (None, "", "default"):
         if not (DEFAULT_DIR / "twotower.json").is_file():
             return load("smollm2", device, dtype)
         spec = str(DEFAULT_DIR)
+    if share_base and not (Path(spec) / "twotower.json").is_file():
+        raise SpecError(f"share_base works for LoRA checkpoints in our format; {spec!r} is not one")
     if spec == "smollm2":
         ctx, tok = load_ar("smollm2", device, dtype)
         return build(ctx, tok, SMOLLM2_MASK_ID, learned_mask=True, name="smollm2-untrained-denoiser",
@@ -212,7 +229,7 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
     path = Path(spec)
     if path.is_dir():
         if (path / "twotower.json").is_file():
-            return load_own(path, device, dtype)
+            return load_own(path, device, dtype, share_base)
         from . import release
         if release.is_release_dir(path):
             return release.load_release(path, device, dtype)

@@ -16,7 +16,9 @@ COMMANDS = {            # command -> module that defines it
     "corpus": "twotower.corpus",
     "eval": "twotower.evaluate",
     "bench": "twotower.bench",
-    "export": "twotower.export",
+    # rendering commands live in visualizers/ (which reads traces, never the model) and are
+    # loaded by name only when asked for, so the library never imports the renderers
+    "export": "visualizers.export_cmd",
 }
 
 

@@ -8,6 +8,8 @@ state, every sub-layer is modulated by the masked fraction t (adaLN-single).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -40,6 +42,7 @@ class TwoTower(nn.Module):
         if anchor and not getattr(self.family, "supports_anchor", False):
             raise ValueError(f"an anchored denoiser is not supported for {context_lm.config.model_type}")
         self.anchor = anchor
+        self.adapter = None            # a peft model when the denoiser is an adapter on the shared base
         self.mask_token_id = mask_token_id
         self.tokenizer = tokenizer
         self.name = name
@@ -52,6 +55,11 @@ class TwoTower(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.denoiser_lm.get_input_embeddings().weight.dtype
+
+    @property
+    def shares_base(self) -> bool:
+        """True when the denoiser runs on the context tower's own modules (adapter unmerged)."""
+        return self.denoiser_lm is self.context_lm
 
     @property
     def max_context(self) -> int:
@@ -98,7 +106,8 @@ class TwoTower(nn.Module):
         """Append clean ids (B, n) to the context cache in ONE pass. Returns (new state, logits (B, n, V))."""
         if valid is None:
             valid = torch.ones_like(ids, dtype=torch.bool)
-        logits = self.family.context_forward(ids, ctx, valid)
+        with self.adapter.disable_adapter() if self.adapter is not None else contextlib.nullcontext():
+            logits = self.family.context_forward(ids, ctx, valid)
         new = ContextState(ctx.cache, torch.cat([ctx.valid, valid], 1), ctx.lengths + valid.sum(1), ids[:, -1])
         return new, logits
 
@@ -157,6 +166,7 @@ class TwoTower(nn.Module):
     def info(self) -> dict:
         cfg = self.context_lm.config
         count = lambda m: sum(p.numel() for p in m.parameters())
+        backbone = 0 if self.shares_base else count(self.denoiser_lm)
         return {
             "name": self.name,
             "architecture": cfg.model_type,
@@ -164,10 +174,12 @@ class TwoTower(nn.Module):
             "hidden": cfg.hidden_size,
             "vocab": cfg.vocab_size,
             "context_params": count(self.context_lm),
-            "denoiser_params": count(self.denoiser_lm) + count(self.time)
+            "denoiser_params": backbone + count(self.time) + (self.adapter is not None and sum(
+                                   p.numel() for n, p in self.adapter.named_parameters() if "lora_" in n))
                                + (self.mask_embedding.numel() if self.mask_embedding is not None else 0),
             "mask_token_id": self.mask_token_id,
             "anchor": self.anchor,
+            "shares_base": self.shares_base,
             "context_device": str(next(self.context_lm.parameters()).device),
             "denoiser_device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from .events import Done, Event, Step, Token
+from .fork import ForkPoint
 from .model import TwoTower
 from .sampler import ar_generate, diffusion_generate
 from .sampling import SamplerConfig
@@ -84,13 +85,20 @@ def event_ids(event: Event):
 
 
 def run(model: TwoTower, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str = "diffusion",
-        prompts: list[str] | None = None, capture_layers: tuple[int, ...] = ()) -> tuple[Trace, Iterator[Event]]:
-    """Start a run. Returns (trace, events): iterating events runs the model and fills the trace."""
+        prompts: list[str] | None = None, capture_layers: tuple[int, ...] = (),
+        resume: ForkPoint | None = None) -> tuple[Trace, Iterator[Event]]:
+    """Start a run. Returns (trace, events): iterating events runs the model and fills the trace.
+
+    resume: continue a diffusion run from a fork point (twotower.fork); the trace records it.
+    """
     if mode not in ("diffusion", "ar"):
         raise ValueError(f"mode must be 'diffusion' or 'ar', got {mode!r}")
+    if resume is not None and mode != "diffusion":
+        raise ValueError("only diffusion runs can continue from a fork point")
     trace = new_trace(model, prompts or [""] * len(prompt_ids), prompt_ids, cfg, mode)
+    trace.fork = resume.to_dict() if resume else None
     add_pieces(trace, model.tokenizer, {i for p in prompt_ids for i in p} | {model.mask_token_id})
-    source = (diffusion_generate(model, prompt_ids, cfg, capture_layers) if mode == "diffusion"
+    source = (diffusion_generate(model, prompt_ids, cfg, capture_layers, resume) if mode == "diffusion"
               else ar_generate(model, prompt_ids, cfg))
 
     def events():

@@ -13,6 +13,7 @@ import torch
 
 from .attention import AttentionCapture
 from .events import BlockCommitted, BlockStart, Done, Event, Prefill, Step, Token
+from .fork import ForkPoint
 from .model import TwoTower
 from .sampling import SamplerConfig, choose_tokens, commit_counts, remasking_score, select_commits
 
@@ -59,42 +60,82 @@ def _decode(model: TwoTower, rows: list[list[int]]) -> list[str]:
     return [model.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
 
 
+def check_resume(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig, point: ForkPoint) -> None:
+    """Raise ValueError naming the first way a fork point does not fit this request."""
+    if len(point.prefix) != len(prompts) or len(point.tokens) != len(prompts):
+        raise ValueError(f"the fork point has {len(point.tokens)} rows; the request has {len(prompts)} prompts")
+    if point.step < 0 or point.block < 0:
+        raise ValueError(f"fork block and step must be >= 0, got block {point.block}, step {point.step}")
+    if len({len(r) for r in point.prefix}) > 1 or len({len(r) for r in point.tokens}) != 1:
+        raise ValueError("the fork point's rows differ in length")
+    size = len(point.tokens[0])
+    if size == 0 or point.start + size > cfg.max_new_tokens:
+        raise ValueError(f"the forked block ends at token {point.start + size}, beyond max_new_tokens "
+                         f"({cfg.max_new_tokens})")
+    vocab = model.context_lm.config.vocab_size
+    bad = next((t for r in point.prefix + point.tokens for t in r if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"fork token id {bad} is outside the vocabulary (0..{vocab - 1})")
+
+
 @torch.no_grad()
 def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig,
-                       capture_layers: tuple[int, ...] = ()) -> Iterator[Event]:
+                       capture_layers: tuple[int, ...] = (), resume: ForkPoint | None = None) -> Iterator[Event]:
     """Block-wise diffusion decoding, yielding every denoiser step.
 
     Per block: start all-masked; each step predicts every position, commits the positions
     the commit rule picks and leaves the rest masked; then the finished block enters the
     context tower's cache in one pass.
+
+    resume: continue a recorded run (twotower.fork) instead: the prefill reads the prompt
+    and the earlier blocks, the forked block goes on from its recorded state at step
+    `resume.step + 1` (with max(cfg.steps, resume.step + 2) steps in all, so at least one is
+    left), then the run goes on as usual. `Done` holds the whole text, earlier blocks included.
+    With temperature > 0 the fork draws from a fresh `cfg.seed` stream, not the parent's.
     """
     check_request(model, prompts, cfg)
+    if resume is not None:
+        check_resume(model, prompts, cfg, resume)
     gen, eos, mask_id = _generator(model, cfg.seed), model.eos_token_ids, model.mask_token_id
     start = time.perf_counter()
-    ctx, _ = model.prefill(prompts)
+    prefix = resume.prefix if resume else [[] for _ in prompts]
+    ctx, _ = model.prefill([p + q for p, q in zip(prompts, prefix)])
     batch = len(prompts)
     yield Prefill(prompt_tokens=[len(p) for p in prompts], seconds=time.perf_counter() - start)
 
-    out: list[list[int]] = [[] for _ in range(batch)]
-    ended = [False] * batch
-    nfe, passes, first_token, block, produced = 0, 1, None, 0, 0
+    if cfg.stop_at_eos:                                            # rows that ended before a fork stay ended
+        out, ended = _end_of_text([list(r) for r in prefix], eos)
+    else:
+        out, ended = [list(r) for r in prefix], [False] * batch
+    nfe, passes, first_token = 0, 1, None
+    block, produced = (resume.block, resume.start) if resume else (0, 0)
+    if resume and (produced > 0 or all(row[0] != mask_id for row in resume.tokens)):
+        first_token = time.perf_counter() - start                  # the text's first token is already there
     while produced < cfg.max_new_tokens and not all(ended):
-        size = min(cfg.block_size, cfg.max_new_tokens - produced)
-        yield BlockStart(block=block, start=produced, size=size, steps=cfg.steps)
-        x = torch.full((batch, size), mask_id, dtype=torch.long, device=model.device)
+        if resume and block == resume.block:                       # the forked block, from its recorded state
+            x = torch.tensor(resume.tokens, dtype=torch.long, device=model.device)
+            size, first, budget = x.shape[1], resume.step + 1, max(cfg.steps, resume.step + 2)
+        else:
+            size = min(cfg.block_size, cfg.max_new_tokens - produced)
+            x = torch.full((batch, size), mask_id, dtype=torch.long, device=model.device)
+            first, budget = 0, cfg.steps
+        yield BlockStart(block=block, start=produced, size=size, steps=budget)
         inputs = model.block_inputs(ctx, size)                     # context view: once per block
-        for step in range(cfg.steps):
+        used = first
+        for step in range(first, budget):
+            if not bool((x == mask_id).any()):
+                break
             masked = x == mask_id                                  # (B, S)
             t = masked.float().mean(-1)
             capture = AttentionCapture(capture_layers) if capture_layers else None
             logits = model.denoise(x, inputs, t, capture)          # (B, S, V)
             logits[..., mask_id] = float("-inf")                   # never predict [MASK]
             pred, probs, conf = choose_tokens(logits, cfg, gen)
-            k, planned = commit_counts(conf, masked, cfg.steps - step, cfg.threshold)
+            k, planned = commit_counts(conf, masked, budget - step, cfg.threshold)
             score = remasking_score(probs, conf, cfg.remasking, gen)
             commit = select_commits(score, masked, k)              # (B, S) bool
             x = torch.where(commit, pred, x)                       # carry-over: committed stay
-            nfe += 1
+            nfe, used = nfe + 1, step + 1
             top_ids, top_probs = _top(probs, cfg.top_candidates)
             event = Step(block=block, step=step, t=t.tolist(), tokens=x.tolist(),
                          committed=[row.nonzero().flatten().tolist() for row in commit.cpu()],
@@ -106,8 +147,6 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             if first_token is None and all(row[0] != mask_id for row in event.tokens):
                 first_token = event.elapsed                        # the text's first token is readable
             yield event
-            if not bool((x == mask_id).any()):
-                break
         tokens = x.tolist()
         for b in range(batch):
             if ended[b]:
@@ -121,7 +160,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         if not all(ended) and produced < cfg.max_new_tokens:
             ctx, _ = model.extend(ctx, x)                          # one context pass per block
             passes += 1
-        yield BlockCommitted(block=block, tokens=tokens, steps_used=step + 1,
+        yield BlockCommitted(block=block, tokens=tokens, steps_used=used,
                              elapsed=time.perf_counter() - start)
         block += 1
     seconds = time.perf_counter() - start

@@ -25,6 +25,9 @@ class Trace:
     tokens: dict[str, str] = field(default_factory=dict)  # id -> text piece, for rendering
     events: list[Event] = field(default_factory=list)
     version: int = TRACE_VERSION
+    fork: dict | None = None                    # a fork: {"block", "step", ...} it continues from
+                                                # (twotower.fork: a spliced fork also says how many
+                                                # steps it inherited and the parent's settings)
 
     def record(self, events: Iterable[Event]) -> Iterator[Event]:
         """Yield each event unchanged, keeping a copy."""
@@ -75,6 +78,7 @@ class Trace:
             "tokens": self.tokens,
             "stats": self.stats(),
             "events": [e.to_dict() for e in self.events],
+            **({"fork": self.fork} if self.fork else {}),
         }
 
     @classmethod
@@ -92,6 +96,7 @@ class Trace:
             tokens={str(k): v for k, v in d.get("tokens", {}).items()},
             events=[event_from_dict(e) for e in d["events"]],
             version=d.get("version", TRACE_VERSION),
+            fork=d.get("fork"),
         )
 
     def save(self, path: str | Path) -> None:

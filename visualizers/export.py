@@ -23,14 +23,25 @@ def _script_json(obj) -> str:
     return json.dumps(obj).replace("</", "<\\/")
 
 
+def stats_line(trace) -> str:
+    """One line of the run's figures (empty for an unfinished run)."""
+    s = trace.stats()
+    if not s:
+        return "An unfinished run."
+    return (f"{trace.mode} · {s['tokens']} tokens · {s['nfe']} forward passes · {s['tokens_per_nfe']:.2f} tokens/pass · "
+            f"{s['seconds']:.2f} s · {s['tokens_per_second']:.1f} tokens/s · ended by {s['stopped']}")
+
+
 def static_html(trace, title: str = "TwoTower run") -> str:
     data = json.dumps(payload(trace))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
+.stats{{opacity:.8;font-size:.9em}}
 {asset("grid.css")}</style></head>
 <body><h2>{html.escape(title)}</h2>
 <p>Prompt: <em>{html.escape((trace.prompts or [""])[0][:500])}</em></p>
+<p class="stats">{html.escape(stats_line(trace))}</p>
 <div id="grid" class="ttg-host"></div>
 <script>
 const code = {_script_json(asset("grid.js"))};

@@ -4,6 +4,8 @@
 - flips: a masked position whose best guess changed at least FLIPS times before it was committed
 - repeats: an n-gram of the output that occurs REPEAT_TIMES or more
 - end-of-text floods: one denoiser step that commits EOS_FLOOD or more end-of-text tokens
+
+Positions after a run's first end-of-text are not part of its text: `findings` leaves them out.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ EOS_FLOOD = 3
 MAX_PER_KIND = 12
 
 
-def _finding(kind: str, frame: int, pos: int, text: str) -> dict:
-    return {"kind": kind, "frame": frame, "pos": pos, "text": text}
+def _finding(kind: str, frame: int, pos: int, text: str, span: list[int] | None = None) -> dict:
+    """frame: the step to jump to; pos: the position to inspect; span: every position to mark."""
+    return {"kind": kind, "frame": frame, "pos": pos, "text": text, "span": span or [pos]}
 
 
 def low_confidence(trace, commits) -> list[dict]:
@@ -61,7 +64,8 @@ def repeats(trace, commits, row: int = 0) -> list[dict]:
         if len(places) >= REPEAT_TIMES:
             text = "".join(label(trace, t, 20) for t in gram)
             p = places[1]
-            out.append(_finding("repeat", frame_of.get(p, 0), p, f"'{text}' occurs {len(places)} times"))
+            span = sorted({q + i for q in places for i in range(NGRAM)})
+            out.append(_finding("repeat", frame_of.get(p, 0), p, f"'{text}' occurs {len(places)} times", span))
     return out[:MAX_PER_KIND]
 
 
@@ -74,15 +78,26 @@ def eos_floods(trace, row: int = 0) -> list[dict]:
     for i, e in enumerate(trace.steps()):
         hits = [j for j in e.committed[row] if e.tokens[row][j] in eos]
         if len(hits) >= EOS_FLOOD:
-            out.append(_finding("eos-flood", i, starts.get(e.block, 0) + hits[0],
-                                f"block {e.block} step {e.step} commits {len(hits)} end-of-text tokens"))
+            start = starts.get(e.block, 0)
+            out.append(_finding("eos-flood", i, start + hits[0],
+                                f"block {e.block} step {e.step} commits {len(hits)} end-of-text tokens",
+                                [start + j for j in hits]))
     return out[:MAX_PER_KIND]
 
 
+def in_output(trace, found: list[dict], row: int = 0) -> list[dict]:
+    """Drop findings at positions after the first end-of-text: they are not part of the text."""
+    done = trace.done
+    if done is None:
+        return found
+    end = len(done.token_ids[row])                 # the end-of-text token itself still counts
+    return [f for f in found if f["pos"] <= end]
+
+
 def findings(trace, row: int = 0) -> list[dict]:
-    """All findings, ordered by frame."""
+    """All findings within the output, ordered by frame."""
     from .trajectory import commit_table
     commits = commit_table(trace, row)
     found = (low_confidence(trace, commits) + flips(trace, row) + repeats(trace, commits, row)
              + eos_floods(trace, row))
-    return sorted(found, key=lambda f: (f["frame"], f["pos"]))
+    return sorted(in_output(trace, found, row), key=lambda f: (f["frame"], f["pos"]))

@@ -106,3 +106,29 @@ def commits_per_step(trace, row: int = 0) -> go.Figure:
             fig.add_vline(x=first + 0.5, line=dict(color="#888", width=1, dash="dot"))
     fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.25))
     return _layout(fig, "Planned vs actual commits per denoiser pass (NFE)", "denoiser pass", "positions")
+
+
+def tokens_per_step(trace, row: int = 0) -> go.Figure:
+    """Teaching aid: how many tokens each denoiser step committed, block by block."""
+    if trace.mode != "diffusion":
+        return note_figure("AR runs commit exactly one token per forward pass.")
+    steps = trace.steps()
+    if not steps:
+        return note_figure("No step recorded yet.")
+    blocks = sorted({e.block for e in steps})
+    depth = max(e.step for e in steps) + 1
+    z = [[None] * depth for _ in blocks]
+    hover = [[""] * depth for _ in blocks]
+    for e in steps:
+        k = blocks.index(e.block)
+        z[k][e.step] = len(e.committed[row])
+        hover[k][e.step] = f"{len(e.committed[row])} committed ({e.planned[row]} above the threshold)"
+    most = max(b.size for b in trace.blocks()) if trace.blocks() else None
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(depth)), y=[f"block {b}" for b in blocks], colorscale=SCALE,
+                               zmin=0, zmax=most, text=z, texttemplate="%{text}", customdata=hover, xgap=2, ygap=2,
+                               colorbar=dict(title="tokens", thickness=12),
+                               hovertemplate="%{y}, step %{x}: %{customdata}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(dtick=1 if depth < 20 else None)
+    return _layout(fig, "Tokens committed per step, block by block (blank = the block was already full)",
+                   "step within block", "", height=min(700, 140 + 26 * len(blocks)))

@@ -103,6 +103,23 @@ def progress(trace) -> dict:
             "committed": len(commit_table(trace)), "blocks": len(trace.blocks())}
 
 
+def setting_changes(before: dict, after: dict) -> dict[str, list]:
+    """{name: [before, after]} for every sampler setting that differs (top_candidates aside)."""
+    return {k: [before.get(k), v] for k, v in after.items()
+            if k != "top_candidates" and k in before and before.get(k) != v}
+
+
+def fork_info(trace) -> dict | None:
+    """Where a spliced fork (twotower.fork.splice) leaves its parent, for the grid: frames before
+    `frame` are inherited from the parent run; `changes` lists the settings the fork changed."""
+    fork = getattr(trace, "fork", None) or {}
+    if "inherited" not in fork:
+        return None
+    return {"frame": fork["inherited"], "block": fork["block"], "step": fork["step"],
+            "parent_steps": fork.get("parent_steps"),
+            "changes": setting_changes(fork.get("parent_settings", {}), trace.settings or {})}
+
+
 def _ids_in(frame_list, tops) -> set[int]:
     ids = set()
     for f in frame_list:
@@ -153,4 +170,5 @@ def payload(trace, live: bool = False, row: int = 0) -> dict:
         "progress": progress(trace),
         "stats": trace.stats(),
         "findings": [] if live else findings(trace, row),
+        "fork": fork_info(trace),
     }

@@ -83,7 +83,7 @@ class LlamaFamily:
             shift, scale, gate = time.mods(base, 2 * i)
             a = layer.input_layernorm(modulate(h, shift, scale))
             a, _ = layer.self_attn(a, position_embeddings=rope, attention_mask=inputs["mask"],
-                                   past_key_values=inputs["view"], capture=capture)
+                                   past_key_values=inputs["view"], capture=capture, denoiser=True)
             h = h + gate * a
             shift, scale, gate = time.mods(base, 2 * i + 1)
             m = modulate(layer.post_attention_layernorm(h), shift, scale)

@@ -165,7 +165,7 @@ class NemotronHFamily:
             elif kind == ATTENTION:
                 a = layer.norm(modulate(h, shift, scale).to(layer.norm.weight.dtype))
                 a, _ = layer.mixer(a, attention_mask=inputs["mask"], past_key_values=inputs["view"],
-                                   capture=capture)
+                                   capture=capture, denoiser=True)
             else:   # moe / mlp: per token
                 a = modulate(layer.norm(h.to(layer.norm.weight.dtype)), shift, scale)
                 a = layer.mixer(a)
