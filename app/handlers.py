@@ -16,7 +16,7 @@ import gradio as gr
 from twotower.runner import encode_prompt, run
 from twotower.sampler import check_request
 from twotower.trace import Trace
-from visualizers import attention, export, plots, trajectory
+from visualizers import attention, commits, export, plots, trajectory
 
 from .gpu import gpu
 from .settings import capture_layers, sampler_config, user_errors
@@ -72,10 +72,9 @@ def partial_text(trace: Trace) -> str:
     """The committed text so far (live), or the final text."""
     if trace.done:
         return trace.done.texts[0]
-    commits = sorted(trajectory.commit_table(trace), key=lambda c: c.pos)
     eos = set(trace.model.get("eos_token_ids", []))
     pieces = []
-    for c in commits:
+    for c in sorted(commits.commit_table(trace), key=lambda c: c.pos):
         if c.token in eos:
             break
         pieces.append(trace.tokens.get(str(c.token), ""))

@@ -21,7 +21,7 @@ from twotower.teacher import ar_predictions
 from twotower.trace import Trace
 from visualizers import compare
 from visualizers.pieces import piece_table
-from visualizers.trajectory import commit_table
+from visualizers.commits import commit_table
 
 from .gpu import gpu
 from .handlers import Throttle, compute, grid_key, grid_value, partial_text, status_line

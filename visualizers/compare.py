@@ -10,7 +10,8 @@ from __future__ import annotations
 import html as _html
 
 from .pieces import raw_piece, special_ids, visible
-from .trajectory import commit_table, frames, layout_blocks, output_length, setting_changes
+from .commits import commit_table
+from .trajectory import frames, layout_blocks, output_length, setting_changes
 
 END = -2                     # a position after the run's end-of-text (not part of its text)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from .commits import commit_table
 from .pieces import label
 
 LOW_CONFIDENCE = 0.3
@@ -96,7 +97,6 @@ def in_output(trace, found: list[dict], row: int = 0) -> list[dict]:
 
 def findings(trace, row: int = 0) -> list[dict]:
     """All findings within the output, ordered by frame."""
-    from .trajectory import commit_table
     commits = commit_table(trace, row)
     found = (low_confidence(trace, commits) + flips(trace, row) + repeats(trace, commits, row)
              + eos_floods(trace, row))

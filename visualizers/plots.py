@@ -8,7 +8,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 from .pieces import label
-from .trajectory import block_starts, commit_table
+from .commits import block_starts, commit_table
 
 SCALE = "Cividis"
 ORANGE, BLUE, GREEN = "#E69F00", "#0072B2", "#009E73"   # Okabe-Ito

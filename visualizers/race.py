@@ -9,7 +9,8 @@ import plotly.graph_objects as go
 
 from .pieces import piece_table, special_ids
 from .plots import BLUE, ORANGE, _layout
-from .trajectory import commit_table, frames, layout_blocks, output_length
+from .commits import commit_table
+from .trajectory import frames, layout_blocks, output_length
 
 NAMES = {"ar": "AR (context tower alone)", "diffusion": "Diffusion (TwoTower)"}
 

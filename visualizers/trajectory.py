@@ -17,31 +17,14 @@ guesses of frame i's block. A live payload sends the finished blocks once as `ba
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from .commits import AR_ROW, block_starts, commit_table
 from .failures import findings
 from .pieces import piece_table, special_ids
 
-AR_ROW = 16                  # AR runs: tokens per grid row (layout only, no blocks)
-
-
-@dataclass
-class Commit:
-    """When and how one generated position was committed."""
-    pos: int                 # index among generated tokens
-    block: int
-    step: int                # denoiser step within the block (AR: 0)
-    frame: int               # index of the frame (step event) that committed it
-    token: int
-    confidence: float
 
 
 def _pct(p: float) -> int:
     return int(round(100 * p))
-
-
-def block_starts(trace) -> dict[int, int]:
-    return {b.block: b.start for b in trace.blocks()}
 
 
 def frames(trace, row: int = 0, top: bool = False) -> tuple[list[list], list | None]:
@@ -66,19 +49,6 @@ def frames(trace, row: int = 0, top: bool = False) -> tuple[list[list], list | N
             tops.append([[ids, [int(round(1000 * p)) for p in probs]]
                          for ids, probs in zip(e.top_ids[row], e.top_probs[row])])
     return out, tops
-
-
-def commit_table(trace, row: int = 0) -> list[Commit]:
-    """Every committed position in generation order of commits."""
-    if trace.mode == "ar":
-        return [Commit(e.index, e.index // AR_ROW, 0, i, e.tokens[row], e.confidence[row])
-                for i, e in enumerate(trace.ar_tokens())]
-    starts, out = block_starts(trace), []
-    for i, e in enumerate(trace.steps()):
-        start = starts.get(e.block, 0)
-        for j in e.committed[row]:
-            out.append(Commit(start + j, e.block, e.step, i, e.tokens[row][j], e.confidence[row][j]))
-    return out
 
 
 def layout_blocks(trace, n_frames: int) -> list[list[int]]:
