@@ -26,6 +26,8 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
+    p.add_argument("--share-base", action="store_true",
+                   help="LoRA checkpoints: one backbone in memory, adapter unmerged (less memory, a bit slower)")
 
 
 def sampler_config(args) -> SamplerConfig:
@@ -37,7 +39,7 @@ def sampler_config(args) -> SamplerConfig:
 
 def load_model(args):
     from . import checkpoints
-    model = checkpoints.load(args.model, device=args.device)
+    model = checkpoints.load(args.model, device=args.device, share_base=getattr(args, "share_base", False))
     if getattr(args, "mask_token_id", None) is not None:
         vocab = model.context_lm.config.vocab_size
         if not 0 <= args.mask_token_id < vocab:
