@@ -134,3 +134,42 @@ def test_cancel_stops_the_computation(served):
     finally:
         counter.delay = 0.0
     assert generate(client, max_new_tokens=8).result(timeout=60)[2].startswith("**Finished**")
+
+
+def solo_text(model, prompt: str) -> str:
+    trace, events = run(model, [encode_prompt(model, prompt)], SamplerConfig(**DEFAULTS))
+    for _ in events:
+        pass
+    return trace.done.texts[0]
+
+
+def test_two_users_at_once_each_get_their_own_result(served):
+    client, model, _ = served
+    other = gradio_client.Client(client.src, verbose=False)     # a second user, own session
+    try:
+        jobs = {p: c.submit(p, "diffusion", *settings(), False, "first", api_name="/generate")
+                for p, c in (("Hello there", client), ("Good morning to you", other))}
+        results = {p: job.result(timeout=120) for p, job in jobs.items()}
+    finally:
+        other.close()
+    for prompt, final in results.items():
+        assert final[1] == solo_text(model, prompt) and final[2].startswith("**Finished**")
+    assert results["Hello there"][0] != results["Good morning to you"][0]
+
+
+def test_memory_stays_flat_over_many_runs(served):
+    """The app keeps the last trace per session, not every run: live Trace objects stay bounded."""
+    import gc
+
+    from twotower.trace import Trace
+    client, _, _ = served
+
+    def live_traces():
+        gc.collect()
+        return sum(isinstance(o, Trace) for o in gc.get_objects())
+
+    generate(client, max_new_tokens=16).result(timeout=120)
+    before = live_traces()
+    for _ in range(12):
+        generate(client, max_new_tokens=16).result(timeout=120)
+    assert live_traces() <= before + 1
