@@ -189,18 +189,18 @@ def save_state(path: Path, model, peft_model, opt, step: int, cfg: TrainConfig, 
     (path / "train_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "history": history}))
 
 
-def load_weights(path: Path, model) -> None:
+def load_weights(path: Path, model, peft_model) -> None:
     """Denoiser weights (time conditioning, mask embedding, LoRA) from a checkpoint dir."""
     from peft import set_peft_model_state_dict
     weights = checkpoints.read_safetensors(path / "denoiser.safetensors")
     model.time.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("time.")})
     if model.mask_embedding is not None:
         model.mask_embedding.data.copy_(weights["mask_embedding"])
-    set_peft_model_state_dict(model._peft, {k[5:]: v for k, v in weights.items() if k.startswith("lora.")})
+    set_peft_model_state_dict(peft_model, {k[5:]: v for k, v in weights.items() if k.startswith("lora.")})
 
 
-def load_state(path: Path, model, opt) -> tuple[int, list]:
-    load_weights(path, model)
+def load_state(path: Path, model, peft_model, opt) -> tuple[int, list]:
+    load_weights(path, model, peft_model)
     flat = load_file(str(path / "optimizer.safetensors"))
     for gi, group in enumerate(opt.param_groups):
         for pi, p in enumerate(group["params"]):
@@ -239,7 +239,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed + rank)
     train_data, eval_data = load_corpus(cfg.corpus, cfg.seq_len, cfg.eval_fraction, cfg.seed + rank)
     model, peft_model = build_model(cfg, device)
-    model._peft = peft_model
     objective = DiffusionObjective(model, cfg.block_size, cfg.min_t)
     runner = objective
     if world > 1:
@@ -248,9 +247,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out = Path(cfg.out)
     step, history = 0, []
     if resume and (out / "last" / "train_state.json").is_file():
-        step, history = load_state(out / "last", model, opt)
+        step, history = load_state(out / "last", model, peft_model, opt)
     elif cfg.init:
-        load_weights(Path(cfg.init), model)
+        load_weights(Path(cfg.init), model, peft_model)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + step)
     trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=rank != 0, file=sys.stderr)
