@@ -145,6 +145,14 @@ def compute(prompt, ids, cfg, mode, layers, resume=None):
         yield event, fresh
 
 
+def record(stream, trace: Trace):
+    """Add each (event, new token pieces) of a `compute` stream to the UI's trace; yield the event."""
+    for event, pieces in stream:
+        trace.tokens.update(pieces)
+        trace.events.append(event)
+        yield event
+
+
 def generate(prompt, mode, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
              remasking, seed, stop_at_eos, capture, layers, session: Session):
     """Stream a run: (grid payload JSON, text, status) a few times per second, then the full trace.
@@ -161,9 +169,7 @@ def generate(prompt, mode, max_new_tokens, block_size, steps, threshold, tempera
     throttle = Throttle(OPTIONS.stream_interval)
     try:
         with user_errors():
-            for event, pieces in stream:
-                trace.tokens.update(pieces)
-                trace.events.append(event)
+            for _ in record(stream, trace):
                 if throttle.ready():
                     yield grid_value(trace, live=True), partial_text(trace), status_line(trace)
     except Exception:

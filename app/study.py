@@ -24,7 +24,7 @@ from visualizers.pieces import piece_table
 from visualizers.commits import commit_table
 
 from .gpu import gpu
-from .handlers import Throttle, compute, grid_key, grid_value, partial_text, status_line
+from .handlers import Throttle, compute, grid_key, grid_value, partial_text, record, status_line
 from .settings import number, user_errors, whole
 from .state import OPTIONS, Session, get_model
 
@@ -137,9 +137,7 @@ def run_fork(block, step, threshold, remasking, temperature, steps, session: Ses
     throttle = Throttle(OPTIONS.stream_interval)
     try:
         with user_errors():
-            for event, pieces in stream:
-                child.tokens.update(pieces)
-                child.events.append(event)
+            for event in record(stream, child):
                 if throttle.ready() and hasattr(event, "nfe"):
                     yield gr.skip(), f"**Running the fork…** {event.nfe} passes so far"
     except Exception:
