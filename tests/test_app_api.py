@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 
-from tests.tiny_app import tiny_app_model            # noqa: E402
+from tests.tiny_app import launch, tiny_app_model    # noqa: E402
 from twotower.runner import encode_prompt, run       # noqa: E402
 from twotower.sampling import SamplerConfig          # noqa: E402
 
@@ -19,12 +18,6 @@ DEFAULTS = dict(max_new_tokens=48, block_size=16, steps=4, threshold=0.9, temper
 
 def settings(**changes) -> list:
     return list({**DEFAULTS, **changes}.values())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Counting:
@@ -43,11 +36,9 @@ class Counting:
 
 @pytest.fixture(scope="module")
 def served():
-    import app
     model = tiny_app_model()
     counter = Counting(model)
-    demo = app.build_demo(model=model, stream_interval=0)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=free_port())
+    demo, url = launch(model, 0)
     client = gradio_client.Client(url, verbose=False)
     yield client, model, counter
     client.close()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.tiny_app import launch, tiny_app_model
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -32,22 +33,13 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     import app
     from tests.test_app_api import Counting
-    from tests.tiny_app import tiny_app_model
     model = tiny_app_model()
     counter = Counting(model)
-    demo = app.build_demo(model=model, stream_interval=0.1)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
-                            server_port=free_port(), **app.launch_options())
+    demo, url = launch(model, 0.1, **app.launch_options())
     yield url, counter
     demo.close()
 

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from tests.test_browser import (ARGS, CHROMIUM, free_port, position, pytestmark, run_prompt,  # noqa: F401
-                                set_slider, wait_finished)
+from tests.test_browser import ARGS, CHROMIUM, position, pytestmark, run_prompt, set_slider, wait_finished  # noqa: F401
+from tests.tiny_app import launch, tiny_app_model
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -23,11 +23,8 @@ TOKENS = 32                    # two blocks of 16
 @pytest.fixture(scope="module")
 def server():
     import app
-    from tests.tiny_app import tiny_app_model
     model = tiny_app_model()
-    demo = app.build_demo(model=model, stream_interval=0.1)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
-                            server_port=free_port(), **app.launch_options())
+    demo, url = launch(model, 0.1, **app.launch_options())
     yield url, model
     demo.close()
 

@@ -28,3 +28,19 @@ def tiny_app_model(seed: int = 0):
     model.tokenizer = char_tokenizer()
     model.name = "tiny-test"
     return model
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model, stream_interval: float, **options):
+    """Serve the app with `model` on a free local port. Returns (demo, url); demo.close() ends it."""
+    import app
+    demo = app.build_demo(model=model, stream_interval=stream_interval)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
+                            server_port=free_port(), **options)
+    return demo, url
