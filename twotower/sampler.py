@@ -29,10 +29,15 @@ def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig)
         if len(p) + cfg.max_new_tokens > model.max_context:
             raise ValueError(f"prompt ({len(p)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds "
                              f"the model's context of {model.max_context} tokens")
-        vocab = model.context_lm.config.vocab_size
-        bad = next((t for t in p if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        check_ids(model, p, "prompt")
+
+
+def check_ids(model: TwoTower, ids: list[int], what: str) -> None:
+    """Raise ValueError for the first id outside the model's vocabulary."""
+    vocab = model.context_lm.config.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"{what} token id {bad} is outside the vocabulary (0..{vocab - 1})")
 
 
 def _generator(model: TwoTower, seed: int) -> torch.Generator:
@@ -72,10 +77,7 @@ def check_resume(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig, 
     if size == 0 or point.start + size > cfg.max_new_tokens:
         raise ValueError(f"the forked block ends at token {point.start + size}, beyond max_new_tokens "
                          f"({cfg.max_new_tokens})")
-    vocab = model.context_lm.config.vocab_size
-    bad = next((t for r in point.prefix + point.tokens for t in r if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise ValueError(f"fork token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    check_ids(model, [t for r in point.prefix + point.tokens for t in r], "fork")
 
 
 @torch.no_grad()
