@@ -54,6 +54,12 @@ def _end_of_text(tokens: list[list[int]], eos: set[int]) -> tuple[list[list[int]
     return kept, ended
 
 
+def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """A step's outputs in ONE device-to-host copy (float64 holds every id and float exactly)."""
+    flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def _top(probs: torch.Tensor, k: int):
     top = probs.topk(k, dim=-1)
     return top.indices, top.values
@@ -123,9 +129,9 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             first, budget = 0, cfg.steps
         yield BlockStart(block=block, start=produced, size=size, steps=budget)
         inputs = model.block_inputs(ctx, size)                     # context view: once per block
-        used = first
+        used, masked_left = first, bool((x == mask_id).any())
         for step in range(first, budget):
-            if not bool((x == mask_id).any()):
+            if not masked_left:
                 break
             masked = x == mask_id                                  # (B, S)
             t = masked.float().mean(-1)
@@ -139,15 +145,18 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             x = torch.where(commit, pred, x)                       # carry-over: committed stay
             nfe, used = nfe + 1, step + 1
             top_ids, top_probs = _top(probs, cfg.top_candidates)
-            event = Step(block=block, step=step, t=t.tolist(), tokens=x.tolist(),
-                         committed=[row.nonzero().flatten().tolist() for row in commit.cpu()],
-                         planned=planned.tolist(), confidence=conf.tolist(),
-                         top_ids=top_ids.tolist(), top_probs=top_probs.tolist(),
+            h_t, h_x, h_commit, h_planned, h_conf, h_ids, h_probs = _to_host(
+                t, x, commit, planned, conf, top_ids, top_probs)     # the step's one sync
+            event = Step(block=block, step=step, t=h_t.tolist(), tokens=h_x.long().tolist(),
+                         committed=[row.nonzero().flatten().tolist() for row in h_commit.bool()],
+                         planned=h_planned.long().tolist(), confidence=h_conf.tolist(),
+                         top_ids=h_ids.long().tolist(), top_probs=h_probs.tolist(),
                          elapsed=time.perf_counter() - start, nfe=nfe,
                          attention={i: p.tolist() for i, p in capture.probs.items()} if capture else None,
                          anchor=int(model.anchor))
             if first_token is None and all(row[0] != mask_id for row in event.tokens):
                 first_token = event.elapsed                        # the text's first token is readable
+            masked_left = any(tok == mask_id for row in event.tokens for tok in row)
             yield event
         tokens = x.tolist()
         for b in range(batch):
@@ -186,9 +195,10 @@ def ar_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -
     for index in range(cfg.max_new_tokens):
         pred, probs, conf = choose_tokens(logits, cfg, gen)       # (B,)
         top_ids, top_probs = _top(probs, cfg.top_candidates)
-        tokens = pred.tolist()
-        event = Token(index=index, tokens=tokens, confidence=conf.tolist(), top_ids=top_ids.tolist(),
-                      top_probs=top_probs.tolist(), elapsed=time.perf_counter() - start, nfe=nfe)
+        h_pred, h_conf, h_ids, h_probs = _to_host(pred, conf, top_ids, top_probs)   # the token's one sync
+        tokens = h_pred.long().tolist()
+        event = Token(index=index, tokens=tokens, confidence=h_conf.tolist(), top_ids=h_ids.long().tolist(),
+                      top_probs=h_probs.tolist(), elapsed=time.perf_counter() - start, nfe=nfe)
         first_token = first_token or event.elapsed
         yield event
         for b, tok in enumerate(tokens):
