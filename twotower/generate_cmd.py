@@ -98,7 +98,8 @@ def cmd_info(args) -> int:
     else:
         width = max(map(len, info))
         for k, v in info.items():
-            print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v}")
+            number = isinstance(v, int) and not isinstance(v, bool)
+            print(f"{k:<{width}}  {v:,}" if number else f"{k:<{width}}  {v}")
     return 0
 
 
