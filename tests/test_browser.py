@@ -229,21 +229,5 @@ def test_import_a_saved_trace(page, tmp_path):
     expect(page.locator("#grid .ttg-pos")).to_have_text(f"{trace.done.nfe}/{trace.done.nfe}")
 
 
-def test_static_page_plays_without_a_server(page, tmp_path):
-    from visualizers.export import static_html
-    path = tmp_path / "run.html"
-    path.write_text(static_html(finished_trace()))
-    context = page.context.browser.new_context()
-    offline = context.new_page()
-    errors = []
-    offline.on("pageerror", lambda e: errors.append(str(e)))
-    offline.goto(path.as_uri())
-    expect(offline.locator(".ttg-cell").first).to_be_visible()
-    offline.get_by_role("button", name="⇤").click()
-    expect(offline.locator(".ttg-pos")).to_contain_text("1/")
-    context.close()
-    assert errors == []
-
-
 def test_no_javascript_errors(page):
     assert page.errors == []
