@@ -141,23 +141,27 @@ class TwoTower(nn.Module):
         inputs["anchor"] = ctx.last.unsqueeze(1)                       # (B, 1)
         return inputs
 
-    def training_logits(self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, block_size: int):
+    def training_hidden(self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, block_size: int):
         """Denoise every block of (B, N) sequences at once; t: (B, N) per-token masked fraction.
 
-        Returns logits (B, N - start, V) for positions start..N-1, where start =
+        Returns final hidden states (B, N - start, H) for positions start..N-1, where start =
         `training_start(block_size)`: 0, or block_size for an anchored denoiser (the first
         block has no clean token before it).
         """
         if not self.anchor:
-            return self.denoise(noisy, self.family.training_inputs(clean, block_size), t)
+            inputs = self.family.training_inputs(clean, block_size)
+            return self.family.denoiser_hidden(self.embed_block(noisy), inputs, self.time, self.time(t))
         inputs = self.family.training_inputs(clean, block_size, anchor=True)
         qpos = inputs["query_positions"]                                # (Q,) input positions
         slot = torch.arange(qpos.numel(), device=qpos.device) % (block_size + 1)
         ids = torch.where(slot == 0, clean[:, qpos], noisy[:, qpos])    # anchor slots stay clean
         tq = t[:, qpos + (slot == 0).long()]                            # an anchor carries its block's t
         h = self.family.denoiser_hidden(self.embed_block(ids), inputs, self.time, self.time(tq))
-        keep = slot != block_size                                       # the last slot predicts past its block
-        return self.denoiser_lm.get_output_embeddings()(h[:, keep])
+        return h[:, slot != block_size]                                 # the last slot predicts past its block
+
+    def training_logits(self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, block_size: int):
+        """Logits (B, N - start, V) of `training_hidden` (training itself heads masked positions only)."""
+        return self.denoiser_lm.get_output_embeddings()(self.training_hidden(clean, noisy, t, block_size))
 
     def training_start(self, block_size: int) -> int:
         return block_size if self.anchor else 0

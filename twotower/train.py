@@ -133,10 +133,10 @@ class DiffusionObjective(torch.nn.Module):
         m, n = self.model, clean.shape[1] // self.block_size * self.block_size
         clean = clean[:, :n]
         noisy, masked, t = add_noise(clean, self.block_size, m.mask_token_id, self.min_t, gen)
-        logits = m.training_logits(clean, noisy, t, self.block_size)        # (B, N - start, V)
+        hidden = m.training_hidden(clean, noisy, t, self.block_size)        # (B, N - start, H)
         start = m.training_start(self.block_size)
         masked, targets = masked[:, start:], clean[:, start:]
-        picked = logits[masked].float()                                     # (M, V): masked only
+        picked = m.denoiser_lm.get_output_embeddings()(hidden[masked]).float()   # (M, V): masked only
         picked[:, m.mask_token_id] = float("-inf")                          # as in sampling
         return F.cross_entropy(picked, targets[masked])
 
