@@ -191,9 +191,12 @@ def test_grouped_experts_match_the_expert_loop(tiny_config):
 
 
 def test_compile_flag_runs(capsys, ar_dir):
-    """--compile wraps the context tower and the denoiser loop; the eager backend checks the
-    plumbing quickly (inductor's speed is a GPU question, not measured here)."""
+    """--compile puts all three decoders on static caches and compiles them (ours through
+    TwoTower.compile, generate() through its CompileConfig); the eager backend checks the
+    plumbing quickly (inductor itself is tested in test_static.py)."""
     r = bench_json(capsys, "--model", str(ar_dir), "--device", "cpu", "--prompts", "1", "--max-new-tokens", "4",
-                   "--block-size", "4", "--steps", "2", "--warmup", "0", "--stream-repeats", "0", "--no-hf",
+                   "--block-size", "4", "--steps", "2", "--warmup", "0", "--stream-repeats", "0",
                    "--compile", "--compile-backend", "eager")
-    assert r["settings"]["compile"] == "eager" and r["diffusion"]["tokens"] == 4 and r["ar"]["tokens"] == 4
+    assert r["settings"]["compile"] == {"backend": "eager", "mode": None} and r["settings"]["static_cache"]
+    assert r["diffusion"]["tokens"] == 4 and r["ar"]["tokens"] == 4
+    assert r["hf_generate"]["token_agreement_with_ar"] == 1.0

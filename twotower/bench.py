@@ -364,15 +364,28 @@ def left_pad(prompts, pad_id: int, device):
 
 
 def hf_generation_config(model, cfg: SamplerConfig):
-    """Greedy, max_new_tokens; with stop_at_eos off, min_new_tokens forces the same length."""
-    from transformers import GenerationConfig
+    """Greedy, max_new_tokens; with stop_at_eos off, min_new_tokens forces the same length.
+    When our decoders run on static caches, generate() does too; when they are compiled,
+    generate() compiles its forward with the same backend and mode (on any device)."""
+    from transformers import CompileConfig, GenerationConfig
 
     tok = model.tokenizer
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
     eos = sorted(model.eos_token_ids) or None
+    fast = {}
+    if model.static_cache:
+        fast["cache_implementation"] = "static"
+        if not model.compiled:
+            fast["disable_compile"] = True
+        else:
+            options = model.compile_options
+            compile_config = CompileConfig(backend=options["backend"], mode=options.get("mode", "default"),
+                                           dynamic=False)
+            compile_config._compile_all_devices = True
+            fast["compile_config"] = compile_config
     return GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens,
                             min_new_tokens=0 if cfg.stop_at_eos else cfg.max_new_tokens,
-                            pad_token_id=pad, eos_token_id=eos, use_cache=True), pad
+                            pad_token_id=pad, eos_token_id=eos, use_cache=True, **fast), pad
 
 
 @torch.no_grad()
@@ -615,15 +628,15 @@ def step_work(model, cfg: SamplerConfig, batch: int, iters: int = 20) -> dict:
             "event_payload_ms_per_step": round(out["payload"] / iters * 1e3, 3)}
 
 
-# ---- optional torch.compile ------------------------------------------------------------------------
-def apply_compile(model, backend: str = "inductor", mode: str | None = None) -> None:
-    """torch.compile the context tower's forward (AR steps, prefill, extends, generate()) and the
-    denoiser's layer loop: the same treatment for AR and diffusion. Off by default."""
-    kwargs = {"backend": backend, "dynamic": True}
-    if mode:
-        kwargs["mode"] = mode
-    model.context_lm.forward = torch.compile(model.context_lm.forward, **kwargs)
-    model.family.denoiser_hidden = torch.compile(model.family.denoiser_hidden, **kwargs)
+# ---- optional fast paths ----------------------------------------------------------------------
+def apply_fast_paths(model, static: bool, compile_backend: str | None, compile_mode: str | None) -> None:
+    """Static caches, and optionally torch.compile, for AR and diffusion alike (TwoTower.compile:
+    AR step, block extend, denoiser pass); generate() then gets a static cache and transformers'
+    own compile of the same backend and mode (see `hf_generation_config`)."""
+    if compile_backend:
+        model.compile(mode=compile_mode, backend=compile_backend)
+    elif static:
+        model.use_static()
 
 
 # ---- the whole bench ---------------------------------------------------------------------------
@@ -822,8 +835,7 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     model, random_weights = load_bench_model(args)
     cfg, schedule = sampler_settings(args, random_weights)
-    if args.compile:
-        apply_compile(model, args.compile_backend, args.compile_mode)
+    apply_fast_paths(model, args.static, args.compile_backend if args.compile else None, args.compile_mode)
     prompts = bench_prompts(model, args.prompts, args.prompt_length, args.seed)
     at_start = machine(model.device)
     bandwidth = args.bandwidth if args.bandwidth is not None else default_bandwidth(model.device)
@@ -833,7 +845,9 @@ def cmd_bench(args) -> int:
                 "block_size": cfg.block_size, "steps": cfg.steps, "threshold": cfg.threshold,
                 "schedule": schedule, "warmup": args.warmup, "repeats": args.repeats,
                 "stop_at_eos": cfg.stop_at_eos, "seed": cfg.seed,
-                "compile": args.compile_backend if args.compile else None, "random_weights": random_weights}
+                "static_cache": model.static_cache,
+                "compile": ({"backend": args.compile_backend, "mode": args.compile_mode} if args.compile else None),
+                "random_weights": random_weights}
     result = {"machine": at_start | {"load_average_end": [round(x, 2) for x in os.getloadavg()]},
               "commit": git_commit(), "command": "python -m twotower " + " ".join(sys.argv[1:]),
               "model": model_facts(model), "settings": settings, **timings}
@@ -868,7 +882,11 @@ def add_parser(sub) -> None:
     p.add_argument("--stream-repeats", type=int, default=2, help="runs per variant of the streaming check (0 = skip)")
     p.add_argument("--bandwidth", type=float, default=None, metavar="GBPS",
                    help="memory bandwidth for the bound (default: 3350 on H100, 4800 on H200, none on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the context tower and the denoiser loop")
+    p.add_argument("--static", action="store_true",
+                   help="static caches: fixed shapes per run for AR, diffusion and generate() alike")
+    p.add_argument("--compile", action="store_true",
+                   help="static caches + torch.compile of the AR step, block extend and denoiser pass "
+                        "(and of generate()'s forward)")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--plan", action="store_true",

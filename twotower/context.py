@@ -14,15 +14,26 @@ class ContextState:
     valid:   (B, L) bool, True at real tokens, False at left padding
     lengths: (B,) long, real tokens per row (the next position id of each row)
     last:    (B,) long, the last clean token of each row (the anchor of an anchored denoiser)
+    capacity: None for a growing cache; else the fixed length of a static cache, whose tensors
+             keep one shape for the whole run (what torch.compile and CUDA graphs need)
     """
     cache: object
     valid: torch.Tensor
     lengths: torch.Tensor
     last: torch.Tensor | None = None
+    capacity: int | None = None
 
     @property
     def padded(self) -> bool:
         return not bool(self.valid.all())
+
+    def static_valid(self, hide_last: int = 0) -> torch.Tensor:
+        """(B, capacity) bool: `valid` padded with False to the static cache's length; with
+        `hide_last`, the last clean tokens are hidden too (an anchored block re-reads them)."""
+        width = self.valid.shape[1]
+        out = self.valid.new_zeros(self.valid.shape[0], self.capacity)
+        out[:, :width - hide_last] = self.valid[:, :width - hide_last]
+        return out
 
     def positions(self, size: int, offset: int = 0) -> torch.Tensor:
         """(B, size) position ids of the next `size` tokens of each row, shifted by `offset`."""
@@ -64,13 +75,13 @@ class ContextView:
         return k[..., : L + key.shape[-2], :], v[..., : L + value.shape[-2], :]
 
 
-def block_mask(valid: torch.Tensor, size: int, causal: bool = False) -> torch.Tensor | None:
+def block_mask(valid: torch.Tensor, size: int, causal: bool = False, always: bool = False) -> torch.Tensor | None:
     """(B, 1, S, L + S) bool attention mask of block queries, or None when all may be seen.
 
     valid: (B, L) real context tokens; pads are never attended. With `causal`, block query
-    j sees block keys <= j.
+    j sees block keys <= j. `always` returns a mask even when all may be seen (static shapes).
     """
-    if bool(valid.all()) and not causal:
+    if not (always or causal) and bool(valid.all()):
         return None
     batch = valid.shape[0]
     block = torch.ones(size, size, dtype=torch.bool, device=valid.device)

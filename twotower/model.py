@@ -43,6 +43,9 @@ class TwoTower(nn.Module):
             raise ValueError(f"an anchored denoiser is not supported for {context_lm.config.model_type}")
         self.anchor = anchor
         self.adapter = None            # a peft model when the denoiser is an adapter on the shared base
+        self.static_cache = False      # fixed-shape caches (see `use_static` / `compile`)
+        self._compiled_denoise = None
+        self.compile_options: dict = {}
         self.mask_token_id = mask_token_id
         self.tokenizer = tokenizer
         self.name = name
@@ -60,6 +63,10 @@ class TwoTower(nn.Module):
     def shares_base(self) -> bool:
         """True when the denoiser runs on the context tower's own modules (adapter unmerged)."""
         return self.denoiser_lm is self.context_lm
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled_denoise is not None
 
     @property
     def max_context(self) -> int:
@@ -84,10 +91,40 @@ class TwoTower(nn.Module):
         ids.discard(self.mask_token_id)
         return ids
 
+    # ---- fast paths --------------------------------------------------------------------
+    def use_static(self, on: bool = True) -> "TwoTower":
+        """Run on static caches: every AR step, block extend and denoiser pass of a run keeps
+        one tensor shape (the prerequisite of torch.compile without recompiles and of CUDA
+        graphs). Tokens equal the dynamic path's; attention spans the cache's capacity."""
+        if on and not getattr(self.family, "supports_static", False):
+            raise ValueError(f"static caches are not supported for {self.context_lm.config.model_type} yet")
+        self.static_cache = on
+        return self
+
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> "TwoTower":
+        """torch.compile the fixed-shape passes on static caches, the same way for both modes:
+        the context tower's AR step / block extend and the whole denoiser pass (embedding,
+        time conditioning, layers, head). mode="reduce-overhead" adds CUDA graphs on a GPU.
+        Prefills and passes that capture attention stay eager."""
+        self.use_static()
+        options = {"backend": backend, "dynamic": False, **({"mode": mode} if mode else {})}
+        self.compile_options = options
+        self.family.fixed_step = torch.compile(self.context_lm, **options)
+        self._compiled_denoise = torch.compile(self._denoise, **options)
+        return self
+
+    def cache_capacity(self, needed: int) -> int:
+        """Static cache length for `needed` positions: a multiple of 256, so that runs of
+        similar length share compiled graphs."""
+        return -(-needed // 256) * 256
+
     # ---- context tower -----------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]], pad_id: int = 0):
-        """Read left-padded prompts into a fresh cache. Returns (ContextState, last logits (B, V))."""
+    def prefill(self, prompts: list[list[int]], pad_id: int = 0, room: int | None = None):
+        """Read left-padded prompts into a fresh cache. Returns (ContextState, last logits (B, V)).
+
+        room: how many tokens the run will append; with `static_cache` on, the cache is then
+        static with room for them (without `room` it grows as needed)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         width = max(len(p) for p in prompts)
@@ -97,7 +134,10 @@ class TwoTower(nn.Module):
             ids[b, width - len(p):] = torch.tensor(p)
             valid[b, width - len(p):] = True
         ids, valid = ids.to(self.device), valid.to(self.device)
-        empty = ContextState(self.family.new_cache(), valid[:, :0], torch.zeros(len(prompts), dtype=torch.long, device=self.device))
+        capacity = self.cache_capacity(width + room) if self.static_cache and room is not None else None
+        cache = self.family.new_cache(capacity) if capacity else self.family.new_cache()
+        empty = ContextState(cache, valid[:, :0], torch.zeros(len(prompts), dtype=torch.long, device=self.device),
+                             capacity=capacity)
         ctx, logits = self.extend(empty, ids, valid)
         return ctx, logits[:, -1]
 
@@ -108,7 +148,8 @@ class TwoTower(nn.Module):
             valid = torch.ones_like(ids, dtype=torch.bool)
         with self.adapter.disable_adapter() if self.adapter is not None else contextlib.nullcontext():
             logits = self.family.context_forward(ids, ctx, valid)
-        new = ContextState(ctx.cache, torch.cat([ctx.valid, valid], 1), ctx.lengths + valid.sum(1), ids[:, -1])
+        new = ContextState(ctx.cache, torch.cat([ctx.valid, valid], 1), ctx.lengths + valid.sum(1), ids[:, -1].contiguous(),
+                           ctx.capacity)
         return new, logits
 
     # ---- denoiser ----------------------------------------------------------------------
@@ -128,8 +169,12 @@ class TwoTower(nn.Module):
         """
         if t is None:
             t = (x == self.mask_token_id).float().mean(-1)
+        compiled = self._compiled_denoise is not None and capture is None and inputs.get("static", False)
+        return (self._compiled_denoise if compiled else self._denoise)(x, inputs, t.to(self.device), capture)
+
+    def _denoise(self, x: torch.Tensor, inputs: dict, t: torch.Tensor, capture=None) -> torch.Tensor:
         h = self.embed_block(torch.cat([inputs["anchor"], x], 1) if self.anchor else x)
-        h = self.family.denoiser_hidden(h, inputs, self.time, self.time(t.to(self.device)), capture)
+        h = self.family.denoiser_hidden(h, inputs, self.time, self.time(t), capture)
         logits = self.denoiser_lm.get_output_embeddings()(h)
         return logits[:, :-1] if self.anchor else logits
 

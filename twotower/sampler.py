@@ -107,7 +107,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
     gen, eos, mask_id = _generator(model, cfg.seed), model.eos_token_ids, model.mask_token_id
     start = time.perf_counter()
     prefix = resume.prefix if resume else [[] for _ in prompts]
-    ctx, _ = model.prefill([p + q for p, q in zip(prompts, prefix)])
+    ctx, _ = model.prefill([p + q for p, q in zip(prompts, prefix)], room=cfg.max_new_tokens)
     batch = len(prompts)
     yield Prefill(prompt_tokens=[len(p) for p in prompts], seconds=time.perf_counter() - start)
 
@@ -186,7 +186,7 @@ def ar_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -
     check_request(model, prompts, cfg)
     gen, eos = _generator(model, cfg.seed), model.eos_token_ids
     start = time.perf_counter()
-    ctx, logits = model.prefill(prompts)
+    ctx, logits = model.prefill(prompts, room=cfg.max_new_tokens)
     batch = len(prompts)
     yield Prefill(prompt_tokens=[len(p) for p in prompts], seconds=time.perf_counter() - start)
     out: list[list[int]] = [[] for _ in range(batch)]

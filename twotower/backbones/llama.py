@@ -8,7 +8,7 @@ positions continue after the context, so RoPE places block token j at position L
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from ..attention import AttentionCapture
 from ..conditioning import modulate
@@ -20,11 +20,13 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite")
 class LlamaFamily:
     name = "llama"
     supports_anchor = True
+    supports_static = True
 
     def __init__(self, context_lm, denoiser_lm):
         self.context_lm = context_lm
         self.denoiser_lm = denoiser_lm
         self.config = context_lm.config
+        self.fixed_step = context_lm     # runs fixed-shape context passes; TwoTower.compile swaps it
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -40,19 +42,29 @@ class LlamaFamily:
         return int(getattr(self.config, "max_position_embeddings", 2048))
 
     # ---- context tower -----------------------------------------------------------------
-    def new_cache(self):
-        return DynamicCache(config=self.config)
+    def new_cache(self, capacity: int | None = None):
+        """A growing cache, or with `capacity` a static one of that many positions."""
+        if capacity is None:
+            return DynamicCache(config=self.config)
+        return StaticCache(config=self.config, max_cache_len=capacity)
 
     def context_forward(self, ids: torch.Tensor, ctx: ContextState, valid_new: torch.Tensor) -> torch.Tensor:
         """Append ids (B, n) to the context cache in one pass; returns logits (B, n, V).
 
         ctx holds the state BEFORE the append; valid_new (B, n) marks real (non-pad) tokens.
+        With a static cache the mask spans its whole capacity; AR steps and block extends then
+        keep one shape for the whole run.
         """
-        mask = torch.cat([ctx.valid, valid_new], 1).long()
-        positions = (mask.cumsum(1) - 1).clamp_min(0)[:, -ids.shape[1]:]
-        out = self.context_lm(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              past_key_values=ctx.cache, use_cache=True)
-        return out.logits
+        mask = torch.cat([ctx.valid, valid_new], 1)
+        positions = (mask.long().cumsum(1) - 1).clamp_min(0)[:, -ids.shape[1]:].contiguous()
+        if ctx.capacity is None:
+            return self.context_lm(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
+                                   past_key_values=ctx.cache, use_cache=True).logits
+        full = mask.new_zeros(mask.shape[0], ctx.capacity).long()      # the cache writes at its own count
+        full[:, :mask.shape[1]] = mask
+        call = self.context_lm if ctx.valid.shape[1] == 0 else self.fixed_step   # prefill lengths vary
+        return call(input_ids=ids, attention_mask=full, position_ids=positions,
+                    past_key_values=ctx.cache, use_cache=True).logits
 
     def context_kv(self, cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Layer index -> (keys, values), each (B, kv_heads, L, d), post-RoPE."""
@@ -68,6 +80,9 @@ class LlamaFamily:
         """
         positions = ctx.positions(size, offset)                          # (B, S)
         kv, valid = self.context_kv(ctx.cache), ctx.valid
+        if ctx.capacity is not None:   # static: the cache's own buffers, unused slots masked
+            return {"view": ContextView(kv, size, inplace=False), "positions": positions, "static": True,
+                    "mask": block_mask(ctx.static_valid(hide_last=-offset), size, causal, always=True)}
         if offset:   # the block re-reads the last `-offset` clean tokens: hide their context copies
             kv = {i: (k[..., :offset, :], v[..., :offset, :]) for i, (k, v) in kv.items()}
             valid = valid[:, :offset]

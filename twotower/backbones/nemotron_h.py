@@ -20,7 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from ..attention import AttentionCapture
 from ..conditioning import modulate
@@ -33,11 +33,13 @@ MAMBA, ATTENTION = "linear_attention", "full_attention"
 class NemotronHFamily:
     name = "nemotron_h"
     supports_anchor = False     # the release's denoiser reads the block alone
+    supports_static = True
 
     def __init__(self, context_lm, denoiser_lm):
         self.context_lm = context_lm
         self.denoiser_lm = denoiser_lm
         self.config = context_lm.config
+        self.fixed_step = context_lm     # runs fixed-shape context passes; TwoTower.compile swaps it
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -67,20 +69,30 @@ class NemotronHFamily:
         return self.denoiser_lm.get_input_embeddings().weight.device
 
     # ---- context tower -----------------------------------------------------------------
-    def new_cache(self):
-        return DynamicCache(config=self.config)
+    def new_cache(self, capacity: int | None = None):
+        """A growing cache, or with `capacity` a static one (attention K/V of that many positions)."""
+        if capacity is None:
+            return DynamicCache(config=self.config)
+        return StaticCache(config=self.config, max_cache_len=capacity)
 
     def context_forward(self, ids: torch.Tensor, ctx: ContextState, valid_new: torch.Tensor) -> torch.Tensor:
         """Append ids (B, n) to the context cache in one pass; returns logits (B, n, V).
 
         ctx holds the state BEFORE the append; valid_new (B, n) marks real (non-pad) tokens.
         Nemotron-H has no position embedding: the 2D mask alone handles left padding
-        (masked keys in attention, zeroed inputs in the Mamba layers).
+        (masked keys in attention, zeroed inputs in the Mamba layers). On a static cache the
+        masks are ours (`static_masks`), so AR steps and block extends keep one shape.
         """
         device = self._context_device()
-        mask = torch.cat([ctx.valid, valid_new], 1).to(device).long()
-        out = self.context_lm(input_ids=ids.to(device), attention_mask=mask,
-                              past_key_values=ctx.cache, use_cache=True)
+        mask = torch.cat([ctx.valid, valid_new], 1).to(device)
+        if ctx.capacity is None:
+            out = self.context_lm(input_ids=ids.to(device), attention_mask=mask.long(),
+                                  past_key_values=ctx.cache, use_cache=True)
+            return out.logits.to(ids.device)
+        prefill = ctx.valid.shape[1] == 0
+        masks = static_masks(mask, ids.shape[1], ctx.capacity, valid_new.to(device) if prefill else None)
+        call = self.context_lm if prefill else self.fixed_step          # prefill lengths vary
+        out = call(input_ids=ids.to(device), attention_mask=masks, past_key_values=ctx.cache, use_cache=True)
         return out.logits.to(ids.device)
 
     def context_kv(self, cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -118,15 +130,16 @@ class NemotronHFamily:
         device = self._denoiser_device()
         batch = ctx.valid.shape[0]
         kv = self._full_kv(self.context_kv(ctx.cache), batch, device)
-        mask = block_mask(ctx.valid, size, causal)
+        static = ctx.capacity is not None       # the static cache's own buffers, unused slots masked
+        mask = block_mask(ctx.static_valid(), size, causal, always=True) if static else block_mask(ctx.valid, size, causal)
         seeds = {}
         for i, (conv, ssm) in self.context_mamba(ctx.cache).items():
             mixer = self.denoiser_lm.model.layers[i].mixer
             conv, ssm = self._zero_seed(mixer, batch, device) if conv is None or ssm is None else (conv, ssm)
             seeds[i] = (conv.to(device=device, dtype=torch.float32, copy=True),
                         ssm.to(device=device, dtype=torch.float32, copy=True))
-        return {"view": ContextView(kv, size, inplace=inplace), "mask": None if mask is None else mask.to(device),
-                "mamba": seeds, "scan_length": size}
+        return {"view": ContextView(kv, size, inplace=inplace and not static), "static": static,
+                "mask": None if mask is None else mask.to(device), "mamba": seeds, "scan_length": size}
 
     def _full_kv(self, kv: dict, batch: int, device) -> dict:
         """Every attention layer's context K/V on `device`; an empty context gives length-0 tensors."""
@@ -214,6 +227,19 @@ class NemotronHFamily:
         kv = self._full_kv(self.context_kv(cache), clean.shape[0], device)
         return {"view": ContextView(kv, n, inplace=False), "mask": mask, "mamba": seeds,
                 "scan_length": block_size}
+
+
+def static_masks(valid: torch.Tensor, n: int, capacity: int, padding: torch.Tensor | None) -> dict:
+    """The masks of a context pass over the last n of `valid` (B, L) on a static cache:
+    attention (B, 1, n, capacity) bool, causal over the filled slots; Mamba: the new tokens'
+    padding mask (B, n) for a prefill, None after it (appended tokens are never padding)."""
+    batch, width = valid.shape
+    slots = torch.arange(capacity, device=valid.device)
+    filled = torch.zeros(batch, capacity, dtype=torch.bool, device=valid.device)
+    filled[:, :width] = valid
+    causal = slots[None, :] <= torch.arange(width - n, width, device=valid.device)[:, None]   # (n, capacity)
+    return {"full_attention": filled[:, None, None, :] & causal[None, None],
+            "linear_attention": None if padding is None else padding.long()}
 
 
 # ---- Mamba-2 -----------------------------------------------------------------------------

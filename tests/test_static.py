@@ -1,0 +1,91 @@
+"""Static caches and torch.compile: the fast paths give the dynamic path's tokens, shapes stay fixed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny import MASK_ID, tiny_llama
+from twotower.events import Done
+from twotower.model import TwoTower
+from twotower.sampler import ar_generate, diffusion_generate
+from twotower.sampling import SamplerConfig
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]          # rows of different length: left padding
+
+
+def two_towers(anchor: bool, learned_mask: bool = False) -> TwoTower:
+    """A denoiser unlike its context tower, so that any mix-up of caches changes the tokens."""
+    return TwoTower(tiny_llama(0), tiny_llama(1), MASK_ID, anchor=anchor, learned_mask=learned_mask).eval()
+
+
+def tokens(events) -> tuple[list[list[int]], int]:
+    done = next(e for e in events if isinstance(e, Done))
+    return done.token_ids, done.nfe
+
+
+def both_modes(model, prompts, cfg):
+    return tokens(diffusion_generate(model, prompts, cfg)), tokens(ar_generate(model, prompts, cfg))
+
+
+@pytest.mark.parametrize("anchor", [False, True])
+@pytest.mark.parametrize("prompts", [PROMPTS, [[4, 5, 6]]])
+def test_static_cache_gives_the_dynamic_tokens(anchor, prompts):
+    model = two_towers(anchor, learned_mask=True)
+    cfg = SamplerConfig(max_new_tokens=40, block_size=8, steps=8, threshold=0.5, stop_at_eos=False)
+    dynamic = both_modes(model, prompts, cfg)
+    assert dynamic[0][1] > 40 // 8                                      # several steps per block ran
+    assert both_modes(model.use_static(), prompts, cfg) == dynamic
+
+
+def test_static_run_that_fills_the_cache_exactly():
+    model = two_towers(anchor=True).use_static()
+    prompt = [[7] * 40]
+    cfg = SamplerConfig(max_new_tokens=256 - 40, block_size=8, steps=2, stop_at_eos=False)
+    assert model.cache_capacity(40 + cfg.max_new_tokens) == 256
+    (diff, _), (ar, _) = both_modes(model, prompt, cfg)
+    assert len(diff[0]) == len(ar[0]) == 216
+
+
+def test_static_state_has_fixed_shapes():
+    model = two_towers(anchor=True).use_static()
+    ctx, _ = model.prefill(PROMPTS, room=20)
+    assert ctx.capacity == 256
+    first = model.block_inputs(ctx, 8)
+    ctx, _ = model.extend(ctx, torch.full((2, 8), 9))
+    later = model.block_inputs(ctx, 8)
+    assert first["mask"].shape == later["mask"].shape == (2, 1, 9, 256 + 9)
+    # the anchored block re-reads the last clean token: its cache slot is hidden, later slots too
+    seen = later["mask"][0, 0, 0, :256]
+    assert seen[:14].all() and not seen[14:].any()               # 7 + 8 clean tokens, the last hidden
+
+
+def test_the_growing_cache_stays_the_default():
+    model = two_towers(anchor=False).use_static()
+    ctx, _ = model.prefill(PROMPTS)                                # no room given: the teacher's use
+    assert ctx.capacity is None
+
+
+def test_nemotron_h_static_and_compiled_give_the_dynamic_tokens():
+    """The release's architecture (Mamba-2 / attention / MoE) on static caches, then compiled:
+    the dynamic path's tokens in both modes (padded rows, trained-like random denoiser)."""
+    from tests.test_nemotron_h import PROMPTS as NH_PROMPTS, tiny_twotower as tiny_nemotron
+    model = tiny_nemotron(trained=True)
+    cfg = SamplerConfig(max_new_tokens=24, block_size=8, steps=8, threshold=0.5, stop_at_eos=False)
+    dynamic = both_modes(model, NH_PROMPTS, cfg)
+    assert both_modes(model.use_static(), NH_PROMPTS, cfg) == dynamic
+    assert both_modes(model.compile(), NH_PROMPTS, cfg) == dynamic
+
+
+def test_compiled_model_matches_eager_without_recompiling():
+    """inductor on the CPU: the same tokens as eager; then other prompts of other lengths (same
+    cache capacity) and another seed reuse the graphs: a recompile would raise."""
+    model = two_towers(anchor=True, learned_mask=True)
+    cfg = SamplerConfig(max_new_tokens=24, block_size=8, steps=8, threshold=0.5, stop_at_eos=False)
+    eager = both_modes(model, PROMPTS, cfg)
+    model.compile()
+    assert model.compiled and model.static_cache
+    assert both_modes(model, PROMPTS, cfg) == eager
+    other = [[20, 21, 22, 23], [30, 31, 32, 33, 34, 35, 36, 37, 38]]
+    expected = both_modes(two_towers(anchor=True, learned_mask=True), other, cfg)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert both_modes(model, other, cfg) == expected
