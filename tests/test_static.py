@@ -89,3 +89,22 @@ def test_compiled_model_matches_eager_without_recompiling():
     expected = both_modes(two_towers(anchor=True, learned_mask=True), other, cfg)
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert both_modes(model, other, cfg) == expected
+
+
+@pytest.mark.parametrize("anchor", [False, True])
+def test_captured_attention_on_a_static_cache_matches_the_dynamic_path(anchor):
+    """The app's cross-attention view: probabilities over [context | block], whatever the cache."""
+    model = two_towers(anchor)
+    cfg = SamplerConfig(max_new_tokens=16, block_size=8, steps=4, threshold=0.5, stop_at_eos=False)
+
+    def attention(m):
+        steps = [e for e in diffusion_generate(m, PROMPTS, cfg, capture_layers=(0, 1)) if hasattr(e, "attention")]
+        return [e.attention for e in steps]
+
+    dynamic = attention(model)
+    static = attention(model.use_static())
+    assert len(static) == len(dynamic) > 2
+    for a, b in zip(dynamic, static):
+        assert a.keys() == b.keys()
+        for layer in a:
+            torch.testing.assert_close(torch.tensor(b[layer]), torch.tensor(a[layer]), atol=1e-6, rtol=1e-5)

@@ -20,6 +20,15 @@ class AttentionCapture:
     def __init__(self, layers):
         self.layers = set(layers)
         self.probs: dict[int, torch.Tensor] = {}   # layer -> (B, heads, S, L + S)
+        self.static_slots: tuple[int, int] | None = None   # (L, capacity) on a static cache
+
+    def keep(self, layer: int, probs: torch.Tensor) -> None:
+        """Store a layer's probabilities over [context | block]; on a static cache the
+        context's unused slots (L..capacity) are dropped, so the shape is the dynamic path's."""
+        if self.static_slots is not None:
+            used, capacity = self.static_slots
+            probs = torch.cat([probs[..., :used], probs[..., capacity:]], -1)
+        self.probs[layer] = probs.detach()
 
 
 def twotower_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -42,7 +51,7 @@ def twotower_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, float("-inf"))
     probs = scores.softmax(-1)
-    capture.probs[module.layer_idx] = probs.detach()
+    capture.keep(module.layer_idx, probs)
     out = torch.matmul(probs.to(value.dtype), value)
     return out.transpose(1, 2).contiguous(), probs
 

@@ -169,7 +169,10 @@ class TwoTower(nn.Module):
         """
         if t is None:
             t = (x == self.mask_token_id).float().mean(-1)
-        compiled = self._compiled_denoise is not None and capture is None and inputs.get("static", False)
+        static = inputs.get("static", False)
+        if capture is not None and static:
+            capture.static_slots = inputs["context_slots"]
+        compiled = self._compiled_denoise is not None and capture is None and static
         return (self._compiled_denoise if compiled else self._denoise)(x, inputs, t.to(self.device), capture)
 
     def _denoise(self, x: torch.Tensor, inputs: dict, t: torch.Tensor, capture=None) -> torch.Tensor:

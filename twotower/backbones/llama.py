@@ -82,7 +82,8 @@ class LlamaFamily:
         kv, valid = self.context_kv(ctx.cache), ctx.valid
         if ctx.capacity is not None:   # static: the cache's own buffers, unused slots masked
             return {"view": ContextView(kv, size, inplace=False), "positions": positions, "static": True,
-                    "mask": block_mask(ctx.static_valid(hide_last=-offset), size, causal, always=True)}
+                    "mask": block_mask(ctx.static_valid(hide_last=-offset), size, causal, always=True),
+                    "context_slots": (ctx.valid.shape[1] + offset, ctx.capacity)}
         if offset:   # the block re-reads the last `-offset` clean tokens: hide their context copies
             kv = {i: (k[..., :offset, :], v[..., :offset, :]) for i, (k, v) in kv.items()}
             valid = valid[:, :offset]

@@ -139,6 +139,7 @@ class NemotronHFamily:
             seeds[i] = (conv.to(device=device, dtype=torch.float32, copy=True),
                         ssm.to(device=device, dtype=torch.float32, copy=True))
         return {"view": ContextView(kv, size, inplace=inplace and not static), "static": static,
+                "context_slots": (ctx.valid.shape[1], ctx.capacity),
                 "mask": None if mask is None else mask.to(device), "mamba": seeds, "scan_length": size}
 
     def _full_kv(self, kv: dict, batch: int, device) -> dict:
