@@ -11,13 +11,14 @@ stage=$1
 export PYTHONUNBUFFERED=1 TWOTOWER_CACHE=/root/twotower-cache TWOTOWER_SMOLLM2_GGUF=/root/g/smollm2.gguf
 mkdir -p /root/g
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
-bench() {   # bench NAME ARGS...: one JSON per run into $OUT, a one-line summary on stdout
+bench() {   # bench NAME ARGS...: one JSON per run into $OUT (at most 8 files come back), a summary line
   local name=$1; shift
-  python3 -m twotower bench --device cuda --json "$@" > "$OUT/${gpu}_$name.json" 2> "$OUT/${gpu}_$name.log" || {
+  python3 -m twotower bench --device "${DEVICE:-cuda}" --json "$@" > "$OUT/${gpu}_$name.json" 2> "$OUT/${gpu}_$name.log" || {
     echo "$name FAILED"; tail -5 "$OUT/${gpu}_$name.log"; return 0; }
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'ratio', r['ratio'],
     'AR', r['ar']['tokens_per_second'], 'diffusion', r['diffusion']['tokens_per_second'],
     'tok/NFE', r['diffusion']['tokens_per_nfe'], 'peak GB', r['peak_memory'].get('gb'))" "$OUT/${gpu}_$name.json" "$name"
+  rm -f "$OUT/${gpu}_$name.log"
 }
 case $stage in
 prep)
