@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 6 in two or three device-tool calls (see bench/RESULTS.md, section 6).
-#   .gpu/a/part_00, .gpu/b/part_01: the SmolLM2 GGUF split in two (`split -n 2 -d`), carried in
+#   .gpu/a/part_00, .gpu/b/part_01: the SmolLM2 GGUF split in two by `bash bench/gpu_default_model.sh pack`, carried in
 #   two back-to-back calls (one call carries at most 64 MiB); .gpu/b/*.whl: the gguf wheel.
 # Stage "prep"  (call 1, carry .gpu/a): stash the first half.
 # Stage "default" (call 2, carry .gpu/b): the default model on this GPU, eager / static /

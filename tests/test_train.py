@@ -97,3 +97,17 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, ar_dir, corpus):
     assert main(["train", "--config", config, "--resume", "--set", "steps=4"]) == 0
     state = json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())
     assert state["step"] == 4 and [h["step"] for h in state["history"]] == [2, 4]
+
+
+def test_compiled_training_pass_gives_the_eager_losses(tmp_path, ar_dir, corpus):
+    """compile = true (inductor on the CPU): same seeds, same losses as the eager run."""
+    def losses(name, **extra):
+        config = write_config(tmp_path / name, ar_dir, corpus, steps=2, **extra)
+        assert main(["train", "--config", config]) == 0
+        state = json.loads((tmp_path / name / "run" / "last" / "train_state.json").read_text())
+        return [(h["train_loss"], h["eval_loss"]) for h in state["history"]]
+
+    (tmp_path / "eager").mkdir(), (tmp_path / "compiled").mkdir()
+    eager, compiled = losses("eager"), losses("compiled", compile=True)
+    assert len(eager) == 1 and eager[0][0] > 0
+    assert compiled == pytest.approx(eager, abs=2e-3)

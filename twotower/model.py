@@ -205,7 +205,8 @@ class TwoTower(nn.Module):
         ids = torch.where(slot == 0, clean[:, qpos], noisy[:, qpos])    # anchor slots stay clean
         tq = t[:, qpos + (slot == 0).long()]                            # an anchor carries its block's t
         h = self.family.denoiser_hidden(self.embed_block(ids), inputs, self.time, self.time(tq))
-        return h[:, slot != block_size]                                 # the last slot predicts past its block
+        keep = torch.arange(qpos.numel(), device=qpos.device).view(-1, block_size + 1)[:, :block_size]
+        return h[:, keep.flatten()]                                     # the last slot predicts past its block
 
     def training_logits(self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, block_size: int):
         """Logits (B, N - start, V) of `training_hidden` (training itself heads masked positions only)."""

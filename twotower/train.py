@@ -66,6 +66,7 @@ class TrainConfig:
     save_every: int = 500
     seed: int = 0
     max_minutes: float = 0.0          # wall-clock budget; 0 = none. Ends early, saving as at the end
+    compile: bool = False             # torch.compile the denoiser's training pass (batch shape fixed)
     init: str = ""                    # start from this checkpoint dir's denoiser weights (no optimizer)
     device: str | None = None         # default: cuda if available
     name: str = "smollm2-twotower"
@@ -239,6 +240,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed + rank)
     train_data, eval_data = load_corpus(cfg.corpus, cfg.seq_len, cfg.eval_fraction, cfg.seed + rank)
     model, peft_model = build_model(cfg, device)
+    if cfg.compile:   # context tower + denoiser over all blocks; the head on masked positions stays eager
+        model.training_hidden = torch.compile(model.training_hidden, dynamic=False)
     objective = DiffusionObjective(model, cfg.block_size, cfg.min_t)
     runner = objective
     if world > 1:
