@@ -47,6 +47,14 @@ def test_generate_is_deterministic(capsys, ar_dir):
     assert cli(capsys, *args)[1] == first
 
 
+def test_generate_compiled_prints_the_eager_text(capsys, ar_dir):
+    args = ["generate", "--model", str(ar_dir), "--prompt-ids", "9,8,7", *SMALL]
+    eager = cli(capsys, *args)[1]
+    rc, out, err = cli(capsys, *args, "--compile")
+    assert rc == 0, err
+    assert out == eager
+
+
 def test_generate_text_prompt_with_a_tokenizer(capsys, ar_dir_tok):
     rc, out, err = cli(capsys, "generate", "Hello world", "--model", str(ar_dir_tok), *SMALL)
     assert rc == 0, err

@@ -45,6 +45,8 @@ def load_model(args):
         if not 0 <= args.mask_token_id < vocab:
             raise ValueError(f"--mask-token-id {args.mask_token_id} is outside the vocabulary (0..{vocab - 1})")
         model.mask_token_id = args.mask_token_id
+    if getattr(args, "compile", False):
+        model.compile(mode=args.compile_mode)
     return model
 
 
@@ -109,6 +111,10 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids")
     p.add_argument("--prompts", default=None, help="file with one prompt per line (JSON lines out)")
     p.add_argument("--trace", default=None, help="write the run's trace to this JSON file")
+    p.add_argument("--compile", action="store_true",
+                   help="static caches + torch.compile of the model's passes: the first run compiles "
+                        "(minutes on a CPU), later runs of a --prompts file are faster")
+    p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs on a GPU)")
     add_sampler_args(p)
     p.set_defaults(func=cmd_generate)
 
