@@ -102,7 +102,8 @@ class TwoTower(nn.Module):
         return self
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> "TwoTower":
-        """torch.compile the fixed-shape passes on static caches, the same way for both modes:
+        """torch.compile the fixed-shape passes on static caches, the same way for both modes
+        (this replaces nn.Module.compile: a TwoTower has no single forward to compile):
         the context tower's AR step / block extend and the whole denoiser pass (embedding,
         time conditioning, layers, head). mode="reduce-overhead" adds CUDA graphs on a GPU.
         Prefills and passes that capture attention stay eager."""

@@ -122,7 +122,9 @@ class NemotronHFamily:
 
         A snapshot: the context K/V are copied into the view's buffers (inplace) and the
         Mamba seeds are fp32 copies on the denoiser's device, so extending the context cache
-        later never changes a block's inputs and denoising never changes the cache.
+        later never changes a block's inputs and denoising never changes the cache. On a
+        static cache the view reads the cache's own K/V buffers instead (no copy): a later
+        extend writes only slots this block's mask hides.
         causal=True makes the block's attention causal (a Mamba scan is causal by nature).
         """
         if offset:
