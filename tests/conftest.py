@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +22,11 @@ TOKENIZER_TEXT = [
     "What is the capital of France? Paris is the capital of France.",
     "Hello world, hello diffusion. A block of tokens is denoised step by step.",
 ]
+
+
+# torch.compile's inductor backend builds C++ on a CPU: tests that compile need a compiler
+needs_cxx = pytest.mark.skipif(not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")),
+                               reason="torch.compile (inductor) needs a C++ compiler on the CPU")
 
 
 def make_tokenizer(vocab_size: int = 300):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_cxx
 from twotower.cli import main
 from twotower.trace import Trace
 
@@ -47,6 +47,7 @@ def test_generate_is_deterministic(capsys, ar_dir):
     assert cli(capsys, *args)[1] == first
 
 
+@needs_cxx
 def test_generate_compiled_prints_the_eager_text(capsys, ar_dir):
     args = ["generate", "--model", str(ar_dir), "--prompt-ids", "9,8,7", *SMALL]
     eager = cli(capsys, *args)[1]

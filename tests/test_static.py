@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import needs_cxx
 from tests.tiny import MASK_ID, tiny_llama
 from twotower.events import Done
 from twotower.model import TwoTower
@@ -65,6 +66,7 @@ def test_the_growing_cache_stays_the_default():
     assert ctx.capacity is None
 
 
+@needs_cxx
 def test_nemotron_h_static_and_compiled_give_the_dynamic_tokens():
     """The release's architecture (Mamba-2 / attention / MoE) on static caches, then compiled:
     the dynamic path's tokens in both modes (padded rows, trained-like random denoiser)."""
@@ -76,6 +78,7 @@ def test_nemotron_h_static_and_compiled_give_the_dynamic_tokens():
     assert both_modes(model.compile(), NH_PROMPTS, cfg) == dynamic
 
 
+@needs_cxx
 def test_compiled_model_matches_eager_without_recompiling():
     """inductor on the CPU: the same tokens as eager; then other prompts of other lengths (same
     cache capacity) and another seed reuse the graphs: a recompile would raise."""
@@ -110,6 +113,7 @@ def test_captured_attention_on_a_static_cache_matches_the_dynamic_path(anchor):
             torch.testing.assert_close(torch.tensor(b[layer]), torch.tensor(a[layer]), atol=1e-6, rtol=1e-5)
 
 
+@needs_cxx
 def test_shared_backbone_adapter_static_and_compiled(ar_dir, tmp_path):
     """share_base: one backbone whose LoRA adapter is switched off for the context tower; the
     compiled passes must keep the two apart (the merged copy's tokens)."""

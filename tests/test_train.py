@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.conftest import needs_cxx
 from tests.tiny import MASK_ID, VOCAB
 from twotower import checkpoints
 from twotower.cli import main
@@ -99,6 +100,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, ar_dir, corpus):
     assert state["step"] == 4 and [h["step"] for h in state["history"]] == [2, 4]
 
 
+@needs_cxx
 def test_compiled_training_pass_gives_the_eager_losses(tmp_path, ar_dir, corpus):
     """compile = true (inductor on the CPU): same seeds, same losses as the eager run."""
     def losses(name, **extra):
