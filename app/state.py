@@ -6,6 +6,9 @@ import threading
 from dataclasses import dataclass, field
 
 MODEL_ENV = "TWOTOWER_MODEL"      # model spec for checkpoints.load; unset = the default model
+COMPILE_ENV = "TWOTOWER_COMPILE"  # "1": static caches + torch.compile; or a compile mode, e.g.
+                                  # "reduce-overhead" (CUDA graphs); for GPU hosts (compiling
+                                  # takes minutes on a CPU, at the first run of each shape)
 
 _lock = threading.Lock()
 _model = None
@@ -34,8 +37,16 @@ def get_model():
     with _lock:
         if _model is None:
             from twotower import checkpoints
-            _model = checkpoints.load(os.environ.get(MODEL_ENV) or None)
+            _model = compiled(checkpoints.load(os.environ.get(MODEL_ENV) or None), os.environ.get(COMPILE_ENV, ""))
         return _model
+
+
+def compiled(model, setting: str):
+    """The model as TWOTOWER_COMPILE asks: unchanged ("" / "0"), compiled ("1"), or compiled
+    with that torch.compile mode."""
+    if setting in ("", "0"):
+        return model
+    return model.compile(mode=None if setting == "1" else setting)
 
 
 def model_loaded() -> bool:

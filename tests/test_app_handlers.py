@@ -8,6 +8,7 @@ import pytest
 
 from app import handlers, settings
 from app.state import OPTIONS, Session, set_model
+from tests.conftest import needs_cxx
 from tests.tiny_app import tiny_app_model
 
 SETTINGS = (24, 8, 4, 0.5, 0.0, 0, 1.0, "confidence", 0, False)   # sampler_config's order
@@ -175,3 +176,25 @@ def test_compare_two_saved_traces(tmp_path):
     assert "run-0.5.json" in view and "threshold" in view and "Comparing" in status
     with pytest.raises(gr.Error, match="trace file B"):
         study.compare_files(paths[0], None)
+
+
+def test_twotower_compile_setting_of_the_app():
+    from app.state import compiled
+    plain = tiny_app_model()
+    assert compiled(plain, "") is plain and not plain.compiled and compiled(plain, "0") is plain
+    assert compiled(tiny_app_model(), "1").compiled
+    graphs = compiled(tiny_app_model(), "reduce-overhead")
+    assert graphs.static_cache and graphs.compile_options["mode"] == "reduce-overhead"
+
+
+@needs_cxx
+def test_a_compiled_model_serves_the_app(model):
+    """TWOTOWER_COMPILE's model in the handlers: the eager model's text, with and without
+    captured attention (captured passes run eager on the static cache)."""
+    from app.state import compiled
+    expected = [run_to_end(Session(), capture=c)[1] for c in (False, True)]
+    set_model(compiled(tiny_app_model(), "1"))
+    try:
+        assert [run_to_end(Session(), capture=c)[1] for c in (False, True)] == expected
+    finally:
+        set_model(model)
