@@ -94,21 +94,28 @@ def test_compiled_model_matches_eager_without_recompiling():
         assert both_modes(model, other, cfg) == expected
 
 
-@pytest.mark.parametrize("anchor", [False, True])
-def test_captured_attention_on_a_static_cache_matches_the_dynamic_path(anchor):
+def nemotron_h():
+    from tests.test_nemotron_h import tiny_twotower as tiny_nemotron
+    return tiny_nemotron(trained=True)
+
+
+@pytest.mark.parametrize("build", [lambda: two_towers(False), lambda: two_towers(True), nemotron_h],
+                         ids=["llama", "llama-anchored", "nemotron-h"])
+def test_captured_attention_on_a_static_cache_matches_the_dynamic_path(build):
     """The app's cross-attention view: probabilities over [context | block], whatever the cache."""
-    model = two_towers(anchor)
+    model = build()
+    layers = tuple(model.family.attention_layers)
     cfg = SamplerConfig(max_new_tokens=16, block_size=8, steps=4, threshold=0.5, stop_at_eos=False)
 
     def attention(m):
-        steps = [e for e in diffusion_generate(m, PROMPTS, cfg, capture_layers=(0, 1)) if hasattr(e, "attention")]
+        steps = [e for e in diffusion_generate(m, PROMPTS, cfg, capture_layers=layers) if hasattr(e, "attention")]
         return [e.attention for e in steps]
 
     dynamic = attention(model)
     static = attention(model.use_static())
     assert len(static) == len(dynamic) > 2
     for a, b in zip(dynamic, static):
-        assert a.keys() == b.keys()
+        assert a and a.keys() == b.keys()
         for layer in a:
             torch.testing.assert_close(torch.tensor(b[layer]), torch.tensor(a[layer]), atol=1e-6, rtol=1e-5)
 
