@@ -113,3 +113,24 @@ def test_compiled_training_pass_gives_the_eager_losses(tmp_path, ar_dir, corpus)
     eager, compiled = losses("eager"), losses("compiled", compile=True)
     assert len(eager) == 1 and eager[0][0] > 0
     assert compiled == pytest.approx(eager, abs=2e-3)
+
+
+def test_two_processes_train_through_torchrun(tmp_path, ar_dir, corpus):
+    """DDP as on several GPUs, here two CPU processes (gloo): the same config trains through
+    torchrun, both ranks step together and rank 0 evaluates and saves a loadable checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    config = write_config(tmp_path, ar_dir, corpus, steps=3, eval_every=3, save_every=3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "twotower", "train", "--config", config]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x2;" in done.stderr                                   # "[train] ... on cpu x2; ..."
+    meta = json.loads((tmp_path / "run" / "final" / "twotower.json").read_text())
+    assert meta["train_step"] == 3 and len(meta["history"]) == 1
+    model = checkpoints.load(str(tmp_path / "run" / "final"), device="cpu")
+    assert model.anchor
