@@ -46,7 +46,10 @@ def compiled(model, setting: str):
     with that torch.compile mode."""
     if setting in ("", "0"):
         return model
-    return model.compile(mode=None if setting == "1" else setting)
+    try:
+        return model.compile(mode=None if setting == "1" else setting)
+    except RuntimeError as e:          # torch names the modes it knows
+        raise ValueError(f"{COMPILE_ENV}={setting!r}: {e}") from None
 
 
 def model_loaded() -> bool:
