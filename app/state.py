@@ -48,7 +48,7 @@ def compiled(model, setting: str):
         return model
     try:
         return model.compile(mode=None if setting == "1" else setting)
-    except RuntimeError as e:          # torch names the modes it knows
+    except ValueError as e:            # torch names the modes it knows
         raise ValueError(f"{COMPILE_ENV}={setting!r}: {e}") from None
 
 

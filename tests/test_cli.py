@@ -47,6 +47,12 @@ def test_generate_is_deterministic(capsys, ar_dir):
     assert cli(capsys, *args)[1] == first
 
 
+def test_generate_with_an_unknown_compile_mode_exits_2(capsys, ar_dir):
+    rc, out, err = cli(capsys, "generate", "--model", str(ar_dir), "--prompt-ids", "9,8,7", *SMALL,
+                       "--compile", "--compile-mode", "fastest")
+    assert rc == 2 and "cannot compile" in err and "Unrecognized mode=fastest" in err
+
+
 @needs_cxx
 def test_generate_compiled_prints_the_eager_text(capsys, ar_dir):
     args = ["generate", "--model", str(ar_dir), "--prompt-ids", "9,8,7", *SMALL]

@@ -107,11 +107,13 @@ class TwoTower(nn.Module):
         the context tower's AR step / block extend and the whole denoiser pass (embedding,
         time conditioning, layers, head). mode="reduce-overhead" adds CUDA graphs on a GPU.
         Prefills and passes that capture attention stay eager."""
-        self.use_static()
         options = {"backend": backend, "dynamic": False, **({"mode": mode} if mode else {})}
-        self.compile_options = options
-        self.family.fixed_step = torch.compile(self.context_lm, **options)
-        self._compiled_denoise = torch.compile(self._denoise, **options)
+        try:
+            fixed_step, denoise = torch.compile(self.context_lm, **options), torch.compile(self._denoise, **options)
+        except (RuntimeError, ValueError) as e:     # an unknown mode or backend
+            raise ValueError(f"cannot compile with {options}: {e}") from None
+        self.use_static()
+        self.compile_options, self.family.fixed_step, self._compiled_denoise = options, fixed_step, denoise
         return self
 
     def cache_capacity(self, needed: int) -> int:
