@@ -39,12 +39,13 @@ def test_static_cache_gives_the_dynamic_tokens(anchor, prompts):
 
 
 def test_static_run_that_fills_the_cache_exactly():
-    model = two_towers(anchor=True).use_static()
+    model = two_towers(anchor=True)
     prompt = [[7] * 40]
     cfg = SamplerConfig(max_new_tokens=256 - 40, block_size=8, steps=2, stop_at_eos=False)
     assert model.cache_capacity(40 + cfg.max_new_tokens) == 256
-    (diff, _), (ar, _) = both_modes(model, prompt, cfg)
-    assert len(diff[0]) == len(ar[0]) == 216
+    dynamic = both_modes(model, prompt, cfg)
+    (diff, _), (ar, _) = static = both_modes(model.use_static(), prompt, cfg)
+    assert len(diff[0]) == len(ar[0]) == 216 and static == dynamic
 
 
 def test_static_state_has_fixed_shapes():
