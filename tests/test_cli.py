@@ -85,6 +85,7 @@ def test_info(capsys, ar_dir):
     info = json.loads(out)
     assert info["architecture"] == "llama" and info["layers"] == 2 and info["vocab"] == 96
     assert info["max_context"] == 256 and info["dtype"] == "float32" and info["name"] == ar_dir.name
+    assert info["static_cache"] is False and info["compiled"] is False
     rc, out, _ = cli(capsys, "info", str(ar_dir), "--device", "cpu")
     assert rc == 0 and "architecture" in out and "llama" in out and "context_params" in out
 

@@ -88,6 +88,7 @@ def test_compiled_model_matches_eager_without_recompiling():
     eager = both_modes(model, PROMPTS, cfg)
     model.compile()
     assert model.compiled and model.static_cache
+    assert model.info()["compiled"] == {"backend": "inductor", "dynamic": False} and model.info()["static_cache"]
     assert both_modes(model, PROMPTS, cfg) == eager
     other = [[20, 21, 22, 23], [30, 31, 32, 33, 34, 35, 36, 37, 38]]
     expected = both_modes(two_towers(anchor=True, learned_mask=True), other, cfg)

@@ -239,5 +239,7 @@ class TwoTower(nn.Module):
             "context_device": str(next(self.context_lm.parameters()).device),
             "denoiser_device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "static_cache": self.static_cache,
+            "compiled": self.compile_options or False,
             "max_context": self.max_context,
         }
