@@ -49,6 +49,9 @@ def model_info() -> str:
     if "untrained" in str(info.get("name", "")):
         note = ("  \n⚠️ *The denoiser is untrained (initialised from the AR model): diffusion output is "
                 "poor until trained weights are placed in `assets/default_model`. AR mode reads well.*")
+    if info.get("compiled"):     # TWOTOWER_COMPILE: the first run of each shape compiles
+        note += ("  \nCompiled (torch.compile, static caches): the first run of a new length compiles "
+                 "for a while; later runs are faster.")
     return (f"**Model** `{info['name']}` · {info['architecture']} · {info['layers']} layers · "
             f"{info['context_params'] / 1e6:.0f}M + {info['denoiser_params'] / 1e6:.0f}M parameters · "
             f"mask id {info['mask_token_id']} · {info['denoiser_device']} {info['dtype']}{note}")

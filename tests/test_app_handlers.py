@@ -195,8 +195,10 @@ def test_a_compiled_model_serves_the_app(model):
     captured attention (captured passes run eager on the static cache)."""
     from app.state import compiled
     expected = [run_to_end(Session(), capture=c)[1] for c in (False, True)]
+    assert "Compiled" not in handlers.model_info()
     set_model(compiled(tiny_app_model(), "1"))
     try:
+        assert "Compiled (torch.compile, static caches)" in handlers.model_info()
         assert [run_to_end(Session(), capture=c)[1] for c in (False, True)] == expected
     finally:
         set_model(model)
