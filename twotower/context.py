@@ -31,9 +31,7 @@ class ContextState:
         """(B, capacity) bool: `valid` padded with False to the static cache's length; with
         `hide_last`, the last clean tokens are hidden too (an anchored block re-reads them)."""
         width = self.valid.shape[1]
-        out = self.valid.new_zeros(self.valid.shape[0], self.capacity)
-        out[:, :width - hide_last] = self.valid[:, :width - hide_last]
-        return out
+        return pad_mask(self.valid[:, :width - hide_last], self.capacity)
 
     def positions(self, size: int, offset: int = 0) -> torch.Tensor:
         """(B, size) position ids of the next `size` tokens of each row, shifted by `offset`."""
@@ -73,6 +71,13 @@ class ContextView:
         k[..., L: L + key.shape[-2], :] = key
         v[..., L: L + value.shape[-2], :] = value
         return k[..., : L + key.shape[-2], :], v[..., : L + value.shape[-2], :]
+
+
+def pad_mask(mask: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(B, L) mask -> (B, capacity), the slots after L False (a static cache's unused slots)."""
+    out = mask.new_zeros(mask.shape[0], capacity)
+    out[:, :mask.shape[1]] = mask
+    return out
 
 
 def block_mask(valid: torch.Tensor, size: int, causal: bool = False, always: bool = False) -> torch.Tensor | None:

@@ -8,25 +8,17 @@ positions continue after the context, so RoPE places block token j at position L
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, StaticCache
-
 from ..attention import AttentionCapture
 from ..conditioning import modulate
-from ..context import ContextState, ContextView, block_mask
+from ..context import ContextState, ContextView, block_mask, pad_mask
+from .family import Family
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite")
 
 
-class LlamaFamily:
+class LlamaFamily(Family):
     name = "llama"
     supports_anchor = True
-    supports_static = True
-
-    def __init__(self, context_lm, denoiser_lm):
-        self.context_lm = context_lm
-        self.denoiser_lm = denoiser_lm
-        self.config = context_lm.config
-        self.fixed_step = context_lm     # runs fixed-shape context passes; TwoTower.compile swaps it
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -42,12 +34,6 @@ class LlamaFamily:
         return int(getattr(self.config, "max_position_embeddings", 2048))
 
     # ---- context tower -----------------------------------------------------------------
-    def new_cache(self, capacity: int | None = None):
-        """A growing cache, or with `capacity` a static one of that many positions."""
-        if capacity is None:
-            return DynamicCache(config=self.config)
-        return StaticCache(config=self.config, max_cache_len=capacity)
-
     def context_forward(self, ids: torch.Tensor, ctx: ContextState, valid_new: torch.Tensor) -> torch.Tensor:
         """Append ids (B, n) to the context cache in one pass; returns logits (B, n, V).
 
@@ -60,11 +46,9 @@ class LlamaFamily:
         if ctx.capacity is None:
             return self.context_lm(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
                                    past_key_values=ctx.cache, use_cache=True).logits
-        full = mask.new_zeros(mask.shape[0], ctx.capacity).long()      # the cache writes at its own count
-        full[:, :mask.shape[1]] = mask
-        call = self.context_lm if ctx.valid.shape[1] == 0 else self.fixed_step   # prefill lengths vary
-        return call(input_ids=ids, attention_mask=full, position_ids=positions,
-                    past_key_values=ctx.cache, use_cache=True).logits
+        full = pad_mask(mask, ctx.capacity).long()                      # the cache writes at its own count
+        return self.context_call(ctx)(input_ids=ids, attention_mask=full, position_ids=positions,
+                                      past_key_values=ctx.cache, use_cache=True).logits
 
     def context_kv(self, cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Layer index -> (keys, values), each (B, kv_heads, L, d), post-RoPE."""

@@ -20,26 +20,18 @@ import math
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, StaticCache
-
 from ..attention import AttentionCapture
 from ..conditioning import modulate
-from ..context import ContextState, ContextView, block_mask
+from ..context import ContextState, ContextView, block_mask, pad_mask
+from .family import Family
 
 MODEL_TYPES = ("nemotron_h",)
 MAMBA, ATTENTION = "linear_attention", "full_attention"
 
 
-class NemotronHFamily:
+class NemotronHFamily(Family):
     name = "nemotron_h"
     supports_anchor = False     # the release's denoiser reads the block alone
-    supports_static = True
-
-    def __init__(self, context_lm, denoiser_lm):
-        self.context_lm = context_lm
-        self.denoiser_lm = denoiser_lm
-        self.config = context_lm.config
-        self.fixed_step = context_lm     # runs fixed-shape context passes; TwoTower.compile swaps it
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -69,12 +61,6 @@ class NemotronHFamily:
         return self.denoiser_lm.get_input_embeddings().weight.device
 
     # ---- context tower -----------------------------------------------------------------
-    def new_cache(self, capacity: int | None = None):
-        """A growing cache, or with `capacity` a static one (attention K/V of that many positions)."""
-        if capacity is None:
-            return DynamicCache(config=self.config)
-        return StaticCache(config=self.config, max_cache_len=capacity)
-
     def context_forward(self, ids: torch.Tensor, ctx: ContextState, valid_new: torch.Tensor) -> torch.Tensor:
         """Append ids (B, n) to the context cache in one pass; returns logits (B, n, V).
 
@@ -91,8 +77,8 @@ class NemotronHFamily:
             return out.logits.to(ids.device)
         prefill = ctx.valid.shape[1] == 0
         masks = static_masks(mask, ids.shape[1], ctx.capacity, valid_new.to(device) if prefill else None)
-        call = self.context_lm if prefill else self.fixed_step          # prefill lengths vary
-        out = call(input_ids=ids.to(device), attention_mask=masks, past_key_values=ctx.cache, use_cache=True)
+        out = self.context_call(ctx)(input_ids=ids.to(device), attention_mask=masks,
+                                     past_key_values=ctx.cache, use_cache=True)
         return out.logits.to(ids.device)
 
     def context_kv(self, cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -236,12 +222,10 @@ def static_masks(valid: torch.Tensor, n: int, capacity: int, padding: torch.Tens
     """The masks of a context pass over the last n of `valid` (B, L) on a static cache:
     attention (B, 1, n, capacity) bool, causal over the filled slots; Mamba: the new tokens'
     padding mask (B, n) for a prefill, None after it (appended tokens are never padding)."""
-    batch, width = valid.shape
+    width = valid.shape[1]
     slots = torch.arange(capacity, device=valid.device)
-    filled = torch.zeros(batch, capacity, dtype=torch.bool, device=valid.device)
-    filled[:, :width] = valid
     causal = slots[None, :] <= torch.arange(width - n, width, device=valid.device)[:, None]   # (n, capacity)
-    return {"full_attention": filled[:, None, None, :] & causal[None, None],
+    return {"full_attention": pad_mask(valid, capacity)[:, None, None, :] & causal[None, None],
             "linear_attention": None if padding is None else padding.long()}
 
 
