@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from tests.tiny import MASK_ID, VOCAB
+from tests.tiny import LORA, MASK_ID, VOCAB, random_lora
 from twotower import checkpoints
-from twotower.checkpoints import SpecError, build, load, load_ar, lora_config, read_safetensors, save
+from twotower.checkpoints import SpecError, build, load, load_ar, read_safetensors, save
 
 F32 = torch.float32
 
@@ -83,15 +83,9 @@ def test_relative_context_path(ar_dir, tmp_path):
 
 
 def test_lora_round_trip_merges(ar_dir, tmp_path):
-    from peft import get_peft_model
     model = perturb(fresh(ar_dir), seed=3, std=0.0)          # time + mask perturbed, backbone copy as is
-    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-    peft_model = get_peft_model(model.denoiser_lm, lora_config(lora))
-    g = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    lora = dict(LORA)
+    peft_model = random_lora(model.denoiser_lm, seed=9, std=0.2)
     expected = probe(model)                                   # the denoiser runs through the adapters
     assert (expected[0] - probe(fresh(ar_dir))[0]).abs().max() > 1e-3
     out = save(model, tmp_path / "ck", context=str(ar_dir), lora_model=peft_model, lora=lora, dtype=F32)

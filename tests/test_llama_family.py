@@ -183,14 +183,19 @@ def test_default_t_is_the_masked_fraction(model, seq):
 
 
 # ---- training: all blocks at once ------------------------------------------------------
+def noisy_blocks(seed: int, S: int, N: int, B: int):
+    """Clean ids (B, N), the same with about half masked, and one t per block (B, N // S)."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(4, VOCAB, (B, N), generator=g)
+    noisy = clean.masked_fill(torch.rand(B, N, generator=g) < 0.5, MASK_ID)
+    return clean, noisy, torch.rand(B, N // S, generator=g)
+
+
 def test_training_logits_equal_per_block_denoise(model):
     m = copy.deepcopy(model)
     randomise_time(m, seed=11)
     S, N, B = 4, 16, 2
-    g = torch.Generator().manual_seed(5)
-    clean = torch.randint(4, VOCAB, (B, N), generator=g)
-    noisy = clean.masked_fill(torch.rand(B, N, generator=g) < 0.5, MASK_ID)
-    t_block = torch.rand(B, N // S, generator=g)
+    clean, noisy, t_block = noisy_blocks(seed=5, S=S, N=N, B=B)
     with torch.no_grad():
         together = m.training_logits(clean, noisy, t_block.repeat_interleave(S, 1), S)
         assert together.shape == (B, N, VOCAB) and m.training_start(S) == 0
@@ -212,10 +217,7 @@ def test_anchored_training_logits_equal_per_block_denoise():
     m = TwoTower(ctx_lm, copy.deepcopy(ctx_lm), mask_token_id=MASK_ID, anchor=True).eval()
     randomise_time(m, seed=12)
     S, N, B = 4, 16, 2
-    g = torch.Generator().manual_seed(6)
-    clean = torch.randint(4, VOCAB, (B, N), generator=g)
-    noisy = clean.masked_fill(torch.rand(B, N, generator=g) < 0.5, MASK_ID)
-    t_block = torch.rand(B, N // S, generator=g)
+    clean, noisy, t_block = noisy_blocks(seed=6, S=S, N=N, B=B)
     with torch.no_grad():
         together = m.training_logits(clean, noisy, t_block.repeat_interleave(S, 1), S)
         assert m.training_start(S) == S and together.shape == (B, N - S, VOCAB)

@@ -126,17 +126,11 @@ def test_captured_attention_on_a_static_cache_matches_the_dynamic_path(build):
 def test_shared_backbone_adapter_static_and_compiled(ar_dir, tmp_path):
     """share_base: one backbone whose LoRA adapter is switched off for the context tower; the
     compiled passes must keep the two apart (the merged copy's tokens)."""
-    from peft import get_peft_model
-    from twotower.checkpoints import build, load, load_ar, lora_config, save
+    from tests.tiny import LORA, random_lora
+    from twotower.checkpoints import build, load, load_ar, save
     model = build(*load_ar(ar_dir, "cpu", torch.float32), MASK_ID, learned_mask=True, name="s", anchor=True).eval()
-    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-    adapter = get_peft_model(model.denoiser_lm, lora_config(lora))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    out = save(model, tmp_path / "ck", context=str(ar_dir), lora_model=adapter, lora=lora, dtype=torch.float32)
+    adapter = random_lora(model.denoiser_lm, seed=0, std=0.3)
+    out = save(model, tmp_path / "ck", context=str(ar_dir), lora_model=adapter, lora=LORA, dtype=torch.float32)
     cfg = SamplerConfig(max_new_tokens=24, block_size=8, steps=8, threshold=0.5, stop_at_eos=False)
     merged = both_modes(load(str(out), device="cpu", dtype=torch.float32), PROMPTS, cfg)
     shared = load(str(out), device="cpu", dtype=torch.float32, share_base=True)

@@ -25,3 +25,20 @@ def tiny_twotower(seed: int = 0, learned_mask: bool = False, **overrides) -> Two
     """Denoiser = exact copy of the context tower, time conditioning at identity."""
     ctx = tiny_llama(seed, **overrides)
     return TwoTower(ctx, copy.deepcopy(ctx), mask_token_id=MASK_ID, learned_mask=learned_mask).eval()
+
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+
+
+def random_lora(lm, seed: int, std: float, lora: dict = LORA):
+    """A peft LoRA adapter on `lm` whose B matrices are random (peft starts them at zero), so
+    the adapted model differs from its base. Returns the peft model."""
+    from peft import get_peft_model
+    from twotower.checkpoints import lora_config
+    adapter = get_peft_model(lm, lora_config(lora))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return adapter
