@@ -269,6 +269,11 @@ def test_release_errors(tmp_path):
 
 
 # ---- (e) training: all blocks at once = each block on its clean prefix -----------------
+def test_training_objective_terms_with_the_ar_distribution():
+    from tests.test_train import check_objective_terms
+    check_objective_terms(tiny_twotower(seed=3, trained=True), ids(42, 2, 3 * S), S)
+
+
 def test_training_inputs_equal_per_block_denoising():
     model = tiny_twotower(seed=3, trained=True)
     n = 3 * S + 3                                             # a short last block too

@@ -12,7 +12,7 @@ from tests.tiny import MASK_ID, VOCAB
 from twotower import checkpoints
 from twotower.cli import main
 from twotower.corpus import make_prompts, public_domain_texts
-from twotower.train import TrainConfig, add_noise, lr_factor
+from twotower.train import DiffusionObjective, TrainConfig, add_noise, lr_factor, soft_cross_entropy
 
 
 def test_add_noise_masks_whole_blocks_at_their_own_rate():
@@ -26,6 +26,66 @@ def test_add_noise_masks_whole_blocks_at_their_own_rate():
     assert per_block.std() > 0.1                                     # rates differ between blocks
 
 
+def test_soft_cross_entropy_of_a_one_hot_target_is_cross_entropy():
+    logits = torch.randn(5, 7)
+    logits[:, 2] = float("-inf")                                     # a forbidden column, as [MASK] is
+    targets = torch.tensor([0, 1, 3, 6, 4])
+    one_hot = torch.nn.functional.one_hot(targets, 7).float()
+    assert soft_cross_entropy(logits.log_softmax(-1), one_hot) == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, targets).item())
+
+
+@pytest.mark.parametrize("anchor", [True, False])
+def test_distill_target_is_the_ar_models_distribution_before_each_masked_token(ar_dir, anchor):
+    """The objective's terms against a brute-force recomputation: the context tower's logits at
+    j - 1 for every masked token j (position 0 has none), the denoiser's at j."""
+    model = checkpoints.build(*checkpoints.load_ar(ar_dir, "cpu", torch.float32), MASK_ID, True, "t", anchor=anchor)
+    check_objective_terms(model, torch.randint(4, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0)), 8)
+
+
+def check_objective_terms(model, clean: torch.Tensor, block: int) -> None:
+    """DiffusionObjective.parts on clean (B, N) == the terms recomputed position by position."""
+    parts = DiffusionObjective(model, block, 0.02, distill=1.0).parts(clean, torch.Generator().manual_seed(1))
+    noisy, masked, t = add_noise(clean, block, model.mask_token_id, 0.02, torch.Generator().manual_seed(1))   # the same masks
+    start, (batch, n) = model.training_start(block), clean.shape
+    with torch.no_grad():
+        q = model.training_logits(clean, noisy, t, block).float()   # (B, N - start, V)
+        p = model.context_lm(clean).logits.float()                   # (B, N, V): row j predicts token j + 1
+    q[..., model.mask_token_id] = p[..., model.mask_token_id] = float("-inf")
+    rows = [(b, j) for b in range(batch) for j in range(max(start, 1), n) if masked[b, j]]
+    logq = torch.stack([q[b, j - start] for b, j in rows]).log_softmax(-1)
+    prob = torch.stack([p[b, j - 1] for b, j in rows]).softmax(-1)
+    assert parts["distill"].item() == pytest.approx(soft_cross_entropy(logq, prob).item(), rel=1e-5)
+    assert parts["agree"].item() == pytest.approx((logq.argmax(-1) == prob.argmax(-1)).float().mean().item())
+    hard = torch.stack([q[b, j - start] for b in range(batch) for j in range(start, n) if masked[b, j]])
+    expected = torch.nn.functional.cross_entropy(hard, clean[:, start:][masked[:, start:]])
+    assert parts["ce"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_distill_weight_mixes_the_two_targets_and_is_checked(ar_dir):
+    model = checkpoints.build(*checkpoints.load_ar(ar_dir, "cpu", torch.float32), MASK_ID, True, "t", anchor=True)
+    clean = torch.randint(4, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    parts = DiffusionObjective(model, 8, 0.02).parts(clean, torch.Generator().manual_seed(1))
+    loss = DiffusionObjective(model, 8, 0.02, distill=0.25)(clean, torch.Generator().manual_seed(1))
+    assert loss.item() == pytest.approx(0.75 * parts["ce"].item() + 0.25 * parts["distill"].item(), rel=1e-5)
+    plain = DiffusionObjective(model, 8, 0.02)(clean, torch.Generator().manual_seed(1))
+    assert plain.item() == pytest.approx(parts["ce"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="distill must lie in"):
+        DiffusionObjective(model, 8, 0.02, distill=1.5)
+    with pytest.raises(ValueError, match="distill_temperature must be >= 0"):
+        DiffusionObjective(model, 8, 0.02, distill=1.0, temperature=-1.0)
+
+
+def test_distill_temperature_zero_targets_the_ar_models_greedy_choice(ar_dir):
+    """At temperature 0 the AR term is cross-entropy against the AR argmax; a small temperature
+    approaches it and temperature 1 differs."""
+    model = checkpoints.build(*checkpoints.load_ar(ar_dir, "cpu", torch.float32), MASK_ID, True, "t", anchor=True)
+    clean = torch.randint(4, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    term = lambda temp: DiffusionObjective(model, 8, 0.02, 1.0, temp).parts(clean, torch.Generator().manual_seed(1))["distill"].item()
+    assert term(1e-4) == pytest.approx(term(0.0), rel=1e-4)
+    assert abs(term(1.0) - term(0.0)) > 1e-3
+
+
 def test_lr_schedule_warms_up_then_decays_by_steps_or_time():
     cfg = TrainConfig(steps=100, warmup=10)
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
@@ -37,6 +97,13 @@ def test_config_rejects_unknown_settings(tmp_path):
     (tmp_path / "c.toml").write_text("[optim]\nsteps = 3\nlearning_rate = 1\n")
     with pytest.raises(ValueError, match="unknown training setting.*learning_rate"):
         TrainConfig.from_toml(tmp_path / "c.toml")
+
+
+@pytest.mark.parametrize("name", ["default", "greedy_distill"])
+def test_shipped_training_configs_parse(name):
+    from tests.conftest import ROOT
+    cfg = TrainConfig.from_toml(ROOT / "configs" / f"{name}.toml")
+    assert cfg.block_size == 16 and cfg.context == "smollm2" and 0 <= cfg.distill <= 1
 
 
 def test_prompts_are_reproducible_and_varied():
@@ -71,15 +138,16 @@ def write_config(tmp_path, ar_dir, corpus, **extra) -> str:
     return str(tmp_path / "train.toml")
 
 
-@pytest.mark.parametrize("anchor", [True, False])
-def test_a_few_steps_train_save_and_load(tmp_path, ar_dir, corpus, anchor):
-    config = write_config(tmp_path, ar_dir, corpus, anchor=anchor)
+@pytest.mark.parametrize("anchor,distill", [(True, 0.0), (False, 0.0), (True, 0.5)])
+def test_a_few_steps_train_save_and_load(tmp_path, ar_dir, corpus, anchor, distill):
+    config = write_config(tmp_path, ar_dir, corpus, anchor=anchor, distill=distill)
     assert main(["train", "--config", config]) == 0
     final = tmp_path / "run" / "final"
     meta = json.loads((final / "twotower.json").read_text())
     assert meta["denoiser"] == "lora" and meta["anchor"] is anchor and meta["train_step"] == 4
     losses = [h["eval_loss"] for h in meta["history"]]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    assert all(0 <= h["eval_agree"] <= 1 for h in meta["history"])
     model = checkpoints.load(str(final), device="cpu")
     base = checkpoints.build(*checkpoints.load_ar(ar_dir, "cpu", torch.float32), MASK_ID, True, "b", anchor=anchor)
     assert model.anchor is anchor

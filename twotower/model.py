@@ -192,17 +192,23 @@ class TwoTower(nn.Module):
         inputs["anchor"] = ctx.last.unsqueeze(1)                       # (B, 1)
         return inputs
 
-    def training_hidden(self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, block_size: int):
+    def training_inputs(self, clean: torch.Tensor, block_size: int) -> dict:
+        """The frozen context tower's one pass over clean (B, N), laid out for `training_hidden`."""
+        return self.family.training_inputs(clean, block_size, anchor=self.anchor)
+
+    def training_hidden(self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, block_size: int,
+                        inputs: dict | None = None):
         """Denoise every block of (B, N) sequences at once; t: (B, N) per-token masked fraction.
 
         Returns final hidden states (B, N - start, H) for positions start..N-1, where start =
         `training_start(block_size)`: 0, or block_size for an anchored denoiser (the first
-        block has no clean token before it).
+        block has no clean token before it). inputs: `training_inputs(clean, block_size)` when
+        the caller has run them already.
         """
+        if inputs is None:
+            inputs = self.training_inputs(clean, block_size)
         if not self.anchor:
-            inputs = self.family.training_inputs(clean, block_size)
             return self.family.denoiser_hidden(self.embed_block(noisy), inputs, self.time, self.time(t))
-        inputs = self.family.training_inputs(clean, block_size, anchor=True)
         qpos = inputs["query_positions"]                                # (Q,) input positions
         slot = torch.arange(qpos.numel(), device=qpos.device) % (block_size + 1)
         ids = torch.where(slot == 0, clean[:, qpos], noisy[:, qpos])    # anchor slots stay clean
@@ -217,6 +223,13 @@ class TwoTower(nn.Module):
 
     def training_start(self, block_size: int) -> int:
         return block_size if self.anchor else 0
+
+    @torch.no_grad()
+    def context_logits(self, context_hidden: torch.Tensor) -> torch.Tensor:
+        """The AR model's next-token logits (..., V) from its final hidden states (..., H),
+        on the denoiser's device."""
+        head = self.context_lm.get_output_embeddings()
+        return head(context_hidden.to(head.weight.device)).to(self.device)
 
     # ---- text --------------------------------------------------------------------------
     def info(self) -> dict:

@@ -2,9 +2,12 @@
 
 Masked-diffusion objective of the paper on blocks: each block of a clean sequence gets its
 own t ~ U(0, 1); each of its tokens is masked with probability t; cross-entropy on the masked
-positions only, averaged (the 1/t ELBO weight dropped). The frozen context tower reads the
-clean sequence once; the denoiser sees every noisy block at once, each block attending to
-the clean tokens before it and to itself (no loop over blocks). The denoiser is the context
+positions only, averaged (the 1/t ELBO weight dropped); optionally (`distill`) against the
+AR model's own next-token distribution instead of the one-hot token. The frozen context tower
+reads the clean sequence once; the denoiser sees every noisy block at once, each block
+attending to the clean tokens before it and to itself (no loop over blocks). Evaluation
+reports the held-out cross-entropy and how often the denoiser's argmax at a masked position
+is the AR model's (what quality retention needs). The denoiser is the context
 tower's weights plus a LoRA adapter (peft), the adaLN-single time conditioning and a learned
 [MASK] embedding: small enough to ship.
 
@@ -51,6 +54,9 @@ class TrainConfig:
     # objective
     block_size: int = 16              # S: the size the sampler will run at
     min_t: float = 0.02               # t ~ U(min_t, 1): a block with nothing masked teaches nothing
+    distill: float = 0.0              # weight of the AR model's next-token distribution in the target
+                                      # (0 = the paper's one-hot targets; see DiffusionObjective)
+    distill_temperature: float = 1.0  # that distribution is softmax(AR logits / T); 0 = its argmax
     # optimisation
     steps: int = 2000
     batch_size: int = 32              # sequences per step per process
@@ -123,23 +129,65 @@ def add_noise(clean: torch.Tensor, block_size: int, mask_id: int, min_t: float, 
     return torch.where(masked, torch.full_like(clean, mask_id), clean), masked, t
 
 
-class DiffusionObjective(torch.nn.Module):
-    """forward(clean) -> mean cross-entropy over masked positions (a module so DDP can wrap it)."""
+def soft_cross_entropy(log_probs: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Mean of -sum(p * log q) over rows; (M, V) each. Entries with p = 0 add nothing (even at log q = -inf)."""
+    return -torch.where(target_probs > 0, target_probs * log_probs, 0.0).sum(-1).mean()
 
-    def __init__(self, model: TwoTower, block_size: int, min_t: float):
+
+class DiffusionObjective(torch.nn.Module):
+    """forward(clean) -> the training loss over masked positions (a module so DDP can wrap it).
+
+    distill = 0 is the paper's objective: cross-entropy against the clean token. distill = w
+    mixes in the context tower's own next-token distribution at each masked position, given
+    the clean tokens before it: target = (1 - w) one-hot + w p_AR(. | x_<j), with p_AR =
+    softmax(AR logits / temperature). At temperature 1, for text the AR model sampled at
+    temperature 1, p_AR is the expectation of the one-hot target (same mean gradient, less
+    variance). At temperature 0 the target is the AR model's greedy choice after the true
+    prefix: what greedy decoding, and so the QA retention, compares against. The context
+    tower computes those distributions in the pass training runs anyway.
+    """
+
+    def __init__(self, model: TwoTower, block_size: int, min_t: float, distill: float = 0.0,
+                 temperature: float = 1.0):
         super().__init__()
+        if not 0.0 <= distill <= 1.0:
+            raise ValueError(f"distill must lie in [0, 1], got {distill!r}")
+        if not temperature >= 0.0:
+            raise ValueError(f"distill_temperature must be >= 0, got {temperature!r}")
         self.model, self.block_size, self.min_t = model, block_size, min_t
+        self.distill, self.temperature = distill, temperature
 
     def forward(self, clean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        parts = self.parts(clean, gen, teacher=self.distill > 0)
+        if self.distill == 0:
+            return parts["ce"]
+        return (1 - self.distill) * parts["ce"] + self.distill * parts["distill"]
+
+    def parts(self, clean: torch.Tensor, gen: torch.Generator, teacher: bool = True) -> dict:
+        """Loss terms on one batch: "ce" (against the clean tokens) and, with teacher, "distill"
+        (against the AR distribution) and "agree" (share of masked positions whose argmax is
+        the AR model's argmax, no grad)."""
         m, n = self.model, clean.shape[1] // self.block_size * self.block_size
         clean = clean[:, :n]
         noisy, masked, t = add_noise(clean, self.block_size, m.mask_token_id, self.min_t, gen)
-        hidden = m.training_hidden(clean, noisy, t, self.block_size)        # (B, N - start, H)
+        inputs = m.training_inputs(clean, self.block_size)
+        hidden = m.training_hidden(clean, noisy, t, self.block_size, inputs)   # (B, N - start, H)
         start = m.training_start(self.block_size)
         masked, targets = masked[:, start:], clean[:, start:]
         picked = m.denoiser_lm.get_output_embeddings()(hidden[masked]).float()   # (M, V): masked only
         picked[:, m.mask_token_id] = float("-inf")                          # as in sampling
-        return F.cross_entropy(picked, targets[masked])
+        out = {"ce": F.cross_entropy(picked, targets[masked])}
+        if teacher:   # the AR distribution of token j is the context tower's output at j - 1
+            cols = torch.arange(start, n, device=clean.device)                 # positions of masked's columns
+            has_ar = (cols > 0).expand_as(masked)[masked]                      # (M,): position 0 has none
+            before = inputs["context_hidden"][:, (cols - 1).clamp_min(0)]      # (B, N - start, H)
+            ar = m.context_logits(before[masked][has_ar]).float()              # (M', V)
+            ar[:, m.mask_token_id] = float("-inf")
+            student = picked if start > 0 else picked[has_ar]                 # (M', V)
+            out["distill"] = (F.cross_entropy(student, ar.argmax(-1)) if self.temperature == 0 else
+                              soft_cross_entropy(student.log_softmax(-1), (ar / self.temperature).softmax(-1)))
+            out["agree"] = (student.argmax(-1) == ar.argmax(-1)).float().mean().detach()
+        return out
 
 
 # ---- setup ----------------------------------------------------------------------------------
@@ -214,13 +262,17 @@ def load_state(path: Path, model, peft_model, opt) -> tuple[int, list]:
 
 # ---- loop ------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_loss(objective, data: TokenWindows, cfg: TrainConfig, device: str) -> float:
+def evaluate(objective, data: TokenWindows, cfg: TrainConfig, device: str) -> dict:
+    """Held-out means of the clean-token cross-entropy ("ce", comparable whatever `distill` is)
+    and of the agreement with the AR model's argmax at masked positions ("agree")."""
     gen = torch.Generator(device=device).manual_seed(1234)   # same masks every eval
-    losses = []
+    sums = {"ce": 0.0, "agree": 0.0}
     for _ in range(cfg.eval_batches):
         with autocast(device):
-            losses.append(objective(data.batch(cfg.batch_size).to(device), gen).item())
-    return sum(losses) / len(losses)
+            parts = objective.parts(data.batch(cfg.batch_size).to(device), gen)
+        for key in sums:
+            sums[key] += parts[key].item() / cfg.eval_batches
+    return sums
 
 
 def autocast(device: str):
@@ -240,9 +292,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed + rank)
     train_data, eval_data = load_corpus(cfg.corpus, cfg.seq_len, cfg.eval_fraction, cfg.seed + rank)
     model, peft_model = build_model(cfg, device)
-    if cfg.compile:   # context tower + denoiser over all blocks; the head on masked positions stays eager
+    if cfg.compile:   # the denoiser over all blocks; the context tower's no-grad pass and the heads stay eager
         model.training_hidden = torch.compile(model.training_hidden, dynamic=False)
-    objective = DiffusionObjective(model, cfg.block_size, cfg.min_t)
+    objective = DiffusionObjective(model, cfg.block_size, cfg.min_t, cfg.distill, cfg.distill_temperature)
     runner = objective
     if world > 1:
         runner = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=False)
@@ -286,11 +338,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         last = step == cfg.steps or time.time() > deadline
         if rank == 0 and (step % cfg.eval_every == 0 or last):
             model.eval()
-            ev = evaluate_loss(objective, eval_data, cfg, device)
+            ev = evaluate(objective, eval_data, cfg, device)
             model.train()
-            history.append({"step": step, "train_loss": round(loss.item(), 4), "eval_loss": round(ev, 4),
-                            "seconds": round(time.time() - t0, 1)})
-            tqdm.write(f"[train] step {step} train {loss.item():.3f} eval {ev:.3f}", file=sys.stderr)
+            history.append({"step": step, "train_loss": round(loss.item(), 4), "eval_loss": round(ev["ce"], 4),
+                            "eval_agree": round(ev["agree"], 4), "seconds": round(time.time() - t0, 1)})
+            tqdm.write(f"[train] step {step} train {loss.item():.3f} eval {ev['ce']:.3f} "
+                       f"agree-with-AR {ev['agree']:.3f}", file=sys.stderr)
         if rank == 0 and (step % cfg.save_every == 0 or last):
             save_state(out / "last", model, peft_model, opt, step, cfg, history)
     bar.close()
@@ -300,6 +353,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                          dtype=torch.bfloat16, extra={"train_step": step, "history": history})
         print(f"[train] done: {final}", file=sys.stderr)
     if world > 1:
+        torch.distributed.barrier()          # leave together: rank 0 was saving while the others waited
         torch.distributed.destroy_process_group()
     return final
 

@@ -97,10 +97,11 @@ class LlamaFamily(Family):
         Queries of block b see the clean keys of earlier blocks and the noisy keys of their
         own block: mask (1, 1, Q, N + Q). Without anchor the queries are the N positions;
         with it, blocks 1.. each get S + 1 inputs, the clean token before the block first.
+        "context_hidden" (B, N, H): the context tower's final hidden states (its AR predictions).
         """
         with torch.no_grad():
             cache = self.new_cache()
-            self.context_lm.model(input_ids=clean, past_key_values=cache, use_cache=True)
+            out = self.context_lm.model(input_ids=clean, past_key_values=cache, use_cache=True)
         n, dev = clean.shape[1], clean.device
         blocks = n // block_size
         if anchor:
@@ -116,4 +117,4 @@ class LlamaFamily(Family):
         mask = torch.cat([sees_clean, qblock[None, :] == qblock[:, None]], 1)
         return {"view": ContextView(self.context_kv(cache), qpos.numel(), inplace=False),
                 "positions": qpos.expand(clean.shape[0], -1), "mask": mask[None, None],
-                "query_positions": qpos}
+                "query_positions": qpos, "context_hidden": out.last_hidden_state}

@@ -183,7 +183,8 @@ class NemotronHFamily(Family):
         LlamaFamily. Mamba: the conv + SSM state after token b*S - 1 for every block b (zero
         for block 0), laid out (B * nblocks, ...) so each block's scan is seeded by its clean
         prefix; the denoiser scans the blocks independently. A last partial block is allowed.
-        Rows are not padded (training batches are full sequences).
+        Rows are not padded (training batches are full sequences). "context_hidden" (B, N, H):
+        the context tower's final hidden states (its AR predictions), on the context device.
         """
         if anchor:
             raise NotImplementedError("an anchored denoiser is not supported for Nemotron-H")
@@ -197,8 +198,8 @@ class NemotronHFamily(Family):
         try:
             with torch.no_grad():
                 cache = self.new_cache()
-                self.context_lm.model(input_ids=clean.to(self._context_device()), past_key_values=cache,
-                                      use_cache=True)
+                out = self.context_lm.model(input_ids=clean.to(self._context_device()), past_key_values=cache,
+                                            use_cache=True)
                 device = self._denoiser_device()
                 seeds = {}
                 for i in self.mamba_layers:
@@ -215,7 +216,7 @@ class NemotronHFamily(Family):
         mask = torch.cat([sees_clean, sees_noisy], 1)[None, None]
         kv = self._full_kv(self.context_kv(cache), clean.shape[0], device)
         return {"view": ContextView(kv, n, inplace=False), "mask": mask, "mamba": seeds,
-                "scan_length": block_size}
+                "scan_length": block_size, "context_hidden": out.last_hidden_state}
 
 
 def static_masks(valid: torch.Tensor, n: int, capacity: int, padding: torch.Tensor | None) -> dict:
