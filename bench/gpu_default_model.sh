@@ -49,7 +49,8 @@ esac
 # .gpu/a), train3 (carry .gpu/b) back to back, then more3 as often as the budget allows; more3
 # returns the adapter in two parts (cat denoiser.part_* > denoiser.safetensors). CONFIG picks
 # the recipe: configs/greedy_distill.toml (default: targets = the AR model's greedy choice,
-# which raised agreement with AR fastest in the CPU trial, README) or configs/default.toml
+# which in the CPU trial raised agreement with AR like the T=1 target without its loss of
+# tokens per pass; QA within noise, README) or configs/default.toml
 # (the paper's one-hot targets, as the shipped denoiser was trained). COMPILE=true
 # compiles the training pass: time it first (`python3 bench/train_step.py --device cuda --batch
 # 32 --seq-len 512`, after train3 has converted the GGUF); it gave no gain on a CPU.

@@ -102,8 +102,9 @@ class TokenWindows:
         self.tokens, self.seq_len = tokens.long(), seq_len
         self.gen = torch.Generator().manual_seed(seed)
 
-    def batch(self, size: int) -> torch.Tensor:
-        starts = torch.randint(0, self.tokens.numel() - self.seq_len, (size,), generator=self.gen)
+    def batch(self, size: int, gen: torch.Generator | None = None) -> torch.Tensor:
+        """`size` windows (size, seq_len), drawn with `gen` or the stream's own generator."""
+        starts = torch.randint(0, self.tokens.numel() - self.seq_len, (size,), generator=gen or self.gen)
         return torch.stack([self.tokens[s: s + self.seq_len] for s in starts.tolist()])
 
 
@@ -152,8 +153,8 @@ class DiffusionObjective(torch.nn.Module):
         super().__init__()
         if not 0.0 <= distill <= 1.0:
             raise ValueError(f"distill must lie in [0, 1], got {distill!r}")
-        if not temperature >= 0.0:
-            raise ValueError(f"distill_temperature must be >= 0, got {temperature!r}")
+        if not (temperature >= 0.0 and math.isfinite(temperature)):
+            raise ValueError(f"distill_temperature must be a finite number >= 0, got {temperature!r}")
         self.model, self.block_size, self.min_t = model, block_size, min_t
         self.distill, self.temperature = distill, temperature
 
@@ -176,16 +177,17 @@ class DiffusionObjective(torch.nn.Module):
         masked, targets = masked[:, start:], clean[:, start:]
         picked = m.denoiser_lm.get_output_embeddings()(hidden[masked]).float()   # (M, V): masked only
         picked[:, m.mask_token_id] = float("-inf")                          # as in sampling
-        out = {"ce": F.cross_entropy(picked, targets[masked])}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.distill < 1):   # no graph at weight 0
+            out = {"ce": F.cross_entropy(picked, targets[masked])}
         if teacher:   # the AR distribution of token j is the context tower's output at j - 1
             cols = torch.arange(start, n, device=clean.device)                 # positions of masked's columns
             has_ar = (cols > 0).expand_as(masked)[masked]                      # (M,): position 0 has none
-            before = inputs["context_hidden"][:, (cols - 1).clamp_min(0)]      # (B, N - start, H)
-            ar = m.context_logits(before[masked][has_ar]).float()              # (M', V)
+            before = inputs["context_hidden"].to(clean.device)[:, (cols - 1).clamp_min(0)]   # (B, N - start, H)
+            ar = m.context_logits(before[masked][has_ar])                      # (M', V)
             ar[:, m.mask_token_id] = float("-inf")
             student = picked if start > 0 else picked[has_ar]                 # (M', V)
             out["distill"] = (F.cross_entropy(student, ar.argmax(-1)) if self.temperature == 0 else
-                              soft_cross_entropy(student.log_softmax(-1), (ar / self.temperature).softmax(-1)))
+                              soft_cross_entropy(student.log_softmax(-1), (ar.float() / self.temperature).softmax(-1)))
             out["agree"] = (student.argmax(-1) == ar.argmax(-1)).float().mean().detach()
         return out
 
@@ -264,15 +266,28 @@ def load_state(path: Path, model, peft_model, opt) -> tuple[int, list]:
 @torch.no_grad()
 def evaluate(objective, data: TokenWindows, cfg: TrainConfig, device: str) -> dict:
     """Held-out means of the clean-token cross-entropy ("ce", comparable whatever `distill` is)
-    and of the agreement with the AR model's argmax at masked positions ("agree")."""
-    gen = torch.Generator(device=device).manual_seed(1234)   # same masks every eval
+    and of the agreement with the AR model's argmax at masked positions ("agree"), on the same
+    windows and masks at every evaluation."""
+    gen = torch.Generator(device=device).manual_seed(1234)
+    windows = torch.Generator().manual_seed(cfg.seed + 4321)
     sums = {"ce": 0.0, "agree": 0.0}
     for _ in range(cfg.eval_batches):
         with autocast(device):
-            parts = objective.parts(data.batch(cfg.batch_size).to(device), gen)
+            parts = objective.parts(data.batch(cfg.batch_size, windows).to(device), gen)
         for key in sums:
             sums[key] += parts[key].item() / cfg.eval_batches
     return sums
+
+
+def elapsed_seconds(t0: float, world: int, device: str, sync: bool) -> float:
+    """Seconds since t0. With several processes and `sync`, the largest over them (one tiny
+    all-reduce), so that every rank sets the same learning rate and stops after the same step."""
+    seconds = time.time() - t0
+    if world > 1 and sync:
+        value = torch.tensor([seconds], device=device, dtype=torch.float64)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        seconds = value.item()
+    return seconds
 
 
 def autocast(device: str):
@@ -312,14 +327,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         print(f"[train] {trainable / 1e6:.2f}M trainable params on {device} x{world}; "
               f"{train_data.tokens.numel() / 1e6:.2f}M corpus tokens", file=sys.stderr)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    t0, seen = time.time(), 0
-    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
+    t0, seen, elapsed = time.time(), 0, 0.0
+    budget = cfg.max_minutes * 60          # seconds; 0 = none
     while step < cfg.steps:
-        if time.time() > deadline:
+        if budget and elapsed > budget:
             if rank == 0:
                 tqdm.write(f"[train] time budget of {cfg.max_minutes} min reached at step {step}", file=sys.stderr)
             break
-        spent = (time.time() - t0) / (cfg.max_minutes * 60) if cfg.max_minutes > 0 else 0.0
+        spent = elapsed / budget if budget else 0.0
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * lr_factor(step, cfg, spent)
         clean = train_data.batch(cfg.batch_size).to(device)
@@ -335,7 +350,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             bar.update(1)
             if step % 10 == 0 or step == cfg.steps:
                 bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{seen / (time.time() - t0):.0f}")
-        last = step == cfg.steps or time.time() > deadline
+        elapsed = elapsed_seconds(t0, world, device, sync=budget > 0)
+        last = step == cfg.steps or bool(budget and elapsed > budget)
         if rank == 0 and (step % cfg.eval_every == 0 or last):
             model.eval()
             ev = evaluate(objective, eval_data, cfg, device)
