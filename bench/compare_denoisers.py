@@ -20,12 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from twotower.checkpoints import load  # noqa: E402
-from twotower.evaluate import device_name, encode_all, generate, load_prompts, load_qa, score_qa  # noqa: E402
+from twotower.evaluate import device_name, encode_all, generate, load_prompts, load_qa, score_qa, speed_of  # noqa: E402
 from twotower.sampling import SamplerConfig  # noqa: E402
-
-
-def tokens_per_nfe(gen) -> float:
-    return sum(len(ids) for ids in gen.ids) / sum(gen.nfe)
 
 
 def measure(spec: str, args) -> dict:
@@ -38,8 +34,8 @@ def measure(spec: str, args) -> dict:
     scored = score_qa(qa, answers)
     return {"model": spec, "qa_items": len(qa), "qa_accuracy": round(scored["accuracy"], 4),
             "by_category": {k: round(v, 3) for k, v in scored["by_category"].items()},
-            "qa_tokens_per_nfe": round(tokens_per_nfe(answers), 3),
-            "open_prompts": args.open, "open_tokens_per_nfe": round(tokens_per_nfe(free), 3)}
+            "qa_tokens_per_nfe": round(speed_of(answers)["tokens_per_nfe"], 3),
+            "open_prompts": args.open, "open_tokens_per_nfe": round(speed_of(free)["tokens_per_nfe"], 3)}
 
 
 def main() -> None:

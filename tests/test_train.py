@@ -26,6 +26,15 @@ def test_add_noise_masks_whole_blocks_at_their_own_rate():
     assert per_block.std() > 0.1                                     # rates differ between blocks
 
 
+def objective_model(anchor: bool = True):
+    """An untrained TwoTower on a tiny random Llama (the objective's tests)."""
+    return checkpoints.build(tiny_llama(seed=0), None, MASK_ID, True, "t", anchor=anchor)
+
+
+def clean_batch() -> torch.Tensor:
+    return torch.randint(4, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
 def test_soft_cross_entropy_of_a_one_hot_target_is_cross_entropy():
     logits = torch.randn(5, 7)
     logits[:, 2] = float("-inf")                                     # a forbidden column, as [MASK] is
@@ -36,11 +45,10 @@ def test_soft_cross_entropy_of_a_one_hot_target_is_cross_entropy():
 
 
 @pytest.mark.parametrize("anchor", [True, False])
-def test_distill_target_is_the_ar_models_distribution_before_each_masked_token(ar_dir, anchor):
+def test_distill_target_is_the_ar_models_distribution_before_each_masked_token(anchor):
     """The objective's terms against a brute-force recomputation: the context tower's logits at
     j - 1 for every masked token j (position 0 has none), the denoiser's at j."""
-    model = checkpoints.build(tiny_llama(seed=0), None, MASK_ID, True, "t", anchor=anchor)
-    parts = check_objective_terms(model, torch.randint(4, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0)), 8)
+    parts = check_objective_terms(objective_model(anchor), clean_batch(), 8)
     if anchor:   # at init an anchored denoiser predicts as its AR copy: the agreement check is not vacuous
         assert 0.1 < parts["agree"] < 1
 
@@ -65,9 +73,8 @@ def check_objective_terms(model, clean: torch.Tensor, block: int) -> dict:
     return parts
 
 
-def test_distill_weight_mixes_the_two_targets_and_is_checked(ar_dir):
-    model = checkpoints.build(*checkpoints.load_ar(ar_dir, "cpu", torch.float32), MASK_ID, True, "t", anchor=True)
-    clean = torch.randint(4, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+def test_distill_weight_mixes_the_two_targets_and_is_checked():
+    model, clean = objective_model(), clean_batch()
     parts = DiffusionObjective(model, 8, 0.02).parts(clean, torch.Generator().manual_seed(1))
     loss = DiffusionObjective(model, 8, 0.02, distill=0.25)(clean, torch.Generator().manual_seed(1))
     assert loss.item() == pytest.approx(0.75 * parts["ce"].item() + 0.25 * parts["distill"].item(), rel=1e-5)
@@ -80,11 +87,10 @@ def test_distill_weight_mixes_the_two_targets_and_is_checked(ar_dir):
             DiffusionObjective(model, 8, 0.02, distill=1.0, temperature=bad)
 
 
-def test_distill_temperature_zero_targets_the_ar_models_greedy_choice(ar_dir):
+def test_distill_temperature_zero_targets_the_ar_models_greedy_choice():
     """At temperature 0 the AR term is cross-entropy against the AR argmax; a small temperature
     approaches it and temperature 1 differs."""
-    model = checkpoints.build(*checkpoints.load_ar(ar_dir, "cpu", torch.float32), MASK_ID, True, "t", anchor=True)
-    clean = torch.randint(4, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    model, clean = objective_model(), clean_batch()
     term = lambda temp: DiffusionObjective(model, 8, 0.02, 1.0, temp).parts(clean, torch.Generator().manual_seed(1))["distill"].item()
     assert term(1e-4) == pytest.approx(term(0.0), rel=1e-4)
     assert abs(term(1.0) - term(0.0)) > 1e-3
@@ -92,7 +98,7 @@ def test_distill_temperature_zero_targets_the_ar_models_greedy_choice(ar_dir):
 
 def test_every_evaluation_sees_the_same_held_out_windows_and_masks(corpus):
     from twotower.train import evaluate, load_corpus
-    model = checkpoints.build(tiny_llama(seed=0), None, MASK_ID, True, "t", anchor=True)
+    model = objective_model()
     _, held_out = load_corpus(str(corpus), 32, 0.2, 0)
     cfg = TrainConfig(batch_size=2, eval_batches=2, block_size=8)
     objective = DiffusionObjective(model, 8, 0.02)

@@ -175,8 +175,8 @@ class TwoTower(nn.Module):
         static = inputs.get("static", False)
         if capture is not None and static:
             capture.static_slots = inputs["context_slots"]
-        compiled = self._compiled_denoise is not None and capture is None and static
-        return (self._compiled_denoise if compiled else self._denoise)(x, inputs, t.to(self.device), capture)
+        fast = self.compiled and capture is None and static
+        return (self._compiled_denoise if fast else self._denoise)(x, inputs, t.to(self.device), capture)
 
     def _denoise(self, x: torch.Tensor, inputs: dict, t: torch.Tensor, capture=None) -> torch.Tensor:
         h = self.embed_block(torch.cat([inputs["anchor"], x], 1) if self.anchor else x)
