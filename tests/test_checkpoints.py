@@ -62,6 +62,16 @@ def test_full_denoiser_round_trip(ar_dir, tmp_path, anchor):
     assert (probe(fresh(ar_dir, anchor=anchor))[0] - expected[0]).abs().max() > 1e-3
 
 
+def test_eval_items_seen_in_training_travel_with_the_checkpoint(ar_dir, tmp_path):
+    model = fresh(ar_dir)
+    assert model.eval_items_seen == frozenset()
+    assert "eval_items_seen" not in json.loads((save(model, tmp_path / "a", context=str(ar_dir)) / "twotower.json").read_text())
+    model.eval_items_seen = frozenset({"facts-001", "word-001"})
+    loaded = load(str(save(model, tmp_path / "b", context=str(ar_dir))), device="cpu")
+    assert loaded.eval_items_seen == {"facts-001", "word-001"}
+    assert loaded.info()["eval_items_seen"] == ["facts-001", "word-001"]
+
+
 def test_bf16_checkpoint_holds_rounded_weights(ar_dir, tmp_path):
     model = perturb(fresh(ar_dir), seed=1)
     save(model, tmp_path / "ck", context=str(ar_dir))                       # default dtype bf16

@@ -177,6 +177,33 @@ def test_eval_end_to_end(ar_dir_tok, tmp_path, capsys):
     assert len(rows) == 4 and {"ar", "diffusion", "ar_correct", "diffusion_correct"} <= set(rows[0])
 
 
+def test_accuracy_on_items_the_model_was_not_trained_on():
+    items = [{"id": f"q{i}", "category": "facts", "answers": ["paris"]} for i in range(4)]
+    gen = evaluate.Generation(texts=["Paris.", "Paris.", "Rome.", "Rome."])
+    assert "accuracy_unseen" not in evaluate.score_qa(items, gen)
+    scored = evaluate.score_qa(items, gen, seen=frozenset({"q0", "q1"}))
+    assert scored["accuracy"] == 0.5 and scored["accuracy_unseen"] == 0.0
+    assert evaluate.score_qa(items, gen, seen=frozenset({"q2"}))["accuracy_unseen"] == pytest.approx(2 / 3)
+
+
+def test_eval_reports_retention_without_the_items_seen_in_training(ar_dir_tok, tmp_path, capsys):
+    from twotower import checkpoints
+    model = checkpoints.load(str(ar_dir_tok), device="cpu")
+    first = evaluate.take(evaluate.load_qa(), 3)[0]["id"]
+    model.eval_items_seen = frozenset({first, "not-an-item"})
+    ck = checkpoints.save(model, tmp_path / "ck", context=str(ar_dir_tok))
+    argv = ["eval", "--model", str(ck), "--device", "cpu", "--limit", "3", "--max-new-tokens", "8",
+            "--answer-tokens", "6", "--speed-prompts", "0", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["settings"]["qa_items_seen_in_training"] == [first]
+    for mode in ("ar", "diffusion"):
+        correct = [r[f"{mode}_correct"] for r in map(json.loads, (tmp_path / "out" / "qa_outputs.jsonl").open())]
+        assert res[mode]["qa"]["accuracy_unseen"] == pytest.approx(sum(correct[1:]) / 2)
+    assert "qa_retention_unseen" in res["comparison"]
+    assert "the 2 items not in its training" in capsys.readouterr().out
+
+
 def test_generate_keeps_prompt_order_across_batches(ar_dir_tok):
     """Batching (length-sorted, left-padded) gives the same greedy AR tokens as one by one."""
     from twotower import checkpoints

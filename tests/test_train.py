@@ -11,7 +11,8 @@ from tests.conftest import needs_cxx
 from tests.tiny import MASK_ID, VOCAB, tiny_llama
 from twotower import checkpoints
 from twotower.cli import main
-from twotower.corpus import make_prompts, public_domain_texts
+from twotower import corpus as corpus_module
+from twotower.corpus import QUESTIONS, held_out_prompts, make_prompts, normalise, public_domain_texts
 from twotower.train import DiffusionObjective, TrainConfig, add_noise, lr_factor, soft_cross_entropy
 
 
@@ -132,6 +133,19 @@ def test_prompts_are_reproducible_and_varied():
     assert len(set(make_prompts(200, seed=0))) > 150
 
 
+def test_no_corpus_prompt_is_an_evaluation_prompt(monkeypatch):
+    held_out = held_out_prompts()
+    assert normalise("What is the capital of France?") in held_out                 # a QA item
+    assert normalise("Write a poem about the ocean.") in held_out                  # an open prompt
+    assert not {normalise(q) for q in QUESTIONS} & held_out
+    prompts = make_prompts(300, seed=0, question_share=1.0)
+    assert sum(p in QUESTIONS for p in prompts) > 150                              # questions drawn
+    monkeypatch.setattr(corpus_module, "held_out_prompts", lambda: {normalise(QUESTIONS[0])})
+    assert QUESTIONS[0] not in make_prompts(300, seed=0, question_share=1.0)       # and filtered
+    with pytest.raises(ValueError, match="question share must be between 0 and 1"):
+        make_prompts(3, seed=0, question_share=1.5)
+
+
 def test_public_domain_texts_from_a_folder(tmp_path):
     (tmp_path / "a.txt").write_text("short\n\n" + "A long paragraph of old text. " * 20)
     texts = public_domain_texts(str(tmp_path))
@@ -186,6 +200,17 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, ar_dir, corpus):
     assert main(["train", "--config", config, "--resume", "--set", "steps=4"]) == 0
     state = json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())
     assert state["step"] == 4 and [h["step"] for h in state["history"]] == [2, 4]
+
+
+def test_a_run_from_init_keeps_the_eval_items_its_start_was_trained_on(tmp_path, ar_dir, corpus):
+    assert main(["train", "--config", write_config(tmp_path, ar_dir, corpus, steps=2)]) == 0
+    start = tmp_path / "run" / "final"
+    meta = json.loads((start / "twotower.json").read_text())
+    (start / "twotower.json").write_text(json.dumps({**meta, "eval_items_seen": ["facts-001"]}))
+    config = write_config(tmp_path, ar_dir, corpus, steps=2, init=str(start), out=str(tmp_path / "next"))
+    assert main(["train", "--config", config]) == 0
+    for ck in ("final", "last"):
+        assert checkpoints.load(str(tmp_path / "next" / ck), device="cpu").eval_items_seen == {"facts-001"}
 
 
 @needs_cxx

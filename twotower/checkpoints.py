@@ -155,6 +155,7 @@ def load_own(path: Path, device: str, dtype: torch.dtype, share_base: bool = Fal
     ctx, tok = load_ar(context_src, device, dtype)
     model = build(ctx, tok, meta["mask_token_id"], meta.get("learned_mask", False), meta.get("name", path.name),
                   anchor=meta.get("anchor", False), share_base=share_base)
+    model.eval_items_seen = frozenset(meta.get("eval_items_seen", ()))
     return apply_denoiser_file(model, meta, read_safetensors(path / "denoiser.safetensors")).eval()
 
 
@@ -186,6 +187,8 @@ def save(model: TwoTower, path: str | Path, context: str, lora_model=None, lora:
             "mask_token_id": model.mask_token_id, "learned_mask": model.mask_embedding is not None,
             "anchor": model.anchor,
             "denoiser": "lora" if lora_model is not None else "full", **(extra or {})}
+    if model.eval_items_seen:
+        meta["eval_items_seen"] = sorted(model.eval_items_seen)
     if lora_model is not None:
         meta["lora"] = lora
     save_file(tensors, str(path / "denoiser.safetensors"))

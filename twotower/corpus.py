@@ -54,16 +54,23 @@ CHAT_TEMPLATES = [
     "List three questions a student might ask about {t}, and answer them.",
     "Write a product description for something inspired by {t}.",
 ]
-QUESTIONS = [
-    "What is the capital of France?", "How many days are in a week?", "What is 12 plus 7?",
-    "Who wrote Romeo and Juliet?", "What color is the sky on a clear day?", "What is the largest planet?",
-    "How many legs does a spider have?", "What do plants need to grow?", "What is the opposite of hot?",
-    "What is the boiling point of water in Celsius?", "Name three primary colors.",
-    "What is the plural of mouse?", "How many minutes are in an hour?", "What is 9 times 6?",
-    "Which animal is known as the king of the jungle?", "What language is spoken in Spain?",
-    "What is the freezing point of water?", "Who painted the Mona Lisa?", "What is H2O?",
-    "How many continents are there?", "What is the square root of 81?", "What gas do we breathe in?",
+QUESTIONS = [   # short-answer questions; none is an evaluation prompt (see held_out_prompts)
+    "What is the capital of Brazil?", "How many days are in a leap year?", "Who wrote Hamlet?",
+    "What color are most leaves in summer?", "What is the smallest planet in the solar system?",
+    "How many legs does a dog have?", "What do bees collect from flowers?", "What is the opposite of near?",
+    "What is the boiling point of water in Fahrenheit?", "Name three primary colors.",
+    "What is the plural of wolf?", "How many seconds are in a minute?", "What is 9 times 6?",
+    "Which animal is the largest fish?", "What language is spoken in Spain?",
+    "What is the freezing point of water in Fahrenheit?", "Who painted the ceiling of the Sistine Chapel?",
+    "What is H2O?", "How many weeks are in a year?", "What is the square root of 81?",
+    "What gas do we breathe in?", "What is the capital of Mexico?", "Who invented the light bulb?",
+    "What is the past tense of fly?", "What is the opposite of quiet?", "How many sides does a pentagon have?",
+    "Which planet has the most famous rings?", "What is a baby kangaroo called?",
+    "Complete the saying: Look before you ...", "What month comes after March?",
+    "Answer with one word: what color is coal?", "Answer yes or no: Do birds have feathers?",
 ]
+ARITHMETIC = ["Calculate {a} + {b}.", "What do you get if you add {a} and {b}?", "Calculate {a} - {b}.",
+              "What is {a} multiplied by {b}?", "Subtract {b} from {a}. What is the result?"]
 CODE_TEMPLATES = [
     "Write a Python function that {c}.", "Show me how to {c} in Python.", "Write JavaScript code that {c}.",
 ]
@@ -73,20 +80,41 @@ CODE_TASKS = ["reverses a string", "checks if a number is prime", "sums a list o
               "converts Celsius to Fahrenheit", "removes duplicates from a list", "checks for a palindrome"]
 
 
-def make_prompts(n: int, seed: int) -> list[str]:
-    """n varied chat prompts, reproducible from the seed."""
+def make_prompts(n: int, seed: int, question_share: float = 0.12) -> list[str]:
+    """n varied chat prompts, reproducible from the seed; never one of the evaluation's prompts."""
+    if not 0.0 <= question_share <= 1.0:
+        raise ValueError(f"question share must be between 0 and 1, got {question_share}")
     rng = random.Random(seed)
+    held_out = held_out_prompts()
     out = []
-    for _ in range(n):
-        r = rng.random()
-        if r < 0.12:
-            out.append(rng.choice(QUESTIONS))
-        elif r < 0.22:
-            out.append(rng.choice(CODE_TEMPLATES).format(c=rng.choice(CODE_TASKS)))
-        else:
-            t, u = rng.sample(TOPICS, 2)
-            out.append(rng.choice(CHAT_TEMPLATES).format(t=t, u=u))
+    while len(out) < n:
+        prompt = _draw_prompt(rng, question_share)
+        if normalise(prompt) not in held_out:
+            out.append(prompt)
     return out
+
+
+def _draw_prompt(rng: random.Random, question_share: float) -> str:
+    r = rng.random()
+    if r < question_share * 0.75:
+        return rng.choice(QUESTIONS)
+    if r < question_share:
+        a, b = sorted(rng.sample(range(11, 100), 2), reverse=True)
+        return rng.choice(ARITHMETIC).format(a=a, b=b)
+    if r < question_share + 0.1:
+        return rng.choice(CODE_TEMPLATES).format(c=rng.choice(CODE_TASKS))
+    t, u = rng.sample(TOPICS, 2)
+    return rng.choice(CHAT_TEMPLATES).format(t=t, u=u)
+
+
+def normalise(prompt: str) -> str:
+    return " ".join(prompt.lower().split()).rstrip(".?!")
+
+
+def held_out_prompts() -> set[str]:
+    """The evaluation's prompts (QA items and open prompts), normalised: kept out of training."""
+    from .evaluate import load_prompts, load_qa
+    return {normalise(q["prompt"]) for q in load_qa()} | {normalise(p) for p in load_prompts()}
 
 
 # ---- public-domain text -----------------------------------------------------------------------
@@ -161,7 +189,7 @@ def build(args) -> dict:
 
     start = time.time()
     budget = lambda share: start + share * args.max_seconds   # shares of the time budget per stage
-    prompts = make_prompts(args.prompts, args.seed)
+    prompts = make_prompts(args.prompts, args.seed, args.question_share)
     chat_ids = [encode_prompt(model, p) for p in prompts]
     stages = [(0.0, len(chat_ids), 0.5), (args.temperature, len(chat_ids), 0.85)]  # greedy, then sampled
     for temp, n, share in stages:
@@ -187,6 +215,7 @@ def build(args) -> dict:
     save_file({"tokens": tokens, "starts": starts}, str(out / "tokens.safetensors"))
     meta = {"documents": len(docs), "tokens": int(tokens.numel()), "seed": args.seed, "prompts": args.prompts,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "question_share": args.question_share,
             "public_domain_docs": n_cont + n_raw, "model": model.name, "device": str(model.device)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     print(json.dumps(meta), file=sys.stderr)
@@ -202,6 +231,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--question-share", type=float, default=0.12,
+                   help="share of chat prompts that are short-answer questions")
     p.add_argument("--public-domain-share", type=float, default=0.15, help="raw public-domain docs, as a share")
     p.add_argument("--text-dir", default=None, help="extra folder of public-domain .txt files")
     p.add_argument("--seed", type=int, default=0)

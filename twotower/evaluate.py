@@ -200,15 +200,22 @@ def continuation_nll(model, prompt_ids: list[list[int]], continuations: list[lis
     return out
 
 
-def score_qa(items: list[dict], gen: Generation) -> dict:
-    """Accuracy overall and per category, plus the per-item verdicts."""
+def score_qa(items: list[dict], gen: Generation, seen: frozenset[str] = frozenset()) -> dict:
+    """Accuracy overall and per category, plus the per-item verdicts; with `seen` (ids of items
+    the model was trained on) also the accuracy on the other items, "accuracy_unseen"."""
     correct = [metrics.is_correct(text, item["answers"]) for item, text in zip(items, gen.texts)]
     by_cat: dict[str, list[bool]] = {}
     for item, ok in zip(items, correct):
         by_cat.setdefault(item["category"], []).append(ok)
-    return {"accuracy": sum(correct) / len(correct) if correct else math.nan,
-            "by_category": {c: sum(v) / len(v) for c, v in sorted(by_cat.items())},
-            "correct": correct}
+    out = {"accuracy": share(correct), "by_category": {c: share(v) for c, v in sorted(by_cat.items())},
+           "correct": correct}
+    if seen:
+        out["accuracy_unseen"] = share([ok for item, ok in zip(items, correct) if item["id"] not in seen])
+    return out
+
+
+def share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else math.nan
 
 
 def score_open(model, prompt_ids: list[list[int]], gen: Generation, batch_size: int) -> dict:
@@ -243,12 +250,16 @@ class EvalData:
     qa_ids: list[list[int]]
     open_prompts: list[str]
     open_ids: list[list[int]]
+    seen: frozenset[str] = frozenset()   # ids of QA items whose prompts the model was trained on
+
+
 
 
 def encode_all(model, qa: list[dict], open_prompts: list[str], chat: bool = True) -> EvalData:
     from .runner import encode_prompt
+    seen = frozenset(item["id"] for item in qa) & getattr(model, "eval_items_seen", frozenset())
     return EvalData(qa, [encode_prompt(model, item["prompt"], chat) for item in qa],
-                    open_prompts, [encode_prompt(model, p, chat) for p in open_prompts])
+                    open_prompts, [encode_prompt(model, p, chat) for p in open_prompts], seen)
 
 
 def evaluate_mode(model, data: EvalData, mode: str, qa_cfg: SamplerConfig, open_cfg: SamplerConfig,
@@ -256,7 +267,7 @@ def evaluate_mode(model, data: EvalData, mode: str, qa_cfg: SamplerConfig, open_
     """QA and open-prompt generations of one mode with their scores (generations kept under '_gen')."""
     qa_gen = generate(model, data.qa_ids, qa_cfg, mode, batch_size, f"{mode} qa")
     open_gen = generate(model, data.open_ids, open_cfg, mode, batch_size, f"{mode} open")
-    return {"qa": score_qa(data.qa, qa_gen), "open": score_open(model, data.open_ids, open_gen, batch_size),
+    return {"qa": score_qa(data.qa, qa_gen, data.seen), "open": score_open(model, data.open_ids, open_gen, batch_size),
             "speed": {"qa": speed_of(qa_gen), "open": speed_of(open_gen)},
             "_gen": {"qa": qa_gen, "open": open_gen}}
 
@@ -268,6 +279,8 @@ def compare(ar: dict, diff: dict, agree_n: int) -> dict:
            "qa_retention_by_category": {c: metrics.retention(diff["qa"]["by_category"][c], cats[c]) for c in cats},
            "agreement": mean_agreement(diff["_gen"]["open"], ar["_gen"]["open"], agree_n),
            "nll_gap": diff["open"]["nll_per_token"] - ar["open"]["nll_per_token"]}
+    if "accuracy_unseen" in ar["qa"]:
+        out["qa_retention_unseen"] = metrics.retention(diff["qa"]["accuracy_unseen"], ar["qa"]["accuracy_unseen"])
     if "wallclock" in ar and "wallclock" in diff:
         out["speedup_tokens_per_second"] = (diff["wallclock"]["tokens_per_second"]
                                             / ar["wallclock"]["tokens_per_second"])
@@ -291,6 +304,8 @@ def sweep(model, data: EvalData, ar: dict, qa_cfg: SamplerConfig, open_cfg: Samp
                      "tokens_per_nfe": res["speed"]["open"]["tokens_per_nfe"],
                      "qa_tokens_per_nfe": res["speed"]["qa"]["tokens_per_nfe"],
                      "batched_tokens_per_second": res["speed"]["open"]["batched_tokens_per_second"]})
+        if "qa_retention_unseen" in cmp:
+            rows[-1]["qa_retention_unseen"] = cmp["qa_retention_unseen"]
     return rows
 
 
@@ -327,6 +342,10 @@ def summary_table(res: dict) -> str:
     """AR vs diffusion, one metric per row."""
     ar, diff, agree_n = res["ar"], res["diffusion"], res["settings"]["agree_tokens"]
     rows = [["QA accuracy", ar["qa"]["accuracy"], diff["qa"]["accuracy"]]]
+    seen = res["settings"].get("qa_items_seen_in_training", [])
+    if seen:
+        rows.append([f"QA accuracy, the {res['settings']['qa_items'] - len(seen)} items not in its training",
+                     ar["qa"]["accuracy_unseen"], diff["qa"]["accuracy_unseen"]])
     rows += [[f"QA accuracy: {c}", v, diff["qa"]["by_category"][c]] for c, v in ar["qa"]["by_category"].items()]
     for key, label in (("nll_per_token", "NLL/token (context tower)"), ("distinct_2", "distinct-2"),
                        ("distinct_3", "distinct-3"), ("longest_repeat", "longest repeated n-gram"),
@@ -341,6 +360,8 @@ def summary_table(res: dict) -> str:
     table = markdown_table(["metric", "AR", "diffusion"], rows)
     cmp = res["comparison"]
     lines = [f"- quality retention (QA accuracy diffusion / AR): {fmt(cmp['qa_retention'])}",
+             *([f"- quality retention on the QA items not in its training corpus: {fmt(cmp['qa_retention_unseen'])} "
+                f"({len(seen)} items were: {', '.join(seen)})"] if seen else []),
              f"- agreement with AR on the first {agree_n} tokens: {fmt(cmp['agreement'])}"]
     if "speedup_tokens_per_second" in cmp:
         lines.append(f"- wall-clock speedup (batch 1): {fmt(cmp['speedup_tokens_per_second'], 2)}x")
@@ -366,19 +387,27 @@ SWEEP_COLUMNS = ["steps", "threshold", "qa_accuracy", "qa_retention", "agreement
                  "distinct_2", "tokens_per_nfe", "qa_tokens_per_nfe", "batched_tokens_per_second"]
 
 
+def sweep_columns(rows: list[dict]) -> list[str]:
+    return SWEEP_COLUMNS + (["qa_retention_unseen"] if rows and "qa_retention_unseen" in rows[0] else [])
+
+
 def sweep_markdown(rows: list[dict]) -> str:
-    return markdown_table(SWEEP_COLUMNS, [[r[c] for c in SWEEP_COLUMNS] for r in rows])
+    columns = sweep_columns(rows)
+    return markdown_table(columns, [[r[c] for c in columns] for r in rows])
 
 
 def sweep_figure(rows: list[dict], ar: dict):
-    """Quality (QA retention, agreement) against tokens per NFE, one line per steps value."""
+    """Quality (QA retention, agreement) against tokens per NFE, one line per steps value.
+    Retention is on the QA items not in the model's training when it names any."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("QA retention vs tokens/NFE", "agreement with AR vs tokens/NFE"))
+    retention = "qa_retention_unseen" if "qa_retention_unseen" in sweep_columns(rows) else "qa_retention"
+    title = "QA retention (items not in its training)" if retention.endswith("unseen") else "QA retention"
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"{title} vs tokens/NFE", "agreement with AR vs tokens/NFE"))
     for steps in sorted({r["steps"] for r in rows}):
         pts = sorted((r for r in rows if r["steps"] == steps), key=lambda r: r["threshold"])
-        for col, key in ((1, "qa_retention"), (2, "agreement")):
+        for col, key in ((1, retention), (2, "agreement")):
             fig.add_trace(go.Scatter(x=[r["tokens_per_nfe"] for r in pts], y=[r[key] for r in pts],
                                      mode="lines+markers+text", text=[f"{r['threshold']:g}" for r in pts],
                                      textposition="top center", name=f"steps={steps}", legendgroup=str(steps),
@@ -396,7 +425,7 @@ def sweep_figure(rows: list[dict], ar: dict):
 def write_sweep(out: Path, rows: list[dict], ar: dict) -> list[str]:
     """sweep.csv, sweep.md, sweep.html and (with kaleido) sweep.png; returns the names written."""
     with open(out / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=sweep_columns(rows), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     (out / "sweep.md").write_text(sweep_markdown(rows) + "\n")
@@ -463,6 +492,7 @@ def run_eval(model, args) -> dict:
            "settings": {**{k: v for k, v in open_cfg.to_dict().items() if k != "max_new_tokens"},
                         "answer_tokens": args.answer_tokens, "max_new_tokens": args.max_new_tokens,
                         "agree_tokens": agree_n, "qa_items": len(qa), "open_prompts": len(open_prompts),
+                        "qa_items_seen_in_training": sorted(data.seen),
                         "batch_size": args.batch_size, "speed_prompts": min(args.speed_prompts, len(open_prompts))}}
     for mode in MODES:
         res[mode] = evaluate_mode(model, data, mode, qa_cfg, open_cfg, args.batch_size)

@@ -49,6 +49,7 @@ class TwoTower(nn.Module):
         self.mask_token_id = mask_token_id
         self.tokenizer = tokenizer
         self.name = name
+        self.eval_items_seen: frozenset[str] = frozenset()   # eval QA ids its training corpus held
 
     # ---- facts -------------------------------------------------------------------------
     @property
@@ -255,4 +256,5 @@ class TwoTower(nn.Module):
             "static_cache": self.static_cache,
             "compiled": self.compile_options or False,
             "max_context": self.max_context,
+            "eval_items_seen": sorted(self.eval_items_seen),
         }

@@ -248,6 +248,8 @@ def load_weights(path: Path, model, peft_model) -> None:
     if model.mask_embedding is not None:
         model.mask_embedding.data.copy_(weights["mask_embedding"])
     set_peft_model_state_dict(peft_model, {k[5:]: v for k, v in weights.items() if k.startswith("lora.")})
+    meta = json.loads((path / "twotower.json").read_text())
+    model.eval_items_seen = frozenset(meta.get("eval_items_seen", ()))   # what it learned stays learned
 
 
 def load_state(path: Path, model, peft_model, opt) -> tuple[int, list]:
