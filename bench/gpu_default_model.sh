@@ -53,7 +53,9 @@ esac
 # tokens per pass; QA within noise, README) or configs/default.toml
 # (the paper's one-hot targets, as the shipped denoiser was trained). COMPILE=true
 # compiles the training pass: time it first (`python3 bench/train_step.py --device cuda --batch
-# 32 --seq-len 512`, after train3 has converted the GGUF); it gave no gain on a CPU.
+# 32 --seq-len 512`, after train3 has converted the GGUF); it gave no gain on a CPU. PREFIX=0.5
+# masks half of the blocks as the sampler leaves them (a revealed prefix, the rest masked;
+# `prefix_share`, untried at scale: an arm worth one more3 call against PREFIX=0).
 case $stage in
 pack)
   rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a .gpu/b
@@ -76,13 +78,13 @@ train3)
   python3 -m twotower corpus --out /root/corpus --device cuda --prompts ${PROMPTS:-24000} --batch ${BATCH:-768} \
       --max-new-tokens 256 --text-dir .gpu/b --max-seconds ${CORPUS_S:-330} 2>&1 | grep -E "^\{|budget"
   python3 -m twotower train --config ${CONFIG:-configs/greedy_distill.toml} --set corpus=/root/corpus/tokens.safetensors \
-      init=assets/default_model compile=${COMPILE:-false} out=/root/run max_minutes=${TRAIN_MIN:-3} steps=100000 \
+      init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} out=/root/run max_minutes=${TRAIN_MIN:-3} steps=100000 \
       warmup=30 eval_every=200 save_every=200 2>&1 | tr '\r' '\n' | grep -E "\[train\]|tok_s" | tail -12
   cp /root/corpus/meta.json $OUT/corpus_meta.json ;;
 more3)
   export PYTHONPATH=/tmp/site
   python3 -m twotower train --config ${CONFIG:-configs/greedy_distill.toml} --set corpus=/root/corpus/tokens.safetensors \
-      init=assets/default_model compile=${COMPILE:-false} out=/root/run max_minutes=${TRAIN_MIN:-8.5} steps=100000 \
+      init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} out=/root/run max_minutes=${TRAIN_MIN:-8.5} steps=100000 \
       warmup=30 eval_every=400 save_every=400 --resume 2>&1 | tr '\r' '\n' | grep -E "\[train\]" | tail -20
   cp /root/run/final/twotower.json /root/run/last/train_state.json $OUT/
   split -n 2 -d /root/run/final/denoiser.safetensors $OUT/denoiser.part_ ;;

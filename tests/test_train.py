@@ -27,6 +27,21 @@ def test_add_noise_masks_whole_blocks_at_their_own_rate():
     assert per_block.std() > 0.1                                     # rates differ between blocks
 
 
+def test_add_noise_prefix_blocks_reveal_a_prefix_and_mask_the_rest():
+    clean = torch.randint(4, VOCAB, (256, 32))
+    draw = lambda share: add_noise(clean, 8, MASK_ID, 0.02, torch.Generator().manual_seed(0), share)
+    is_suffix = lambda masked: ((masked.view(256, 4, 8).int().diff(dim=-1) >= 0).all(-1)).float().mean().item()
+    plain = add_noise(clean, 8, MASK_ID, 0.02, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(plain, draw(0.0)))          # share 0: the plain objective
+    noisy, masked, t = draw(1.0)
+    assert is_suffix(masked) == 1.0 and masked.view(256, 4, 8)[..., -1].all()  # every block: prefix | masked
+    assert torch.equal(noisy[masked], torch.full_like(noisy[masked], MASK_ID))
+    assert torch.allclose(t.view(256, 4, 8)[..., 0], masked.view(256, 4, 8).float().mean(-1))
+    assert masked.float().mean().item() == pytest.approx(plain[1].float().mean().item(), abs=0.05)  # same rates
+    by_chance = is_suffix(plain[1])                       # random blocks that happen to look so (t near 1)
+    assert by_chance < 0.3 and 0.5 + by_chance / 2 - 0.1 < is_suffix(draw(0.5)[1]) < 0.5 + by_chance / 2 + 0.1
+
+
 def objective_model(anchor: bool = True):
     """An untrained TwoTower on a tiny random Llama (the objective's tests)."""
     return checkpoints.build(tiny_llama(seed=0), None, MASK_ID, True, "t", anchor=anchor)
@@ -83,6 +98,8 @@ def test_distill_weight_mixes_the_two_targets_and_is_checked():
     assert plain.item() == pytest.approx(parts["ce"].item(), rel=1e-6)
     with pytest.raises(ValueError, match="distill must lie in"):
         DiffusionObjective(model, 8, 0.02, distill=1.5)
+    with pytest.raises(ValueError, match="prefix_share must lie in"):
+        DiffusionObjective(model, 8, 0.02, prefix_share=-0.1)
     for bad in (-1.0, float("inf")):
         with pytest.raises(ValueError, match="distill_temperature must be a finite number >= 0"):
             DiffusionObjective(model, 8, 0.02, distill=1.0, temperature=bad)

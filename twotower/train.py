@@ -54,6 +54,8 @@ class TrainConfig:
     # objective
     block_size: int = 16              # S: the size the sampler will run at
     min_t: float = 0.02               # t ~ U(min_t, 1): a block with nothing masked teaches nothing
+    prefix_share: float = 0.0         # share of blocks masked as the sampler mostly leaves them: the
+                                      # first (1 - t) S tokens revealed, the rest masked (0 = the paper)
     distill: float = 0.0              # weight of the AR model's next-token distribution in the target
                                       # (0 = the paper's one-hot targets; see DiffusionObjective)
     distill_temperature: float = 1.0  # that distribution is softmax(AR logits / T); 0 = its argmax
@@ -115,8 +117,11 @@ def load_corpus(path: str, seq_len: int, eval_fraction: float, seed: int) -> tup
 
 
 # ---- objective -----------------------------------------------------------------------------
-def add_noise(clean: torch.Tensor, block_size: int, mask_id: int, min_t: float, gen: torch.Generator):
-    """Mask each block with its own rate t ~ U(min_t, 1).
+def add_noise(clean: torch.Tensor, block_size: int, mask_id: int, min_t: float, gen: torch.Generator,
+              prefix_share: float = 0.0):
+    """Mask each block with its own rate t ~ U(min_t, 1): each token independently, or, for a
+    `prefix_share` of the blocks, its last round(t S) tokens, at least one (a revealed prefix, as
+    left-to-right commits leave a block).
 
     clean (B, N) -> noisy (B, N), masked (B, N) bool, t (B, N): each token's block's actual
     masked fraction (what the sampler feeds the denoiser).
@@ -125,6 +130,11 @@ def add_noise(clean: torch.Tensor, block_size: int, mask_id: int, min_t: float, 
     blocks = n // block_size
     rate = min_t + (1 - min_t) * torch.rand(b, blocks, 1, generator=gen, device=clean.device)
     masked = torch.rand(b, blocks, block_size, generator=gen, device=clean.device) < rate
+    if prefix_share > 0:   # drawn only then: the random stream of the plain objective is unchanged
+        revealed = ((1 - rate) * block_size).round().clamp(max=block_size - 1)      # (B, blocks, 1)
+        suffix = torch.arange(block_size, device=clean.device) >= revealed         # (B, blocks, S)
+        use = torch.rand(b, blocks, 1, generator=gen, device=clean.device) < prefix_share
+        masked = torch.where(use, suffix, masked)
     t = masked.float().mean(-1, keepdim=True).expand(-1, -1, block_size)
     masked, t = masked.reshape(b, n), t.reshape(b, n)
     return torch.where(masked, torch.full_like(clean, mask_id), clean), masked, t
@@ -149,14 +159,16 @@ class DiffusionObjective(torch.nn.Module):
     """
 
     def __init__(self, model: TwoTower, block_size: int, min_t: float, distill: float = 0.0,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, prefix_share: float = 0.0):
         super().__init__()
         if not 0.0 <= distill <= 1.0:
             raise ValueError(f"distill must lie in [0, 1], got {distill!r}")
+        if not 0.0 <= prefix_share <= 1.0:
+            raise ValueError(f"prefix_share must lie in [0, 1], got {prefix_share!r}")
         if not (temperature >= 0.0 and math.isfinite(temperature)):
             raise ValueError(f"distill_temperature must be a finite number >= 0, got {temperature!r}")
         self.model, self.block_size, self.min_t = model, block_size, min_t
-        self.distill, self.temperature = distill, temperature
+        self.distill, self.temperature, self.prefix_share = distill, temperature, prefix_share
 
     def forward(self, clean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         parts = self.parts(clean, gen, teacher=self.distill > 0)
@@ -170,7 +182,7 @@ class DiffusionObjective(torch.nn.Module):
         the AR model's argmax, no grad)."""
         m, n = self.model, clean.shape[1] // self.block_size * self.block_size
         clean = clean[:, :n]
-        noisy, masked, t = add_noise(clean, self.block_size, m.mask_token_id, self.min_t, gen)
+        noisy, masked, t = add_noise(clean, self.block_size, m.mask_token_id, self.min_t, gen, self.prefix_share)
         inputs = m.training_inputs(clean, self.block_size)
         hidden = m.training_hidden(clean, noisy, t, self.block_size, inputs)   # (B, N - start, H)
         start = m.training_start(self.block_size)
@@ -311,7 +323,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model, peft_model = build_model(cfg, device)
     if cfg.compile:   # the denoiser over all blocks; the context tower's no-grad pass and the heads stay eager
         model.training_hidden = torch.compile(model.training_hidden, dynamic=False)
-    objective = DiffusionObjective(model, cfg.block_size, cfg.min_t, cfg.distill, cfg.distill_temperature)
+    objective = DiffusionObjective(model, cfg.block_size, cfg.min_t, cfg.distill, cfg.distill_temperature,
+                                   cfg.prefix_share)
     runner = objective
     if world > 1:
         runner = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=False)
