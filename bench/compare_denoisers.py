@@ -31,8 +31,9 @@ def measure(spec: str, args) -> dict:
     answers = generate(model, data.qa_ids, SamplerConfig(max_new_tokens=24), "diffusion", args.batch, "qa")
     free = generate(model, data.open_ids, SamplerConfig(max_new_tokens=32, stop_at_eos=False), "diffusion",
                     args.batch, "open")
-    scored = score_qa(qa, answers)
+    scored = score_qa(qa, answers, data.seen)
     return {"model": spec, "qa_items": len(qa), "qa_accuracy": round(scored["accuracy"], 4),
+            "qa_accuracy_unseen": round(scored.get("accuracy_unseen", scored["accuracy"]), 4),
             "by_category": {k: round(v, 3) for k, v in scored["by_category"].items()},
             "qa_tokens_per_nfe": round(speed_of(answers)["tokens_per_nfe"], 3),
             "open_prompts": args.open, "open_tokens_per_nfe": round(speed_of(free)["tokens_per_nfe"], 3)}

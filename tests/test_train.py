@@ -122,6 +122,11 @@ def test_every_evaluation_sees_the_same_held_out_windows_and_masks(corpus):
     objective = DiffusionObjective(model, 8, 0.02)
     first, again = evaluate(objective, held_out, cfg, "cpu"), evaluate(objective, held_out, cfg, "cpu")
     assert first == again and first["ce"] > 0
+    prefixed = DiffusionObjective(model, 8, 0.02, prefix_share=1.0)     # trains on other masks,
+    assert evaluate(prefixed, held_out, cfg, "cpu") == first              # is measured on the same ones
+    batch = held_out.batch(2, torch.Generator().manual_seed(0))
+    ce = lambda **kw: prefixed.parts(batch, torch.Generator().manual_seed(1), **kw)["ce"].item()
+    assert ce() != ce(prefix_share=0.0)                                   # (the training masks do differ)
 
 
 def test_lr_schedule_warms_up_then_decays_by_steps_or_time():
@@ -237,11 +242,11 @@ def test_compiled_training_pass_gives_the_eager_losses(tmp_path, ar_dir, corpus)
         config = write_config(tmp_path / name, ar_dir, corpus, steps=2, **extra)
         assert main(["train", "--config", config]) == 0
         state = json.loads((tmp_path / name / "run" / "last" / "train_state.json").read_text())
-        return [(h["train_loss"], h["eval_loss"]) for h in state["history"]]
+        return [loss for h in state["history"] for loss in (h["train_loss"], h["eval_loss"])]   # flat: approx takes no nesting
 
     (tmp_path / "eager").mkdir(), (tmp_path / "compiled").mkdir()
     eager, compiled = losses("eager"), losses("compiled", compile=True)
-    assert len(eager) == 1 and eager[0][0] > 0
+    assert len(eager) == 2 and eager[0] > 0
     assert compiled == pytest.approx(eager, abs=2e-3)
 
 

@@ -228,6 +228,7 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
         mask_id = int(parts.get("mask", meta.get("mask_token_id", SMOLLM2_MASK_ID)))
         model = build(ctx, tok, mask_id, "mask_embedding" in weights, Path(parts["ctx"]).name,
                       anchor=meta.get("anchor", False))
+        model.eval_items_seen = frozenset(meta.get("eval_items_seen", ()))
         return apply_denoiser_file(model, meta, weights).eval()
     path = Path(spec)
     if path.is_dir():

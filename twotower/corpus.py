@@ -54,7 +54,7 @@ CHAT_TEMPLATES = [
     "List three questions a student might ask about {t}, and answer them.",
     "Write a product description for something inspired by {t}.",
 ]
-QUESTIONS = [   # short-answer questions; none is an evaluation prompt (see held_out_prompts)
+QUESTIONS = [   # short-answer questions; none is an evaluation prompt or a rewording of one
     "What is the capital of Brazil?", "How many days are in a leap year?", "Who wrote Hamlet?",
     "What color are most leaves in summer?", "What is the smallest planet in the solar system?",
     "How many legs does a dog have?", "What do bees collect from flowers?", "What is the opposite of near?",
@@ -62,8 +62,8 @@ QUESTIONS = [   # short-answer questions; none is an evaluation prompt (see held
     "What is the plural of wolf?", "How many seconds are in a minute?", "What is 9 times 6?",
     "Which animal is the largest fish?", "What language is spoken in Spain?",
     "What is the freezing point of water in Fahrenheit?", "Who painted the ceiling of the Sistine Chapel?",
-    "What is H2O?", "How many weeks are in a year?", "What is the square root of 81?",
-    "What gas do we breathe in?", "What is the capital of Mexico?", "Who invented the light bulb?",
+    "How many weeks are in a year?", "What is the square root of 81?",
+    "What is the capital of Mexico?", "Who invented the light bulb?",
     "What is the past tense of fly?", "What is the opposite of quiet?", "How many sides does a pentagon have?",
     "Which planet has the most famous rings?", "What is a baby kangaroo called?",
     "Complete the saying: Look before you ...", "What month comes after March?",
@@ -87,10 +87,14 @@ def make_prompts(n: int, seed: int, question_share: float = 0.12) -> list[str]:
     rng = random.Random(seed)
     held_out = held_out_prompts()
     out = []
-    while len(out) < n:
+    for _ in range(100 * n + 1000):          # bounded: a held-out set that covers everything ends it
+        if len(out) == n:
+            break
         prompt = _draw_prompt(rng, question_share)
         if normalise(prompt) not in held_out:
             out.append(prompt)
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} of {n} prompts are not evaluation prompts")
     return out
 
 
@@ -112,7 +116,8 @@ def normalise(prompt: str) -> str:
 
 
 def held_out_prompts() -> set[str]:
-    """The evaluation's prompts (QA items and open prompts), normalised: kept out of training."""
+    """The evaluation's prompts (QA items and open prompts), normalised: kept out of training.
+    The check is on the text; rewordings of an item are kept out by writing QUESTIONS so."""
     from .evaluate import load_prompts, load_qa
     return {normalise(q["prompt"]) for q in load_qa()} | {normalise(p) for p in load_prompts()}
 

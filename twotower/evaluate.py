@@ -207,14 +207,14 @@ def score_qa(items: list[dict], gen: Generation, seen: frozenset[str] = frozense
     by_cat: dict[str, list[bool]] = {}
     for item, ok in zip(items, correct):
         by_cat.setdefault(item["category"], []).append(ok)
-    out = {"accuracy": share(correct), "by_category": {c: share(v) for c, v in sorted(by_cat.items())},
+    out = {"accuracy": fraction(correct), "by_category": {c: fraction(v) for c, v in sorted(by_cat.items())},
            "correct": correct}
     if seen:
-        out["accuracy_unseen"] = share([ok for item, ok in zip(items, correct) if item["id"] not in seen])
+        out["accuracy_unseen"] = fraction([ok for item, ok in zip(items, correct) if item["id"] not in seen])
     return out
 
 
-def share(flags: list[bool]) -> float:
+def fraction(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else math.nan
 
 
@@ -251,8 +251,6 @@ class EvalData:
     open_prompts: list[str]
     open_ids: list[list[int]]
     seen: frozenset[str] = frozenset()   # ids of QA items whose prompts the model was trained on
-
-
 
 
 def encode_all(model, qa: list[dict], open_prompts: list[str], chat: bool = True) -> EvalData:

@@ -176,13 +176,15 @@ class DiffusionObjective(torch.nn.Module):
             return parts["ce"]
         return (1 - self.distill) * parts["ce"] + self.distill * parts["distill"]
 
-    def parts(self, clean: torch.Tensor, gen: torch.Generator, teacher: bool = True) -> dict:
+    def parts(self, clean: torch.Tensor, gen: torch.Generator, teacher: bool = True,
+              prefix_share: float | None = None) -> dict:
         """Loss terms on one batch: "ce" (against the clean tokens) and, with teacher, "distill"
         (against the AR distribution) and "agree" (share of masked positions whose argmax is
         the AR model's argmax, no grad)."""
         m, n = self.model, clean.shape[1] // self.block_size * self.block_size
         clean = clean[:, :n]
-        noisy, masked, t = add_noise(clean, self.block_size, m.mask_token_id, self.min_t, gen, self.prefix_share)
+        share = self.prefix_share if prefix_share is None else prefix_share
+        noisy, masked, t = add_noise(clean, self.block_size, m.mask_token_id, self.min_t, gen, share)
         inputs = m.training_inputs(clean, self.block_size)
         hidden = m.training_hidden(clean, noisy, t, self.block_size, inputs)   # (B, N - start, H)
         start = m.training_start(self.block_size)
@@ -260,7 +262,8 @@ def load_weights(path: Path, model, peft_model) -> None:
     if model.mask_embedding is not None:
         model.mask_embedding.data.copy_(weights["mask_embedding"])
     set_peft_model_state_dict(peft_model, {k[5:]: v for k, v in weights.items() if k.startswith("lora.")})
-    meta = json.loads((path / "twotower.json").read_text())
+    meta_path = path / "twotower.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     model.eval_items_seen = frozenset(meta.get("eval_items_seen", ()))   # what it learned stays learned
 
 
@@ -281,13 +284,13 @@ def load_state(path: Path, model, peft_model, opt) -> tuple[int, list]:
 def evaluate(objective, data: TokenWindows, cfg: TrainConfig, device: str) -> dict:
     """Held-out means of the clean-token cross-entropy ("ce", comparable whatever `distill` is)
     and of the agreement with the AR model's argmax at masked positions ("agree"), on the same
-    windows and masks at every evaluation."""
+    windows and masks at every evaluation (the paper's masks, whatever prefix_share trains on)."""
     gen = torch.Generator(device=device).manual_seed(1234)
     windows = torch.Generator().manual_seed(cfg.seed + 4321)
     sums = {"ce": 0.0, "agree": 0.0}
     for _ in range(cfg.eval_batches):
         with autocast(device):
-            parts = objective.parts(data.batch(cfg.batch_size, windows).to(device), gen)
+            parts = objective.parts(data.batch(cfg.batch_size, windows).to(device), gen, prefix_share=0.0)
         for key in sums:
             sums[key] += parts[key].item() / cfg.eval_batches
     return sums
