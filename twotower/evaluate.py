@@ -3,7 +3,8 @@
 Both modes decode greedily from the same prompts (chat template applied) with the same seed:
   (a) QA accuracy on assets/eval/qa.jsonl, scored by the rule in twotower.metrics (first
       sentence of the reply, normalised, whole-word match of any accepted answer);
-      quality retention = diffusion accuracy / AR accuracy, overall and per category.
+      quality retention = diffusion accuracy / AR accuracy, overall and per category, and on
+      the items not in the model's training corpus when it lists some (`eval_items_seen`).
   (b) agreement: fraction of the first 32 generated tokens where greedy diffusion equals
       greedy AR, on the open-ended prompts of assets/eval/open_prompts.txt.
   (c) on the same free generations (--max-new-tokens, default 128, stopping at end-of-text):
