@@ -12,7 +12,8 @@ from tests.tiny import MASK_ID, VOCAB, tiny_llama
 from twotower import checkpoints
 from twotower.cli import main
 from twotower import corpus as corpus_module
-from twotower.corpus import QUESTIONS, held_out_prompts, make_prompts, normalise, public_domain_texts
+from twotower.corpus import QUESTIONS, held_out_prompts, make_prompts, public_domain_texts
+from twotower.metrics import normalise
 from twotower.train import DiffusionObjective, TrainConfig, add_noise, lr_factor, soft_cross_entropy
 
 

@@ -109,10 +109,12 @@ def build(context_lm, tokenizer, mask_token_id: int, learned_mask: bool, name: s
 
 
 def apply_denoiser_file(model: TwoTower, meta: dict, weights: dict[str, torch.Tensor]) -> TwoTower:
-    """Put saved denoiser weights into a freshly built model (LoRA merged into the copy)."""
+    """Put saved denoiser weights into a freshly built model (LoRA merged into the copy), with
+    the evaluation items its training saw (meta's "eval_items_seen")."""
     def part(prefix):
         return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
+    model.eval_items_seen = frozenset(meta.get("eval_items_seen", ()))
     missing, unexpected = model.time.load_state_dict(part("time."), strict=False)
     if missing:
         raise SpecError(f"denoiser file lacks time-conditioning weights: {missing[:3]}...")
@@ -155,7 +157,6 @@ def load_own(path: Path, device: str, dtype: torch.dtype, share_base: bool = Fal
     ctx, tok = load_ar(context_src, device, dtype)
     model = build(ctx, tok, meta["mask_token_id"], meta.get("learned_mask", False), meta.get("name", path.name),
                   anchor=meta.get("anchor", False), share_base=share_base)
-    model.eval_items_seen = frozenset(meta.get("eval_items_seen", ()))
     return apply_denoiser_file(model, meta, read_safetensors(path / "denoiser.safetensors")).eval()
 
 
@@ -228,7 +229,6 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
         mask_id = int(parts.get("mask", meta.get("mask_token_id", SMOLLM2_MASK_ID)))
         model = build(ctx, tok, mask_id, "mask_embedding" in weights, Path(parts["ctx"]).name,
                       anchor=meta.get("anchor", False))
-        model.eval_items_seen = frozenset(meta.get("eval_items_seen", ()))
         return apply_denoiser_file(model, meta, weights).eval()
     path = Path(spec)
     if path.is_dir():

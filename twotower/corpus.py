@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from . import metrics
+
 # ---- prompts --------------------------------------------------------------------------------
 TOPICS = """the ocean|volcanoes|the moon|honey bees|the Roman Empire|photosynthesis|the water cycle|
 electricity|friendship|a small village|the first day of school|a lost dog|rain forests|deserts|
@@ -91,7 +93,7 @@ def make_prompts(n: int, seed: int, question_share: float = 0.12) -> list[str]:
         if len(out) == n:
             break
         prompt = _draw_prompt(rng, question_share)
-        if normalise(prompt) not in held_out:
+        if metrics.normalise(prompt) not in held_out:
             out.append(prompt)
     if len(out) < n:
         raise ValueError(f"only {len(out)} of {n} prompts are not evaluation prompts")
@@ -111,15 +113,11 @@ def _draw_prompt(rng: random.Random, question_share: float) -> str:
     return rng.choice(CHAT_TEMPLATES).format(t=t, u=u)
 
 
-def normalise(prompt: str) -> str:
-    return " ".join(prompt.lower().split()).rstrip(".?!")
-
-
 def held_out_prompts() -> set[str]:
     """The evaluation's prompts (QA items and open prompts), normalised: kept out of training.
     The check is on the text; rewordings of an item are kept out by writing QUESTIONS so."""
     from .evaluate import load_prompts, load_qa
-    return {normalise(q["prompt"]) for q in load_qa()} | {normalise(p) for p in load_prompts()}
+    return {metrics.normalise(text) for text in [q["prompt"] for q in load_qa()] + load_prompts()}
 
 
 # ---- public-domain text -----------------------------------------------------------------------

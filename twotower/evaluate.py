@@ -208,15 +208,11 @@ def score_qa(items: list[dict], gen: Generation, seen: frozenset[str] = frozense
     by_cat: dict[str, list[bool]] = {}
     for item, ok in zip(items, correct):
         by_cat.setdefault(item["category"], []).append(ok)
-    out = {"accuracy": fraction(correct), "by_category": {c: fraction(v) for c, v in sorted(by_cat.items())},
+    out = {"accuracy": metrics.mean(correct), "by_category": {c: metrics.mean(v) for c, v in sorted(by_cat.items())},
            "correct": correct}
     if seen:
-        out["accuracy_unseen"] = fraction([ok for item, ok in zip(items, correct) if item["id"] not in seen])
+        out["accuracy_unseen"] = metrics.mean(ok for item, ok in zip(items, correct) if item["id"] not in seen)
     return out
-
-
-def fraction(flags: list[bool]) -> float:
-    return sum(flags) / len(flags) if flags else math.nan
 
 
 def score_open(model, prompt_ids: list[list[int]], gen: Generation, batch_size: int) -> dict:
