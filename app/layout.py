@@ -34,7 +34,8 @@ block (× = committed). Watch confidence rise as neighbours get committed: the d
 as a whole, not left to right."""),
     ("commits_plot", """**Planned vs actual.** Per denoiser pass: positions above the threshold γ (planned) and
 positions committed. When fewer pass γ than the step budget needs, the floor `ceil(masked / steps left)`
-commits more (the gap); at least one token is committed per pass."""),
+commits more (the gap); at least one token is committed per pass: the most confident ones, or under
+the *leftmost* commit order the leftmost masked ones."""),
     ("tokens_plot", """**Tokens per step, per block.** How many tokens each step committed. Early blocks often
 need many small steps; once the context is rich, blocks fill in two or three passes: that is where
 diffusion beats one-token-per-pass AR decoding."""),
@@ -139,7 +140,9 @@ def sampler_inputs() -> list:
                           info="passes allowed", min_width=140)
     threshold = gr.Slider(0.0, 1.0, value=d.threshold, step=0.01, label="Confidence threshold γ",
                           elem_id="threshold", info="commit every masked token with p > γ")
-    remasking = gr.Dropdown(list(REMASKING), value=d.remasking, label="Commit order (remasking)")
+    remasking = gr.Dropdown(list(REMASKING), value=d.remasking, label="Commit order (remasking)",
+                            info="which masked tokens a step commits beyond those over γ: the most "
+                                 "confident (the paper), or leftmost first")
     with gr.Row():
         temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature",
                                 info="0 = greedy", min_width=140)

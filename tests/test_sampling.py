@@ -111,6 +111,20 @@ def test_random_commits_masked_positions_reproducibly():
     assert len(seen) > 3                                  # not a fixed order
 
 
+def test_leftmost_commits_confident_positions_then_the_leftmost_masked():
+    probs = T([[0.3, 0.3, 0.4], [0.95, 0.05, 0.0], [0.5, 0.5, 0.0], [0.92, 0.08, 0.0]])[None]
+    conf = probs.max(-1).values                          # 0.4, 0.95, 0.5, 0.92
+    score = remasking_score(probs, conf, "leftmost", None, threshold=0.9)
+    masked = torch.ones_like(conf, dtype=torch.bool)
+    assert select_commits(score, masked, T([2]))[0].nonzero().flatten().tolist() == [1, 3]   # over 0.9
+    assert select_commits(score, masked, T([3]))[0].nonzero().flatten().tolist() == [0, 1, 3]
+    masked[0, 0] = False                                 # committed already: the next masked one
+    strict = remasking_score(probs, conf, "leftmost", None, threshold=0.93)
+    assert select_commits(strict, masked, T([2]))[0].nonzero().flatten().tolist() == [1, 2]  # 2, not the 0.92
+    none_over = remasking_score(probs, conf, "leftmost", None, threshold=0.99)
+    assert select_commits(none_over, masked, T([1]))[0].nonzero().flatten().tolist() == [1]  # not the 0.95
+
+
 def test_unknown_remasking_strategy():
     with pytest.raises(ValueError, match="unknown remasking strategy 'oldest'"):
         remasking_score(torch.ones(1, 2, 3), torch.ones(1, 2), "oldest", None)
@@ -208,7 +222,7 @@ def test_forbidden_token_is_never_sampled():
 def test_release_defaults():
     d = SamplerConfig()
     assert (d.block_size, d.steps, d.threshold, d.temperature, d.remasking) == (16, 16, 0.9, 0.0, "confidence")
-    assert set(REMASKING) == {"confidence", "margin", "entropy", "random"}
+    assert set(REMASKING) == {"confidence", "margin", "entropy", "random", "leftmost"}
 
 
 @pytest.mark.parametrize("change,message", [

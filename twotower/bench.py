@@ -606,7 +606,7 @@ def step_work(model, cfg: SamplerConfig, batch: int, iters: int = 20) -> dict:
     def decide():
         pred, probs, conf = choose_tokens(logits, cfg, gen)
         k, planned = commit_counts(conf, masked, cfg.steps, cfg.threshold)
-        commit = select_commits(remasking_score(probs, conf, cfg.remasking, gen), masked, k)
+        commit = select_commits(remasking_score(probs, conf, cfg.remasking, gen, cfg.threshold), masked, k)
         return pred, probs, conf, planned, commit
 
     def payload(pred, probs, conf, planned, commit):

@@ -36,7 +36,7 @@ import torch
 from . import metrics
 from .events import BlockCommitted, Done, Step, Token
 from .sampler import ar_generate, diffusion_generate
-from .sampling import SamplerConfig
+from .sampling import REMASKING, SamplerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 QA_PATH = ROOT / "assets" / "eval" / "qa.jsonl"
@@ -471,7 +471,7 @@ def write_outputs(out: Path, res: dict, data: EvalData) -> None:
 def configs(args) -> tuple[SamplerConfig, SamplerConfig]:
     """Sampler settings for QA answers and for free generations (greedy, same seed in both modes)."""
     base = SamplerConfig(block_size=args.block_size, steps=args.steps, threshold=args.threshold,
-                         temperature=0.0, seed=args.seed)
+                         remasking=args.remasking, temperature=0.0, seed=args.seed)
     return (replace(base, max_new_tokens=args.answer_tokens).validate(),
             replace(base, max_new_tokens=args.max_new_tokens).validate())
 
@@ -548,6 +548,7 @@ def add_parser(sub) -> None:
     p.add_argument("--threshold", type=float, default=d.threshold, help="confidence threshold gamma")
     p.add_argument("--steps", type=int, default=d.steps, help="denoiser steps per block")
     p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--remasking", choices=REMASKING, default=d.remasking, help="commit order within a block")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--speed-prompts", type=int, default=8,

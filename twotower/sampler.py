@@ -140,7 +140,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             logits[..., mask_id] = float("-inf")                   # never predict [MASK]
             pred, probs, conf = choose_tokens(logits, cfg, gen)
             k, planned = commit_counts(conf, masked, budget - step, cfg.threshold)
-            score = remasking_score(probs, conf, cfg.remasking, gen)
+            score = remasking_score(probs, conf, cfg.remasking, gen, cfg.threshold)
             commit = select_commits(score, masked, k)              # (B, S) bool
             x = torch.where(commit, pred, x)                       # carry-over: committed stay
             nfe, used = nfe + 1, step + 1

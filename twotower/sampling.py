@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-REMASKING = ("confidence", "margin", "entropy", "random")
+REMASKING = ("confidence", "margin", "entropy", "random", "leftmost")
 
 
 @dataclass
@@ -95,7 +95,7 @@ def choose_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Gen
 
 
 def remasking_score(probs: torch.Tensor, confidence: torch.Tensor, strategy: str,
-                    generator: torch.Generator | None) -> torch.Tensor:
+                    generator: torch.Generator | None, threshold: float = 1.0) -> torch.Tensor:
     """Higher score = commit first. probs: (B, S, V); confidence: (B, S)."""
     if strategy == "confidence":
         return confidence
@@ -106,6 +106,9 @@ def remasking_score(probs: torch.Tensor, confidence: torch.Tensor, strategy: str
         return (probs * probs.clamp_min(1e-12).log()).sum(-1)   # = -entropy
     if strategy == "random":
         return torch.rand(confidence.shape, generator=generator, device=confidence.device)
+    if strategy == "leftmost":      # positions over the threshold first, then left to right
+        position = torch.arange(confidence.shape[-1], device=confidence.device, dtype=confidence.dtype)
+        return torch.where(confidence > threshold, 1.0 + confidence, -position)
     raise ValueError(f"unknown remasking strategy {strategy!r}; expected one of {REMASKING}")
 
 
