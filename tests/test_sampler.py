@@ -252,7 +252,7 @@ def test_ar_stops_at_eos(model, monkeypatch):
 
 
 # ---- batching, determinism ----------------------------------------------------------------
-@pytest.mark.parametrize("remasking", ["confidence", "margin", "entropy"])
+@pytest.mark.parametrize("remasking", ["confidence", "margin", "entropy", "leftmost"])
 def test_batch_equals_each_prompt_alone(model, remasking):
     c = cfg(max_new_tokens=10, remasking=remasking)
     batch = done_of(events_of(diffusion_generate(model, [PROMPT, SHORT], c)))
@@ -262,6 +262,12 @@ def test_batch_equals_each_prompt_alone(model, remasking):
     ar_batch = done_of(events_of(ar_generate(model, [PROMPT, SHORT], c)))
     for b, p in enumerate([PROMPT, SHORT]):
         assert ar_batch.token_ids[b] == done_of(events_of(ar_generate(model, [p], c))).token_ids[0]
+
+
+def test_leftmost_with_nothing_over_gamma_decodes_left_to_right(model):
+    events = events_of(diffusion_generate(model, [PROMPT], cfg(remasking="leftmost", threshold=1.0, max_new_tokens=8)))
+    order = [tuple(e.committed[0]) for e in events if isinstance(e, Step)]
+    assert order == [(0,), (1,), (2,), (3,)] * 2          # two blocks of 4, each filled left to right
 
 
 def test_strategies_give_different_orders(model):

@@ -20,7 +20,7 @@ class SamplerConfig:
     temperature: float = 0.0      # 0 = greedy; otherwise Gumbel-max on logits / temperature
     top_k: int = 0                # keep the k most likely tokens when sampling (0 = off)
     top_p: float = 1.0            # nucleus sampling mass (1 = off)
-    remasking: str = "confidence"  # which positions to commit first: confidence|margin|entropy|random
+    remasking: str = "confidence"  # which positions to commit first: confidence|margin|entropy|random|leftmost
     max_new_tokens: int = 128     # any number; the last block is cut to fit
     stop_at_eos: bool = True      # end a row at its first end-of-text token
     seed: int = 0                 # same seed + settings + prompt -> same tokens
@@ -96,7 +96,8 @@ def choose_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Gen
 
 def remasking_score(probs: torch.Tensor, confidence: torch.Tensor, strategy: str,
                     generator: torch.Generator | None, threshold: float = 1.0) -> torch.Tensor:
-    """Higher score = commit first. probs: (B, S, V); confidence: (B, S)."""
+    """Higher score = commit first. probs: (B, S, V); confidence: (B, S).
+    `threshold` (gamma) is read by "leftmost" only: positions over it outrank all others."""
     if strategy == "confidence":
         return confidence
     if strategy == "margin":
