@@ -132,7 +132,7 @@ function rule(f, steps, threshold) {
   const gamma = threshold !== null && threshold !== undefined ? `γ = ${threshold}` : "the threshold";
   const why = left === 1 ? "last step of the block: every masked position is committed"
     : fresh.length > Math.max(planned, 1) ? `the floor ⌈${masked} masked / ${left} steps left⌉ = ${floor} raised it`
-    : planned === 0 ? "none passed, so the most confident one is committed anyway"
+    : planned === 0 ? "none passed, so one is committed anyway: the first in the commit order"
     : "the threshold decided";
   return `Commit rule: <b>${planned}</b> of ${masked} masked positions had p &gt; ${gamma} → committed <b>${fresh.length}</b> (${why}).`;
 }
