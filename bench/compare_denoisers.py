@@ -21,18 +21,19 @@ import torch  # noqa: E402
 
 from twotower.checkpoints import load  # noqa: E402
 from twotower.evaluate import device_name, encode_all, generate, load_prompts, load_qa, score_qa, speed_of  # noqa: E402
-from twotower.sampling import SamplerConfig  # noqa: E402
+from twotower.sampling import REMASKING, SamplerConfig  # noqa: E402
 
 
 def measure(spec: str, args) -> dict:
     model = load(spec, args.device)
     qa = load_qa()[::args.every]
     data = encode_all(model, qa, load_prompts()[:args.open])
-    answers = generate(model, data.qa_ids, SamplerConfig(max_new_tokens=24), "diffusion", args.batch, "qa")
-    free = generate(model, data.open_ids, SamplerConfig(max_new_tokens=32, stop_at_eos=False), "diffusion",
+    order = dict(threshold=args.threshold, remasking=args.remasking)
+    answers = generate(model, data.qa_ids, SamplerConfig(max_new_tokens=24, **order), "diffusion", args.batch, "qa")
+    free = generate(model, data.open_ids, SamplerConfig(max_new_tokens=32, stop_at_eos=False, **order), "diffusion",
                     args.batch, "open")
     scored = score_qa(qa, answers, data.seen)
-    return {"model": spec, "qa_items": len(qa), "qa_accuracy": round(scored["accuracy"], 4),
+    return {"model": spec, **order, "qa_items": len(qa), "qa_accuracy": round(scored["accuracy"], 4),
             "qa_accuracy_unseen": round(scored.get("accuracy_unseen", scored["accuracy"]), 4),
             "by_category": {k: round(v, 3) for k, v in scored["by_category"].items()},
             "qa_tokens_per_nfe": round(speed_of(answers)["tokens_per_nfe"], 3),
@@ -45,6 +46,8 @@ def main() -> None:
     p.add_argument("--every", type=int, default=3, help="take every k-th QA item")
     p.add_argument("--open", type=int, default=20, help="open prompts for tokens per NFE")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threshold", type=float, default=SamplerConfig.threshold, help="confidence threshold gamma")
+    p.add_argument("--remasking", choices=REMASKING, default=SamplerConfig.remasking, help="commit order")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     args = p.parse_args()
