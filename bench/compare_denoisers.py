@@ -28,12 +28,12 @@ def measure(spec: str, args) -> dict:
     model = load(spec, args.device)
     qa = load_qa()[::args.every]
     data = encode_all(model, qa, load_prompts()[:args.open])
-    order = dict(threshold=args.threshold, remasking=args.remasking)
-    answers = generate(model, data.qa_ids, SamplerConfig(max_new_tokens=24, **order), "diffusion", args.batch, "qa")
-    free = generate(model, data.open_ids, SamplerConfig(max_new_tokens=32, stop_at_eos=False, **order), "diffusion",
+    sampler = dict(threshold=args.threshold, remasking=args.remasking)
+    answers = generate(model, data.qa_ids, SamplerConfig(max_new_tokens=24, **sampler), "diffusion", args.batch, "qa")
+    free = generate(model, data.open_ids, SamplerConfig(max_new_tokens=32, stop_at_eos=False, **sampler), "diffusion",
                     args.batch, "open")
     scored = score_qa(qa, answers, data.seen)
-    return {"model": spec, **order, "qa_items": len(qa), "qa_accuracy": round(scored["accuracy"], 4),
+    return {"model": spec, **sampler, "qa_items": len(qa), "qa_accuracy": round(scored["accuracy"], 4),
             "qa_accuracy_unseen": round(scored.get("accuracy_unseen", scored["accuracy"]), 4),
             "by_category": {k: round(v, 3) for k, v in scored["by_category"].items()},
             "qa_tokens_per_nfe": round(speed_of(answers)["tokens_per_nfe"], 3),

@@ -595,7 +595,7 @@ def step_work(model, cfg: SamplerConfig, batch: int, iters: int = 20) -> dict:
     the decision (token choice, commit rule) and the event payload (top candidates + host copies).
     Timed alone, synchronised, so it shows what per-step work and host syncs cost on this device."""
     from .sampler import _top
-    from .sampling import choose_tokens, commit_counts, remasking_score, select_commits
+    from .sampling import decide_step
 
     device, vocab, size = model.device, model.denoiser_lm.config.vocab_size, cfg.block_size
     gen = torch.Generator(device=device).manual_seed(0)
@@ -604,10 +604,7 @@ def step_work(model, cfg: SamplerConfig, batch: int, iters: int = 20) -> dict:
     x = torch.full((batch, size), model.mask_token_id, device=device)
 
     def decide():
-        pred, probs, conf = choose_tokens(logits, cfg, gen)
-        k, planned = commit_counts(conf, masked, cfg.steps, cfg.threshold)
-        commit = select_commits(remasking_score(probs, conf, cfg.remasking, gen, cfg.threshold), masked, k)
-        return pred, probs, conf, planned, commit
+        return decide_step(logits, masked, cfg.steps, cfg, gen)
 
     def payload(pred, probs, conf, planned, commit):
         top_ids, top_probs = _top(probs, cfg.top_candidates)

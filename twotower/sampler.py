@@ -15,7 +15,7 @@ from .attention import AttentionCapture
 from .events import BlockCommitted, BlockStart, Done, Event, Prefill, Step, Token
 from .fork import ForkPoint
 from .model import TwoTower
-from .sampling import SamplerConfig, choose_tokens, commit_counts, remasking_score, select_commits
+from .sampling import SamplerConfig, choose_tokens, decide_step
 
 
 def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -> None:
@@ -138,10 +138,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             capture = AttentionCapture(capture_layers) if capture_layers else None
             logits = model.denoise(x, inputs, t, capture)          # (B, S, V)
             logits[..., mask_id] = float("-inf")                   # never predict [MASK]
-            pred, probs, conf = choose_tokens(logits, cfg, gen)
-            k, planned = commit_counts(conf, masked, budget - step, cfg.threshold)
-            score = remasking_score(probs, conf, cfg.remasking, gen, cfg.threshold)
-            commit = select_commits(score, masked, k)              # (B, S) bool
+            pred, probs, conf, planned, commit = decide_step(logits, masked, budget - step, cfg, gen)
             x = torch.where(commit, pred, x)                       # carry-over: committed stay
             nfe, used = nfe + 1, step + 1
             top_ids, top_probs = _top(probs, cfg.top_candidates)

@@ -134,3 +134,16 @@ def select_commits(score: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -
     order = score.argsort(dim=-1, descending=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return (rank < k.unsqueeze(-1)) & masked
+
+
+def decide_step(logits: torch.Tensor, masked: torch.Tensor, steps_left: int, cfg: SamplerConfig,
+                generator: torch.Generator | None):
+    """One denoiser pass's decision: a token per position, the commit rule, the commit order.
+
+    logits: (B, S, V); masked: (B, S). Returns pred, probs, confidence, planned (B,) and
+    commit (B, S) bool.
+    """
+    pred, probs, conf = choose_tokens(logits, cfg, generator)
+    k, planned = commit_counts(conf, masked, steps_left, cfg.threshold)
+    score = remasking_score(probs, conf, cfg.remasking, generator, cfg.threshold)
+    return pred, probs, conf, planned, select_commits(score, masked, k)
