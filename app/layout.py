@@ -9,13 +9,13 @@ import gradio as gr
 
 from twotower.sampling import REMASKING, SamplerConfig
 
-from .state import OPTIONS, Session
+from .state import OPTIONS, Session, recommended_config
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 INTRO = """# TwoTower: watch a diffusion language model write
 A frozen AR **context tower** reads the prompt and every finished block; a **denoiser tower** fills
-each new block of masked tokens over a few steps, most confident tokens first."""
+each new block of masked tokens over a few steps, sure tokens first."""
 
 GRID_HELP = """Each row is a block (AR runs: 16 tokens a row). Masked cells show the denoiser's current
 best guess (faint), the bar under every cell its probability; orange = committed at this step. The line
@@ -128,9 +128,17 @@ def asset(name: str) -> str:
     return (ASSETS / name).read_text()
 
 
+def remasking_info(d: SamplerConfig) -> str:
+    """The commit-order dropdown's explanation, naming the model's recommended order."""
+    base = "which masked tokens a step commits beyond those over γ: the most confident (the paper), or leftmost first"
+    if d.remasking == SamplerConfig().remasking:
+        return base
+    return f"{base}. This model's checkpoint recommends {d.remasking}"
+
+
 def sampler_inputs() -> list:
-    """Sampler settings, with the release's defaults."""
-    d = SamplerConfig()
+    """Sampler settings, starting from the model's recommended ones (else the release's)."""
+    d = recommended_config()
     max_new = gr.Slider(1, OPTIONS.max_new_tokens, value=64, step=1, label="Max new tokens",
                         elem_id="max-new-tokens")
     with gr.Row():
@@ -141,8 +149,7 @@ def sampler_inputs() -> list:
     threshold = gr.Slider(0.0, 1.0, value=d.threshold, step=0.01, label="Confidence threshold γ",
                           elem_id="threshold", info="commit every masked token with p > γ")
     remasking = gr.Dropdown(list(REMASKING), value=d.remasking, label="Commit order (remasking)",
-                            info="which masked tokens a step commits beyond those over γ: the most "
-                                 "confident (the paper), or leftmost first")
+                            info=remasking_info(d), elem_id="remasking")
     with gr.Row():
         temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature",
                                 info="0 = greedy", min_width=140)
@@ -239,7 +246,7 @@ def trace_tab() -> dict:
 
 def fork_tab() -> dict:
     gr.Markdown(FORK_HELP, elem_classes=["help"])
-    d = SamplerConfig()
+    d = recommended_config()
     with gr.Row():
         fork_block = gr.Number(value=0, precision=0, minimum=0, label="Block", elem_id="fork-block", min_width=90)
         fork_step = gr.Number(value=0, precision=0, minimum=0, label="After step", elem_id="fork-step", min_width=90)

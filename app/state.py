@@ -56,6 +56,18 @@ def model_loaded() -> bool:
     return _model is not None
 
 
+def recommended_config():
+    """The sampler settings the UI starts from: the release's defaults with the model's
+    recommended ones over them (its checkpoint's "sampler"); read from the checkpoint's
+    twotower.json while the model is not loaded yet."""
+    from twotower import checkpoints
+    from twotower.sampling import SamplerConfig
+    with _lock:
+        defaults = (_model.sampler_defaults if _model is not None
+                    else checkpoints.recommended_settings(os.environ.get(MODEL_ENV) or None))
+    return SamplerConfig.recommended(defaults)
+
+
 @dataclass
 class StopFlag:
     """Set by the Stop button; long loops that do not yield (the timed race runs) check it."""

@@ -39,6 +39,21 @@ def test_sampler_config_accepts_ui_floats_and_names_bad_values():
         settings.sampler_config(10**6, 16, 4, 0.9, 0, 0, 1, "confidence", 0, True)
 
 
+def test_the_ui_starts_from_the_models_recommended_settings(model, monkeypatch):
+    from app import layout, state
+    assert state.recommended_config().remasking == "confidence"       # the tiny model recommends nothing
+    monkeypatch.setattr(model, "sampler_defaults", {"remasking": "leftmost", "threshold": 0.8})
+    d = state.recommended_config()
+    assert (d.remasking, d.threshold, d.steps) == ("leftmost", 0.8, 16)
+    assert "This model's checkpoint recommends leftmost" in layout.remasking_info(d)
+    set_model(None)                                                    # not loaded yet: read from its twotower.json
+    try:
+        monkeypatch.delenv(state.MODEL_ENV, raising=False)
+        assert state.recommended_config().remasking == "leftmost"      # the shipped default model's
+    finally:
+        set_model(model)
+
+
 def test_capture_layers_parses_names_and_indices():
     assert settings.capture_layers("first, middle, last", list(range(30))) == (0, 15, 29)
     assert settings.capture_layers("3; 3, last", [0, 3, 7]) == (3, 7)

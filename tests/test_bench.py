@@ -76,6 +76,18 @@ def test_adaptive_schedule_and_text_report(capsys, ar_dir):
     assert "transformers generate" not in out and "streaming" not in out and "peak memory:" in out
 
 
+def test_bench_settings_start_from_the_models_recommended_ones():
+    from argparse import Namespace
+    args = Namespace(steps_per_block=None, block_size=None, steps=None, threshold=None, remasking=None,
+                     max_new_tokens=64, stop_at_eos=False, seed=0)
+    cfg, schedule = bench.sampler_settings(args, False, {"remasking": "leftmost", "threshold": 0.8})
+    assert (schedule, cfg.remasking, cfg.threshold, cfg.block_size) == ("adaptive", "leftmost", 0.8, 16)
+    cfg, schedule = bench.sampler_settings(args, True, {"remasking": "leftmost", "threshold": 0.8})
+    assert (schedule, cfg.threshold) == ("fixed", 1.0)              # fixed T passes, whatever the model says
+    args.remasking = "confidence"
+    assert bench.sampler_settings(args, False, {"remasking": "leftmost"})[0].remasking == "confidence"
+
+
 def test_random_weights_tiny_nemotron_h(capsys, tiny_config):
     r = bench_json(capsys, "--random-weights", str(tiny_config), "--bandwidth", "100", "--context-device", "cpu",
                    *SMALL)

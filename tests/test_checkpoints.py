@@ -72,6 +72,40 @@ def test_eval_items_seen_in_training_travel_with_the_checkpoint(ar_dir, tmp_path
     assert loaded.info()["eval_items_seen"] == ["facts-001", "word-001"]
 
 
+def test_recommended_sampler_settings_travel_with_the_checkpoint(ar_dir, tmp_path):
+    model = fresh(ar_dir)
+    assert model.sampler_defaults == {}
+    assert "sampler" not in json.loads((save(model, tmp_path / "a", context=str(ar_dir)) / "twotower.json").read_text())
+    model.sampler_defaults = {"remasking": "leftmost", "threshold": 0.8}
+    path = save(model, tmp_path / "b", context=str(ar_dir))
+    loaded = load(str(path), device="cpu")
+    assert loaded.sampler_defaults == {"remasking": "leftmost", "threshold": 0.8}
+    assert loaded.info()["sampler_defaults"] == {"remasking": "leftmost", "threshold": 0.8}
+    assert checkpoints.recommended_settings(str(path)) == {"remasking": "leftmost", "threshold": 0.8}
+    assert checkpoints.recommended_settings(str(ar_dir)) == {}          # a plain AR model recommends nothing
+
+
+def test_the_shipped_default_recommends_the_leftmost_order():
+    """Read from assets/default_model/twotower.json alone (README 'Commit order leftmost')."""
+    assert checkpoints.recommended_settings(None) == {"remasking": "leftmost"}
+
+
+@pytest.mark.parametrize("sampler,message", [
+    ("leftmost", "'sampler' must be an object of sampler settings"),
+    ({"order": "leftmost"}, "'sampler' has unknown settings ['order']"),
+    ({"remasking": "best"}, "'sampler': remasking must be one of"),
+    ({"threshold": 2}, "'sampler': threshold must lie in [0, 1]"),
+])
+def test_a_bad_sampler_entry_is_refused_by_name(ar_dir, tmp_path, sampler, message):
+    path = save(fresh(ar_dir), tmp_path / "ck", context=str(ar_dir))
+    meta = json.loads((path / "twotower.json").read_text())
+    (path / "twotower.json").write_text(json.dumps({**meta, "sampler": sampler}))
+    with pytest.raises(SpecError) as e:
+        load(str(path), device="cpu")
+    assert message in str(e.value)
+    assert checkpoints.recommended_settings(str(path)) == {}          # the UI starts from the release's
+
+
 def test_bf16_checkpoint_holds_rounded_weights(ar_dir, tmp_path):
     model = perturb(fresh(ar_dir), seed=1)
     save(model, tmp_path / "ck", context=str(ar_dir))                       # default dtype bf16

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, needs_cxx
 from twotower.cli import main
@@ -38,6 +39,23 @@ def test_generate_prompt_ids_prints_ids_summary_and_trace(capsys, tmp_path, ar_d
         assert trace.stats()["nfe"] == nfe and f"nfe={nfe} " in err
     else:
         assert trace.stats()["nfe"] == len(trace.steps()) >= 3
+
+
+def test_generate_starts_from_the_checkpoints_recommended_settings(capsys, tmp_path, ar_dir):
+    from twotower.checkpoints import build, load_ar, save
+    ctx, tok = load_ar(ar_dir, "cpu", torch.float32)
+    model = build(ctx, tok, 3, learned_mask=True, name="rec")
+    model.sampler_defaults = {"remasking": "leftmost", "threshold": 0.7}
+    ck = save(model, tmp_path / "ck", context=str(ar_dir))
+    runs = {"recommended": [], "given": ["--remasking", "margin", "--threshold", "0.9"]}
+    for name, extra in runs.items():
+        rc, _, err = cli(capsys, "generate", "--model", str(ck), "--prompt-ids", "5,17,42",
+                         "--trace", str(tmp_path / f"{name}.json"), *SMALL, *extra)
+        assert rc == 0, err
+    recommended, given = (Trace.load(tmp_path / f"{name}.json").settings for name in runs)
+    assert (recommended["remasking"], recommended["threshold"]) == ("leftmost", 0.7)
+    assert (given["remasking"], given["threshold"]) == ("margin", 0.9)
+    assert recommended["steps"] == given["steps"] == 4          # given on both command lines
 
 
 def test_generate_is_deterministic(capsys, ar_dir):

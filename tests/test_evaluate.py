@@ -177,6 +177,20 @@ def test_eval_end_to_end(ar_dir_tok, tmp_path, capsys):
     assert len(rows) == 4 and {"ar", "diffusion", "ar_correct", "diffusion_correct"} <= set(rows[0])
 
 
+def test_eval_settings_start_from_the_models_recommended_ones_and_stay_greedy():
+    from argparse import Namespace
+    args = Namespace(block_size=None, steps=None, threshold=None, remasking=None, seed=0,
+                     answer_tokens=24, max_new_tokens=32)
+    recommended = {"remasking": "leftmost", "temperature": 0.7, "threshold": 0.8}
+    qa, free = evaluate.configs(args, recommended)
+    assert (free.remasking, free.threshold, free.temperature, free.steps) == ("leftmost", 0.8, 0.0, 16)
+    assert (qa.max_new_tokens, free.max_new_tokens) == (24, 32)
+    args.remasking, args.threshold = "margin", 0.5
+    assert (evaluate.configs(args, recommended)[1].remasking, evaluate.configs(args, recommended)[1].threshold) == \
+        ("margin", 0.5)
+    assert evaluate.configs(args)[1].remasking == "margin"
+
+
 def test_accuracy_on_items_the_model_was_not_trained_on():
     items = [{"id": f"q{i}", "category": "facts", "answers": ["paris"]} for i in range(4)]
     gen = evaluate.Generation(texts=["Paris.", "Paris.", "Rome.", "Rome."])

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from .sampling import SamplerConfig
+from .generate_cmd import tuned
+from .sampling import REMASKING, SamplerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "bench" / "configs"
@@ -637,12 +638,14 @@ def apply_fast_paths(model, static: bool, compile_backend: str | None, compile_m
 
 
 # ---- the whole bench ---------------------------------------------------------------------------
-def sampler_settings(args, random_weights: bool) -> tuple[SamplerConfig, str]:
-    """The SamplerConfig of the bench and the schedule name (fixed: threshold 1.0)."""
+def sampler_settings(args, random_weights: bool, model_defaults: dict | None = None) -> tuple[SamplerConfig, str]:
+    """The SamplerConfig of the bench (those given over the model's recommended settings) and
+    the schedule name (fixed: threshold 1.0)."""
     schedule = args.steps_per_block or ("fixed" if random_weights else "adaptive")
-    threshold = 1.0 if schedule == "fixed" else args.threshold
-    cfg = SamplerConfig(block_size=args.block_size, steps=args.steps, threshold=threshold,
-                        max_new_tokens=args.max_new_tokens, stop_at_eos=args.stop_at_eos, seed=args.seed)
+    cfg = SamplerConfig.recommended(model_defaults, block_size=args.block_size, steps=args.steps,
+                                    threshold=1.0 if schedule == "fixed" else args.threshold,
+                                    remasking=args.remasking, max_new_tokens=args.max_new_tokens,
+                                    stop_at_eos=args.stop_at_eos, seed=args.seed)
     return cfg.validate(), schedule
 
 
@@ -818,7 +821,8 @@ def cmd_plan(args) -> int:
     if not (args.random_weights or (args.model or "").startswith("random:")) or not source:
         raise ValueError("--plan needs --random-weights CONFIG or --model random:NAME")
     config = read_config(config_path(source))
-    print(json.dumps(plan(config, args.batch, args.block_size, args.bandwidth), indent=2))
+    block_size = args.block_size or SamplerConfig().block_size
+    print(json.dumps(plan(config, args.batch, block_size, args.bandwidth), indent=2))
     return 0
 
 
@@ -831,7 +835,7 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, random_weights = load_bench_model(args)
-    cfg, schedule = sampler_settings(args, random_weights)
+    cfg, schedule = sampler_settings(args, random_weights, model.sampler_defaults)
     apply_fast_paths(model, args.static, args.compile_backend if args.compile else None, args.compile_mode)
     prompts = bench_prompts(model, args.prompts, args.prompt_length, args.seed)
     at_start = machine(model.device)
@@ -840,7 +844,7 @@ def cmd_bench(args) -> int:
                         stream_repeats=args.stream_repeats, bandwidth=bandwidth, repeats=args.repeats)
     settings = {"prompts": len(prompts), "batch": args.batch, "max_new_tokens": cfg.max_new_tokens,
                 "block_size": cfg.block_size, "steps": cfg.steps, "threshold": cfg.threshold,
-                "schedule": schedule, "warmup": args.warmup, "repeats": args.repeats,
+                "remasking": cfg.remasking, "schedule": schedule, "warmup": args.warmup, "repeats": args.repeats,
                 "stop_at_eos": cfg.stop_at_eos, "seed": cfg.seed,
                 "static_cache": model.static_cache,
                 "compile": ({"backend": args.compile_backend, "mode": args.compile_mode} if args.compile else None),
@@ -865,12 +869,13 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", type=int, default=4, help="number of prompts (run in batches of --batch)")
     p.add_argument("--prompt-length", type=int, default=32, help="tokens per random prompt (models without a tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--steps", type=int, default=d.steps, help="denoiser steps per block (T)")
+    p.add_argument("--block-size", type=int, default=None, help=tuned(d.block_size))
+    p.add_argument("--steps", type=int, default=None, help=f"denoiser steps per block (T) {tuned(d.steps)}")
     p.add_argument("--steps-per-block", choices=("fixed", "adaptive"), default=None,
                    help="fixed: exactly T passes per block (threshold 1.0); adaptive: confidence threshold "
                         "(default: fixed for random weights, adaptive otherwise)")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="gamma of the adaptive schedule")
+    p.add_argument("--threshold", type=float, default=None, help=f"gamma of the adaptive schedule {tuned(d.threshold)}")
+    p.add_argument("--remasking", choices=REMASKING, default=None, help=f"commit order {tuned(d.remasking)}")
     p.add_argument("--stop-at-eos", action="store_true", help="end rows at end-of-text (default: fixed length)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each decoder first")

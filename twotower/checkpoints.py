@@ -11,7 +11,10 @@ A model SPEC names what to load:
 
 Our format, a directory:
   twotower.json        {"format": "twotower", "context": ..., "mask_token_id", "learned_mask",
-                        "denoiser": "lora" | "full", "lora": {...}}
+                        "denoiser": "lora" | "full", "lora": {...},
+                        "sampler": {...} optional: SamplerConfig settings this denoiser is
+                        best run with (e.g. {"remasking": "leftmost"}); the CLI, the app and
+                        the benchmarks start from them, and any setting given overrides them}
   denoiser.safetensors time.* (adaLN-single), mask_embedding, and lora.* (peft adapter
                         weights) or denoiser.* (a full denoiser state dict)
 """
@@ -28,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import SpecError
 from .model import TwoTower
+from .sampling import SamplerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / "assets" / "default_model"
@@ -108,13 +112,46 @@ def build(context_lm, tokenizer, mask_token_id: int, learned_mask: bool, name: s
     return model.to(device=context_lm.device, dtype=context_lm.dtype)
 
 
+def sampler_defaults(meta: dict) -> dict:
+    """A checkpoint's recommended sampler settings (twotower.json "sampler"), checked."""
+    settings = meta.get("sampler", {})
+    if not isinstance(settings, dict):
+        raise SpecError(f"twotower.json 'sampler' must be an object of sampler settings, got {settings!r}")
+    unknown = sorted(set(settings) - set(SamplerConfig.__dataclass_fields__))
+    if unknown:
+        raise SpecError(f"twotower.json 'sampler' has unknown settings {unknown}; "
+                        f"known: {', '.join(SamplerConfig.__dataclass_fields__)}")
+    try:
+        SamplerConfig.from_dict(settings).validate()
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"twotower.json 'sampler': {e}") from None
+    return dict(settings)
+
+
+def apply_meta(model: TwoTower, meta: dict) -> None:
+    """What a checkpoint says about its denoiser beyond weights: the evaluation items its
+    training saw ("eval_items_seen") and the sampler settings it is best run with ("sampler")."""
+    model.eval_items_seen = frozenset(meta.get("eval_items_seen", ()))
+    model.sampler_defaults = sampler_defaults(meta)
+
+
+def recommended_settings(spec: str | None) -> dict:
+    """The "sampler" settings of the checkpoint a spec names, read from its twotower.json alone
+    (no weights loaded); {} for specs without one. Loading the model reports a broken file."""
+    path = DEFAULT_DIR if spec in (None, "", "default") else Path(spec)
+    try:
+        return sampler_defaults(json.loads((path / "twotower.json").read_text()))
+    except (OSError, ValueError, SpecError):
+        return {}
+
+
 def apply_denoiser_file(model: TwoTower, meta: dict, weights: dict[str, torch.Tensor]) -> TwoTower:
     """Put saved denoiser weights into a freshly built model (LoRA merged into the copy), with
-    the evaluation items its training saw (meta's "eval_items_seen")."""
+    what its twotower.json says beyond weights (`apply_meta`)."""
     def part(prefix):
         return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
-    model.eval_items_seen = frozenset(meta.get("eval_items_seen", ()))
+    apply_meta(model, meta)
     missing, unexpected = model.time.load_state_dict(part("time."), strict=False)
     if missing:
         raise SpecError(f"denoiser file lacks time-conditioning weights: {missing[:3]}...")
@@ -190,6 +227,8 @@ def save(model: TwoTower, path: str | Path, context: str, lora_model=None, lora:
             "denoiser": "lora" if lora_model is not None else "full", **(extra or {})}
     if model.eval_items_seen:
         meta["eval_items_seen"] = sorted(model.eval_items_seen)
+    if model.sampler_defaults:
+        meta["sampler"] = dict(model.sampler_defaults)
     if lora_model is not None:
         meta["lora"] = lora
     save_file(tensors, str(path / "denoiser.safetensors"))

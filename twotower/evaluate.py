@@ -35,6 +35,7 @@ import torch
 
 from . import metrics
 from .events import BlockCommitted, Done, Step, Token
+from .generate_cmd import tuned
 from .sampler import ar_generate, diffusion_generate
 from .sampling import REMASKING, SamplerConfig
 
@@ -468,10 +469,12 @@ def write_outputs(out: Path, res: dict, data: EvalData) -> None:
 
 
 # ---- command -----------------------------------------------------------------------------
-def configs(args) -> tuple[SamplerConfig, SamplerConfig]:
-    """Sampler settings for QA answers and for free generations (greedy, same seed in both modes)."""
-    base = SamplerConfig(block_size=args.block_size, steps=args.steps, threshold=args.threshold,
-                         remasking=args.remasking, temperature=0.0, seed=args.seed)
+def configs(args, model_defaults: dict | None = None) -> tuple[SamplerConfig, SamplerConfig]:
+    """Sampler settings for QA answers and for free generations (greedy, same seed in both
+    modes): those given, over the model's recommended ones."""
+    base = SamplerConfig.recommended(model_defaults, block_size=args.block_size, steps=args.steps,
+                                     threshold=args.threshold, remasking=args.remasking, seed=args.seed)
+    base = replace(base, temperature=0.0, top_k=0, top_p=1.0)
     return (replace(base, max_new_tokens=args.answer_tokens).validate(),
             replace(base, max_new_tokens=args.max_new_tokens).validate())
 
@@ -481,7 +484,7 @@ def run_eval(model, args) -> dict:
     qa = take(load_qa(args.qa), args.limit)
     open_prompts = load_prompts(args.open_prompts)[: args.limit]
     data = encode_all(model, qa, open_prompts, chat=not args.no_chat)
-    qa_cfg, open_cfg = configs(args)
+    qa_cfg, open_cfg = configs(args, model.sampler_defaults)
     agree_n = min(AGREE_TOKENS, args.max_new_tokens)
     res = {"model": model.info(), "device": device_name(model.device),
            "settings": {**{k: v for k, v in open_cfg.to_dict().items() if k != "max_new_tokens"},
@@ -545,10 +548,10 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="use at most N QA items and N open prompts")
     p.add_argument("--max-new-tokens", type=int, default=128, help="length of the free generations")
     p.add_argument("--answer-tokens", type=int, default=24, help="length of the QA answers")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="confidence threshold gamma")
-    p.add_argument("--steps", type=int, default=d.steps, help="denoiser steps per block")
-    p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--remasking", choices=REMASKING, default=d.remasking, help="commit order within a block")
+    p.add_argument("--threshold", type=float, default=None, help=f"confidence threshold gamma {tuned(d.threshold)}")
+    p.add_argument("--steps", type=int, default=None, help=f"denoiser steps per block {tuned(d.steps)}")
+    p.add_argument("--block-size", type=int, default=None, help=tuned(d.block_size))
+    p.add_argument("--remasking", choices=REMASKING, default=None, help=f"commit order within a block {tuned(d.remasking)}")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--speed-prompts", type=int, default=8,

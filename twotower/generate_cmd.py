@@ -9,19 +9,29 @@ from pathlib import Path
 from .sampling import REMASKING, SamplerConfig
 
 
+MODEL_TUNED = ("block_size", "steps", "threshold", "temperature", "top_k", "top_p", "remasking")
+"""Sampler options whose default comes from the model's checkpoint when it recommends one
+(twotower.json "sampler"), else from SamplerConfig; the CLI leaves them None when not given."""
+
+
+def tuned(default) -> str:
+    """Help text of an option in MODEL_TUNED."""
+    return f"(default: the model's recommended setting, else {default})"
+
+
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
     d = SamplerConfig()
     p.add_argument("--model", default=None, help="model spec (default: the shipped default model)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--steps", type=int, default=d.steps, help="denoiser steps per block")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="confidence threshold gamma")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--remasking", choices=REMASKING, default=d.remasking)
+    p.add_argument("--block-size", type=int, default=None, help=tuned(d.block_size))
+    p.add_argument("--steps", type=int, default=None, help=f"denoiser steps per block {tuned(d.steps)}")
+    p.add_argument("--threshold", type=float, default=None, help=f"confidence threshold gamma {tuned(d.threshold)}")
+    p.add_argument("--temperature", type=float, default=None, help=tuned(d.temperature))
+    p.add_argument("--top-k", type=int, default=None, help=tuned(d.top_k))
+    p.add_argument("--top-p", type=float, default=None, help=tuned(d.top_p))
+    p.add_argument("--remasking", choices=REMASKING, default=None, help=f"commit order {tuned(d.remasking)}")
     p.add_argument("--mask-token-id", type=int, default=None, help="override the model's mask token id")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
@@ -30,11 +40,11 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
                    help="LoRA checkpoints: one backbone in memory, adapter unmerged (less memory, a bit slower)")
 
 
-def sampler_config(args) -> SamplerConfig:
-    return SamplerConfig(block_size=args.block_size, steps=args.steps, threshold=args.threshold,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         remasking=args.remasking, max_new_tokens=args.max_new_tokens,
-                         stop_at_eos=not args.no_stop, seed=args.seed).validate()
+def sampler_config(args, model_defaults: dict | None = None) -> SamplerConfig:
+    """The settings given on the command line over the model's recommended ones (validated)."""
+    given = {k: getattr(args, k) for k in MODEL_TUNED}
+    return SamplerConfig.recommended(model_defaults, **given, max_new_tokens=args.max_new_tokens,
+                                     stop_at_eos=not args.no_stop, seed=args.seed).validate()
 
 
 def load_model(args):
@@ -57,10 +67,11 @@ def summary(stats: dict, mode: str) -> str:
 
 def cmd_generate(args) -> int:
     from .runner import encode_prompt, parse_ids, run
-    cfg = sampler_config(args)
+    sampler_config(args)          # bad settings fail before the model loads
     if sum(x is not None for x in (args.prompt, args.prompt_ids, args.prompts)) != 1:
         raise ValueError("give exactly one of PROMPT, --prompt-ids or --prompts FILE")
     model = load_model(args)
+    cfg = sampler_config(args, model.sampler_defaults)
     if args.prompts:
         lines = [l for l in Path(args.prompts).read_text().splitlines() if l.strip()]
         if not lines:

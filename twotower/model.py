@@ -50,6 +50,7 @@ class TwoTower(nn.Module):
         self.tokenizer = tokenizer
         self.name = name
         self.eval_items_seen: frozenset[str] = frozenset()   # eval QA ids its training corpus held
+        self.sampler_defaults: dict = {}   # its checkpoint's recommended SamplerConfig settings
 
     # ---- facts -------------------------------------------------------------------------
     @property
@@ -257,4 +258,5 @@ class TwoTower(nn.Module):
             "compiled": self.compile_options or False,
             "max_context": self.max_context,
             "eval_items_seen": sorted(self.eval_items_seen),
+            "sampler_defaults": dict(self.sampler_defaults),
         }

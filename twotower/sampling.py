@@ -60,6 +60,13 @@ class SamplerConfig:
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @classmethod
+    def recommended(cls, model_defaults: dict | None = None, **given) -> "SamplerConfig":
+        """The release's defaults, overridden by a checkpoint's recommended settings
+        (`TwoTower.sampler_defaults`), overridden by the settings `given` (None = not given)."""
+        chosen = {k: v for k, v in given.items() if v is not None}
+        return cls.from_dict({**(model_defaults or {}), **chosen})
+
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set logits outside the top-k / nucleus to -inf. logits: (..., V)."""

@@ -263,8 +263,7 @@ def load_weights(path: Path, model, peft_model) -> None:
         model.mask_embedding.data.copy_(weights["mask_embedding"])
     set_peft_model_state_dict(peft_model, {k[5:]: v for k, v in weights.items() if k.startswith("lora.")})
     meta_path = path / "twotower.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    model.eval_items_seen = frozenset(meta.get("eval_items_seen", ()))   # what it learned stays learned
+    checkpoints.apply_meta(model, json.loads(meta_path.read_text()) if meta_path.is_file() else {})   # kept on save
 
 
 def load_state(path: Path, model, peft_model, opt) -> tuple[int, list]:
