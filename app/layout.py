@@ -27,8 +27,9 @@ MAP_HELP = """Four views of when tokens were committed. Hover any mark for its n
 
 MAP_VIEWS = (   # (component name, explanation shown beside the plot)
     ("unmask_plot", """**Unmasking order.** Each square is one generated position, placed at the step of its
-block when it was committed; colour = its probability then. Easy words go first; hard ones wait for
-more context."""),
+block when it was committed; colour = its probability then. Under the *confidence* order easy words go
+first and hard ones wait for more context; under *leftmost* the block fills mostly left to right, and
+only tokens over γ jump ahead."""),
     ("confidence_plot", """**Confidence over steps.** The probability of every position at every step of its
 block (× = committed). Watch confidence rise as neighbours get committed: the denoiser reads the block
 as a whole, not left to right."""),
