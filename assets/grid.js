@@ -71,7 +71,8 @@ function cell(s, p, block) {
                inherited ? "inh" : ""].join(" ");
   const where = data.mode === "diffusion" ? `block ${block}` : `token ${p}`;
   const title = (masked
-    ? `position ${p} · ${where} · masked; best guess '${piece(id)}' p=${conf / 100}`
+    ? `position ${p} · ${where} · masked; best guess '${piece(id)}' p=${conf / 100}` +
+      (after ? " · after end-of-text: left masked, the output ends before it" : "")
     : `position ${p} · ${where}${data.mode === "diffusion" ? ` · committed at step ${s.cstep[p]}` : ""} · p=${conf / 100}${after ? " · after end-of-text" : ""}`)
     + (inherited ? " · inherited from the original run" : "")
     + (flagged ? flagged.map((f) => `\n⚑ ${f.kind}: ${f.text}`).join("") : "");

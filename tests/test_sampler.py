@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tests.tiny import MASK_ID, VOCAB, tiny_llama, tiny_twotower
+from twotower import evaluate
 from twotower.events import BlockCommitted, BlockStart, Done, Prefill, Step, Token
 from twotower.model import TwoTower
 from twotower.runner import encode_prompt, parse_ids, run
@@ -223,6 +225,36 @@ def test_diffusion_eos_in_one_row_of_a_batch(model, monkeypatch):
     done = done_of(events_of(diffusion_generate(model, [PROMPT, SHORT], cfg(stop_at_eos=True, max_new_tokens=8))))
     assert len(done.token_ids[1]) == 1 and len(done.token_ids[0]) == 8
     assert done.stopped == "length"
+
+
+def test_a_row_is_done_with_its_block_at_end_of_text(model, monkeypatch):
+    """End-of-text after a filled prefix: the rest of the block would be cut, so no pass fills it."""
+    force_denoiser(monkeypatch, model, EOS, {0: len(PROMPT) + 4})     # block 1, its first position
+    c = cfg(stop_at_eos=True, remasking="leftmost", threshold=1.0, max_new_tokens=16)
+    events = events_of(diffusion_generate(model, [PROMPT], c))
+    last = [e for e in events if isinstance(e, Step) and e.block == 1]
+    assert [e.committed for e in last] == [[[0]]] and last[0].active == [True]
+    assert [e for e in events if isinstance(e, BlockCommitted)][-1].tokens[0][1:] == [MASK_ID] * 3
+    done = done_of(events)
+    assert done.nfe == 5 and len(done.token_ids[0]) == 4 and done.stopped == "eos"
+    assert done_of(events_of(diffusion_generate(model, [PROMPT], replace(c, stop_at_eos=False)))).nfe == 16
+
+
+def test_a_settled_row_rides_along_in_its_batch(model, monkeypatch):
+    force_denoiser(monkeypatch, model, EOS, {1: len(SHORT) + 1})       # row 1: end-of-text at position 1
+    c = cfg(stop_at_eos=True, remasking="leftmost", threshold=1.0, max_new_tokens=8)
+    events = events_of(diffusion_generate(model, [PROMPT, SHORT], c))
+    first = [e for e in events if isinstance(e, Step) and e.block == 0]
+    assert [e.active for e in first] == [[True, True], [True, True], [True, False], [True, False]]
+    assert [e.committed[1] for e in first] == [[0], [1], [], []]
+    done = done_of(events)
+    assert len(done.token_ids[1]) == 1 and len(done.token_ids[0]) == 8
+    force_denoiser(monkeypatch, model, EOS, {0: len(SHORT) + 1})       # the same row, alone
+    assert done.token_ids[1] == done_of(events_of(diffusion_generate(model, [SHORT], c))).token_ids[0]
+    counter = evaluate.RowNFE(2, model.eos_token_ids, True)
+    for e in events:
+        counter.update(e)
+    assert counter.nfe == [8, 2]                                        # as if each were decoded alone
 
 
 def test_diffusion_keeps_going_without_stop(model, monkeypatch):

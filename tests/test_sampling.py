@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from twotower.sampling import (REMASKING, SamplerConfig, choose_tokens, commit_counts, filter_logits,
+from twotower.sampling import (REMASKING, SamplerConfig, choose_tokens, commit_counts, filter_logits, settled_rows,
                                remasking_score, select_commits)
 
 T = torch.tensor
@@ -252,3 +252,15 @@ def test_validate_accepts_edges_and_round_trips():
     cfg = SamplerConfig(block_size=256, threshold=0.0, top_p=1.0, temperature=0.0).validate(256)
     assert SamplerConfig(threshold=1.0).validate() is not None
     assert SamplerConfig.from_dict({**cfg.to_dict(), "unknown": 1}) == cfg
+
+
+def test_settled_rows_end_at_end_of_text_after_a_filled_prefix():
+    M, E = 9, 2
+    x = torch.tensor([[5, 6, 7, 8],      # filled
+                      [5, E, M, M],      # end-of-text after a filled prefix
+                      [5, M, E, M],      # end-of-text, but position 1 still open
+                      [E, 6, M, M],      # end-of-text first
+                      [5, 6, M, M]])     # nothing to stop at
+    eos = torch.tensor([E, 3])
+    assert settled_rows(x, M, eos).tolist() == [True, True, False, True, False]
+    assert settled_rows(x, M, None).tolist() == [True, False, False, False, False]   # no stop at EOS

@@ -106,8 +106,8 @@ class RowNFE:
     """Counts the network passes each row of a batch needs, as if it were decoded alone.
 
     A batch keeps stepping while any row is unfinished; a row is charged only for the steps
-    where it still had masked positions (diffusion) or still produced tokens (AR), and never
-    after it ended at end-of-text.
+    that were for it (diffusion: `Step.active`; traces without it: while it had masked
+    positions) or where it still produced tokens (AR), and never after it ended at end-of-text.
     """
 
     def __init__(self, batch: int, eos: set[int], stop_at_eos: bool):
@@ -116,8 +116,9 @@ class RowNFE:
 
     def update(self, event) -> None:
         if isinstance(event, Step):
-            for b, t in enumerate(event.t):
-                self.nfe[b] += int(t > 0 and not self.ended[b])
+            active = event.active or [t > 0 for t in event.t]
+            for b, is_active in enumerate(active):
+                self.nfe[b] += int(is_active and not self.ended[b])
         elif isinstance(event, BlockCommitted) and self.stop:
             for b, row in enumerate(event.tokens):
                 self.ended[b] = self.ended[b] or any(tok in self.eos for tok in row)

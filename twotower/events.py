@@ -51,6 +51,8 @@ class Step(Event):
     attention: dict | None = None   # {layer: (B, heads, A+S, L-A + A+S) probs} when captured:
                                     # queries = [A anchor tokens | block], keys = [context | queries]
     anchor: int = 0                 # A: clean tokens the denoiser re-reads before the block (0 or 1)
+    active: list[bool] | None = None  # per row: this pass was for it (it still had positions to fill);
+                                    # False once it settled (ended, or end-of-text after a filled prefix)
 
 
 @dataclass

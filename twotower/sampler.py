@@ -15,7 +15,7 @@ from .attention import AttentionCapture
 from .events import BlockCommitted, BlockStart, Done, Event, Prefill, Step, Token
 from .fork import ForkPoint
 from .model import TwoTower
-from .sampling import SamplerConfig, choose_tokens, decide_step
+from .sampling import SamplerConfig, choose_tokens, decide_step, settled_rows
 
 
 def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -> None:
@@ -93,7 +93,9 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
 
     Per block: start all-masked; each step predicts every position, commits the positions
     the commit rule picks and leaves the rest masked; then the finished block enters the
-    context tower's cache in one pass.
+    context tower's cache in one pass. With stop_at_eos a row is done with its block once it
+    has committed end-of-text after a fully committed prefix (`settled_rows`): its positions
+    after that stay masked, and the block ends when every row is done.
 
     resume: continue a recorded run (twotower.fork) instead: the prefill reads the prompt
     and the earlier blocks, the forked block goes on from its recorded state at step
@@ -105,6 +107,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
     if resume is not None:
         check_resume(model, prompts, cfg, resume)
     gen, eos, mask_id = _generator(model, cfg.seed), model.eos_token_ids, model.mask_token_id
+    eos_ids = torch.tensor(sorted(eos), device=model.device) if cfg.stop_at_eos and eos else None
     start = time.perf_counter()
     prefix = resume.prefix if resume else [[] for _ in prompts]
     ctx, _ = model.prefill([p + q for p, q in zip(prompts, prefix)], room=cfg.max_new_tokens)
@@ -129,31 +132,34 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             first, budget = 0, cfg.steps
         yield BlockStart(block=block, start=produced, size=size, steps=budget)
         inputs = model.block_inputs(ctx, size)                     # context view: once per block
-        used, masked_left = first, bool((x == mask_id).any())
+        settled = torch.tensor(ended, device=model.device) | settled_rows(x, mask_id, eos_ids)   # (B,)
+        used, unsettled = first, not bool(settled.all())
         for step in range(first, budget):
-            if not masked_left:
+            if not unsettled:
                 break
             masked = x == mask_id                                  # (B, S)
             t = masked.float().mean(-1)
             capture = AttentionCapture(capture_layers) if capture_layers else None
             logits = model.denoise(x, inputs, t, capture)          # (B, S, V)
             logits[..., mask_id] = float("-inf")                   # never predict [MASK]
-            pred, probs, conf, planned, commit = decide_step(logits, masked, budget - step, cfg, gen)
+            open_ = masked & ~settled[:, None]                     # settled rows commit nothing more
+            pred, probs, conf, planned, commit = decide_step(logits, open_, budget - step, cfg, gen)
             x = torch.where(commit, pred, x)                       # carry-over: committed stay
+            active, settled = open_.any(-1), settled | settled_rows(x, mask_id, eos_ids)
             nfe, used = nfe + 1, step + 1
             top_ids, top_probs = _top(probs, cfg.top_candidates)
-            h_t, h_x, h_commit, h_planned, h_conf, h_ids, h_probs = _to_host(
-                t, x, commit, planned, conf, top_ids, top_probs)     # the step's one sync
+            h_t, h_x, h_commit, h_planned, h_conf, h_ids, h_probs, h_active, h_settled = _to_host(
+                t, x, commit, planned, conf, top_ids, top_probs, active, settled)   # the step's one sync
             event = Step(block=block, step=step, t=h_t.tolist(), tokens=h_x.long().tolist(),
                          committed=[row.nonzero().flatten().tolist() for row in h_commit.bool()],
                          planned=h_planned.long().tolist(), confidence=h_conf.tolist(),
                          top_ids=h_ids.long().tolist(), top_probs=h_probs.tolist(),
                          elapsed=time.perf_counter() - start, nfe=nfe,
                          attention={i: p.tolist() for i, p in capture.probs.items()} if capture else None,
-                         anchor=int(model.anchor))
+                         anchor=int(model.anchor), active=h_active.bool().tolist())
             if first_token is None and all(row[0] != mask_id for row in event.tokens):
                 first_token = event.elapsed                        # the text's first token is readable
-            masked_left = any(tok == mask_id for row in event.tokens for tok in row)
+            unsettled = not bool(h_settled.all())
             yield event
         tokens = x.tolist()
         for b in range(batch):

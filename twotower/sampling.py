@@ -143,6 +143,20 @@ def select_commits(score: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -
     return (rank < k.unsqueeze(-1)) & masked
 
 
+def settled_rows(x: torch.Tensor, mask_id: int, eos_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B,) bool: rows of a block that need no more passes. x: (B, S) block tokens.
+
+    A row is settled when nothing is masked, or (eos_ids given: the run stops at end-of-text)
+    when it holds a committed end-of-text token with every position before it committed:
+    what follows would be cut from the output anyway.
+    """
+    filled = x != mask_id                                           # (B, S)
+    if eos_ids is None:
+        return filled.all(-1)
+    before = torch.cat([torch.ones_like(filled[:, :1]), filled[:, :-1]], -1).cumprod(-1).bool()
+    return filled.all(-1) | (torch.isin(x, eos_ids) & before).any(-1)
+
+
 def decide_step(logits: torch.Tensor, masked: torch.Tensor, steps_left: int, cfg: SamplerConfig,
                 generator: torch.Generator | None):
     """One denoiser pass's decision: a token per position, the commit rule, the commit order.
