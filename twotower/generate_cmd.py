@@ -9,9 +9,9 @@ from pathlib import Path
 from .sampling import REMASKING, SamplerConfig
 
 
+# Sampler options whose default comes from the model's checkpoint when it recommends one
+# (twotower.json "sampler"), else from SamplerConfig; the CLI leaves them None when not given.
 MODEL_TUNED = ("block_size", "steps", "threshold", "temperature", "top_k", "top_p", "remasking")
-"""Sampler options whose default comes from the model's checkpoint when it recommends one
-(twotower.json "sampler"), else from SamplerConfig; the CLI leaves them None when not given."""
 
 
 def tuned(default) -> str:
