@@ -15,7 +15,8 @@ from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-from tests.test_browser import ARGS, CHROMIUM, ROOT, free_port, set_slider, shrink
+from tests.test_browser import ARGS, CHROMIUM, ROOT, set_slider, shrink
+from tests.tiny_app import free_port
 
 PROMPT = "What is the capital of France?"
 STUDY_PROMPT = "Write a poem about the ocean."       # inspector and fork: a longer answer
