@@ -3,11 +3,12 @@ training experiment needs before the full `python -m twotower eval`.
 
     python bench/compare_denoisers.py default runs/a/final runs/b/final [--every 3] [--open 20]
 
-Per model: QA accuracy on every k-th item of the committed QA set (greedy diffusion, the same
-sampler for every model: the release's, or --threshold / --remasking; a checkpoint's recommended
-settings are not used, so that models are compared like for like; answers up to 24 tokens), and tokens per NFE of fixed-length free generations (32
-tokens, end-of-text ignored, so that where an answer ends does not move the figure). Prints
-one JSON line per model and the machine.
+Per model: QA accuracy on every k-th item of the committed QA set (greedy diffusion, answers
+up to 24 tokens), and tokens per NFE of fixed-length free generations (32 tokens, end-of-text
+ignored, so that where an answer ends does not move the figure). Every model runs the same
+sampler, the release's or --threshold / --remasking: a checkpoint's recommended settings are
+not used, so that models are compared like for like. Prints one JSON line per model and the
+machine.
 """
 from __future__ import annotations
 
