@@ -157,14 +157,15 @@ def record(stream, trace: Trace):
 
 
 def generate(prompt, mode, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
-             remasking, seed, stop_at_eos, capture, layers, session: Session):
+             repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos, capture, layers,
+             session: Session):
     """Stream a run: (grid payload JSON, text, status) a few times per second, then the full trace.
 
     The sampling loop runs inside this generator (no thread): Stop cancels the event, which
     closes the generator and with it the computation, after the step in flight.
     """
-    settings = (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, remasking, seed,
-                stop_at_eos)
+    settings = (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, repetition_penalty,
+                no_repeat_ngram_size, remasking, seed, stop_at_eos)
     ids, cfg, layers = prepare(prompt, mode, settings, capture, layers)
     stream = compute(prompt, ids, cfg, mode, layers)
     trace = next(stream)

@@ -129,12 +129,16 @@ def asset(name: str) -> str:
     return (ASSETS / name).read_text()
 
 
+def recommends(d: SamplerConfig, name: str) -> str:
+    """' This model's checkpoint recommends X.' when a setting differs from the release's."""
+    value = getattr(d, name)
+    return "" if value == getattr(SamplerConfig(), name) else f" This model's checkpoint recommends {value}."
+
+
 def remasking_info(d: SamplerConfig) -> str:
     """The commit-order dropdown's explanation, naming the model's recommended order."""
-    base = "which masked tokens a step commits beyond those over γ: the most confident (the paper), or leftmost first"
-    if d.remasking == SamplerConfig().remasking:
-        return base
-    return f"{base}. This model's checkpoint recommends {d.remasking}"
+    return ("which masked tokens a step commits beyond those over γ: the most confident (the paper), "
+            "or leftmost first." + recommends(d, "remasking"))
 
 
 def sampler_inputs() -> list:
@@ -152,6 +156,13 @@ def sampler_inputs() -> list:
     remasking = gr.Dropdown(list(REMASKING), value=d.remasking, label="Commit order (remasking)",
                             info=remasking_info(d), elem_id="remasking")
     with gr.Row():
+        penalty = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty",
+                            info="1 = off; above 1, tokens already written score lower."
+                                 + recommends(d, "repetition_penalty"), elem_id="repetition-penalty", min_width=140)
+        ngram = gr.Slider(0, 8, value=d.no_repeat_ngram_size, step=1, label="No repeated n-grams",
+                          info="n: never write the same n tokens twice (0 = off); breaks loops."
+                               + recommends(d, "no_repeat_ngram_size"), elem_id="no-repeat-ngram", min_width=140)
+    with gr.Row():
         temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature",
                                 info="0 = greedy", min_width=140)
         top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="Top-p", info="1 = off", min_width=140)
@@ -159,7 +170,7 @@ def sampler_inputs() -> list:
         top_k = gr.Number(value=d.top_k, precision=0, label="Top-k (0 = off)", minimum=0, min_width=90)
         seed = gr.Number(value=d.seed, precision=0, label="Seed", min_width=90)
     stop_eos = gr.Checkbox(value=d.stop_at_eos, label="Stop at end-of-text")
-    return [max_new, block, steps, threshold, temperature, top_k, top_p, remasking, seed, stop_eos]
+    return [max_new, block, steps, threshold, temperature, top_k, top_p, penalty, ngram, remasking, seed, stop_eos]
 
 
 def build_controls() -> dict:

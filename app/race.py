@@ -54,11 +54,11 @@ def compute(prompt, ids, cfg, stop: StopFlag):
     yield ar, timed_run(model, ids, cfg, "diffusion", prompt, stop)
 
 
-def race(prompt, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, remasking,
-         seed, stop_at_eos, session: Session):
+def race(prompt, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
+         repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos, session: Session):
     """Yield progress, then (race payload JSON, table, tokens-over-time plot, status)."""
-    settings = (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, remasking, seed,
-                stop_at_eos)
+    settings = (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, repetition_penalty,
+                no_repeat_ngram_size, remasking, seed, stop_at_eos)
     ids, cfg, _ = prepare(prompt, "diffusion", settings, False, "")
     session.race_state, session.stop = "running", StopFlag()
     try:

@@ -41,12 +41,14 @@ def whole(name: str, value) -> int:
 
 
 def sampler_config(max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
-                   remasking, seed, stop_at_eos) -> SamplerConfig:
+                   repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos) -> SamplerConfig:
     """A validated SamplerConfig (the model's context limit is checked when the run starts)."""
     cfg = SamplerConfig(
         block_size=whole("block size", block_size), steps=whole("steps", steps),
         threshold=number("threshold", threshold), temperature=number("temperature", temperature),
-        top_k=whole("top-k", top_k), top_p=number("top-p", top_p), remasking=str(remasking),
+        top_k=whole("top-k", top_k), top_p=number("top-p", top_p),
+        repetition_penalty=number("repetition penalty", repetition_penalty),
+        no_repeat_ngram_size=whole("no repeated n-grams", no_repeat_ngram_size), remasking=str(remasking),
         max_new_tokens=whole("max new tokens", max_new_tokens), stop_at_eos=bool(stop_at_eos),
         seed=whole("seed", seed))
     if cfg.max_new_tokens > OPTIONS.max_new_tokens:

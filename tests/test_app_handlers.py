@@ -11,7 +11,7 @@ from app.state import OPTIONS, Session, set_model
 from tests.conftest import needs_cxx
 from tests.tiny_app import tiny_app_model
 
-SETTINGS = (24, 8, 4, 0.5, 0.0, 0, 1.0, "confidence", 0, False)   # sampler_config's order
+SETTINGS = (24, 8, 4, 0.5, 0.0, 0, 1.0, 1.0, 0, "confidence", 0, False)   # sampler_config's order
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,23 +29,33 @@ def run_to_end(session: Session, capture=False, mode="diffusion"):
 
 
 def test_sampler_config_accepts_ui_floats_and_names_bad_values():
-    cfg = settings.sampler_config(16.0, 16.0, 4.0, 0.9, 0.0, 0.0, 1.0, "margin", 3.0, True)
+    cfg = settings.sampler_config(16.0, 16.0, 4.0, 0.9, 0.0, 0.0, 1.0, 1.2, 3.0, "margin", 3.0, True)
     assert (cfg.max_new_tokens, cfg.block_size, cfg.remasking, cfg.seed) == (16, 16, "margin", 3)
+    assert (cfg.repetition_penalty, cfg.no_repeat_ngram_size) == (1.2, 3)
     with pytest.raises(ValueError, match="block size must be a whole number"):
-        settings.sampler_config(16, 2.5, 4, 0.9, 0, 0, 1, "confidence", 0, True)
+        settings.sampler_config(16, 2.5, 4, 0.9, 0, 0, 1, 1, 0, "confidence", 0, True)
     with pytest.raises(ValueError, match="threshold"):
-        settings.sampler_config(16, 16, 4, 1.5, 0, 0, 1, "confidence", 0, True)
+        settings.sampler_config(16, 16, 4, 1.5, 0, 0, 1, 1, 0, "confidence", 0, True)
     with pytest.raises(ValueError, match="at most"):
-        settings.sampler_config(10**6, 16, 4, 0.9, 0, 0, 1, "confidence", 0, True)
+        settings.sampler_config(10**6, 16, 4, 0.9, 0, 0, 1, 1, 0, "confidence", 0, True)
+    with pytest.raises(ValueError, match="repetition_penalty must lie in"):
+        settings.sampler_config(16, 16, 4, 0.9, 0, 0, 1, 0.5, 0, "confidence", 0, True)
+    with pytest.raises(ValueError, match="repetition penalty must be a number"):
+        settings.sampler_config(16, 16, 4, 0.9, 0, 0, 1, None, 0, "confidence", 0, True)
+    with pytest.raises(ValueError, match="no repeated n-grams must be a whole number"):
+        settings.sampler_config(16, 16, 4, 0.9, 0, 0, 1, 1, 2.5, "confidence", 0, True)
 
 
 def test_the_ui_starts_from_the_models_recommended_settings(model, monkeypatch):
     from app import layout, state
     assert state.recommended_config().remasking == "confidence"       # the tiny model recommends nothing
-    monkeypatch.setattr(model, "sampler_defaults", {"remasking": "leftmost", "threshold": 0.8})
+    assert layout.recommends(state.recommended_config(), "no_repeat_ngram_size") == ""
+    monkeypatch.setattr(model, "sampler_defaults", {"remasking": "leftmost", "threshold": 0.8,
+                                                    "no_repeat_ngram_size": 4})
     d = state.recommended_config()
-    assert (d.remasking, d.threshold, d.steps) == ("leftmost", 0.8, 16)
+    assert (d.remasking, d.threshold, d.steps, d.no_repeat_ngram_size) == ("leftmost", 0.8, 16, 4)
     assert "This model's checkpoint recommends leftmost" in layout.remasking_info(d)
+    assert layout.recommends(d, "no_repeat_ngram_size") == " This model's checkpoint recommends 4."
     set_model(None)                                                    # not loaded yet: read from its twotower.json
     try:
         monkeypatch.delenv(state.MODEL_ENV, raising=False)
@@ -182,7 +192,7 @@ def test_compare_two_saved_traces(tmp_path):
     paths = []
     for threshold in (0.5, 0.9):
         session = Session()
-        outputs = list(handlers.generate("Hello", "diffusion", 24, 8, 4, threshold, 0.0, 0, 1.0, "confidence", 0,
+        outputs = list(handlers.generate("Hello", "diffusion", 24, 8, 4, threshold, 0.0, 0, 1.0, 1.0, 0, "confidence", 0,
                                          False, False, "", session))
         path = tmp_path / f"run-{threshold}.json"
         session.trace.save(path)

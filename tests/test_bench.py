@@ -76,12 +76,21 @@ def test_adaptive_schedule_and_text_report(capsys, ar_dir):
     assert "transformers generate" not in out and "streaming" not in out and "peak memory:" in out
 
 
+@pytest.mark.parametrize("guard", [["--repetition-penalty", "3"], ["--no-repeat-ngram-size", "2"]])
+def test_generate_gets_the_same_repeat_guards(capsys, ar_dir, guard):
+    r = bench_json(capsys, "--model", str(ar_dir), *SMALL, "--stream-repeats", "0", *guard)
+    assert (r["settings"]["repetition_penalty"], r["settings"]["no_repeat_ngram_size"]) in ((3.0, 0), (1.0, 2))
+    assert r["hf_generate"]["token_agreement_with_ar"] == 1.0       # its logits processor is our guard
+
+
 def test_bench_settings_start_from_the_models_recommended_ones():
     from argparse import Namespace
     args = Namespace(steps_per_block=None, block_size=None, steps=None, threshold=None, remasking=None,
-                     max_new_tokens=64, stop_at_eos=False, seed=0)
-    cfg, schedule = bench.sampler_settings(args, False, {"remasking": "leftmost", "threshold": 0.8})
+                     repetition_penalty=None, no_repeat_ngram_size=None, max_new_tokens=64, stop_at_eos=False, seed=0)
+    cfg, schedule = bench.sampler_settings(args, False, {"remasking": "leftmost", "threshold": 0.8,
+                                                         "repetition_penalty": 1.2})
     assert (schedule, cfg.remasking, cfg.threshold, cfg.block_size) == ("adaptive", "leftmost", 0.8, 16)
+    assert cfg.repetition_penalty == 1.2
     cfg, schedule = bench.sampler_settings(args, True, {"remasking": "leftmost", "threshold": 0.8})
     assert (schedule, cfg.threshold) == ("fixed", 1.0)              # fixed T passes, whatever the model says
     args.remasking = "confidence"

@@ -85,9 +85,11 @@ def test_recommended_sampler_settings_travel_with_the_checkpoint(ar_dir, tmp_pat
     assert checkpoints.recommended_settings(str(ar_dir)) == {}          # a plain AR model recommends nothing
 
 
-def test_the_shipped_default_recommends_the_leftmost_order():
-    """Read from assets/default_model/twotower.json alone (README 'Commit order leftmost')."""
-    assert checkpoints.recommended_settings(None) == {"remasking": "leftmost"}
+def test_the_shipped_default_recommends_leftmost_and_repeat_guards():
+    """Read from assets/default_model/twotower.json alone (README 'Commit order leftmost',
+    'Repeat guards')."""
+    assert checkpoints.recommended_settings(None) == {"remasking": "leftmost", "repetition_penalty": 1.1,
+                                                      "no_repeat_ngram_size": 4}
 
 
 @pytest.mark.parametrize("sampler,message", [

@@ -180,10 +180,11 @@ def test_eval_end_to_end(ar_dir_tok, tmp_path, capsys):
 def test_eval_settings_start_from_the_models_recommended_ones_and_stay_greedy():
     from argparse import Namespace
     args = Namespace(block_size=None, steps=None, threshold=None, remasking=None, seed=0,
-                     answer_tokens=24, max_new_tokens=32)
-    recommended = {"remasking": "leftmost", "temperature": 0.7, "threshold": 0.8}
+                     repetition_penalty=None, no_repeat_ngram_size=None, answer_tokens=24, max_new_tokens=32)
+    recommended = {"remasking": "leftmost", "temperature": 0.7, "threshold": 0.8, "no_repeat_ngram_size": 4}
     qa, free = evaluate.configs(args, recommended)
     assert (free.remasking, free.threshold, free.temperature, free.steps) == ("leftmost", 0.8, 0.0, 16)
+    assert (qa.no_repeat_ngram_size, free.no_repeat_ngram_size, free.repetition_penalty) == (4, 4, 1.0)
     assert (qa.max_new_tokens, free.max_new_tokens) == (24, 32)
     args.remasking, args.threshold = "margin", 0.5
     assert (evaluate.configs(args, recommended)[1].remasking, evaluate.configs(args, recommended)[1].threshold) == \

@@ -68,9 +68,34 @@ def force_denoiser(monkeypatch, model, token, at: dict[int, int]):
     monkeypatch.setattr(model, "denoise", denoise)
 
 
+def penalised(logits, written, penalty: float):
+    """The repetition penalty written out token by token. logits: (..., V)."""
+    logits = logits.clone()
+    for tok in set(written):
+        column = logits[..., tok]
+        logits[..., tok] = torch.where(column > 0, column / penalty, column * penalty)
+    return logits
+
+
+def ngram_banned(logits, text: list[int], n: int):
+    """The n-gram ban written out: position j of `text` (None = not written) may not take a
+    token that followed its n-1 written predecessors anywhere in the written text."""
+    logits = logits.clone()
+    for j in range(len(text) - logits.shape[0], len(text)):
+        before = text[j - n + 1: j] if j >= n - 1 else None
+        if not before or None in before:
+            continue
+        for i in range(len(text) - n + 1):
+            gram = text[i: i + n]
+            if None not in gram and gram[:-1] == before:
+                logits[j - (len(text) - logits.shape[0]), gram[-1]] = float("-inf")
+    return logits
+
+
 def reference_diffusion(model, prompt, c: SamplerConfig) -> list[int]:
     """The release's sampler written out plainly: no cache reuse (fresh prefill every block),
-    greedy, confidence remasking. The streaming sampler must produce the same tokens."""
+    greedy, confidence remasking, the repetition penalty over the tokens written so far. The
+    streaming sampler must produce the same tokens."""
     out = []
     while len(out) < c.max_new_tokens:
         size = min(c.block_size, c.max_new_tokens - len(out))
@@ -84,6 +109,10 @@ def reference_diffusion(model, prompt, c: SamplerConfig) -> list[int]:
                 break
             with torch.no_grad():
                 logits = model.denoise(x, inputs)[0].float()
+            logits = penalised(logits, out + [tok for tok in x[0].tolist() if tok != MASK_ID], c.repetition_penalty)
+            if c.no_repeat_ngram_size:
+                text = out + [None if tok == MASK_ID else tok for tok in x[0].tolist()]
+                logits = ngram_banned(logits, text, c.no_repeat_ngram_size)
             logits[:, MASK_ID] = float("-inf")
             probs = logits.softmax(-1)
             conf, pred = probs.max(-1)
@@ -103,6 +132,18 @@ def test_diffusion_equals_plain_reference(model, threshold, steps):
     c = cfg(threshold=threshold, steps=steps, max_new_tokens=10)
     done = done_of(events_of(diffusion_generate(model, [PROMPT], c)))
     assert done.token_ids[0] == reference_diffusion(model, PROMPT, c)
+
+
+@pytest.mark.parametrize("threshold,steps,guard", [
+    (0.25, 4, dict(repetition_penalty=3.0)), (0.0, 3, dict(repetition_penalty=3.0)),
+    (0.25, 4, dict(no_repeat_ngram_size=2)), (0.0, 2, dict(no_repeat_ngram_size=3, repetition_penalty=1.5))])
+def test_repeat_guards_equal_plain_reference(model, threshold, steps, guard):
+    c = cfg(threshold=threshold, steps=steps, max_new_tokens=24, **guard)
+    done = done_of(events_of(diffusion_generate(model, [PROMPT], c)))
+    assert done.token_ids[0] == reference_diffusion(model, PROMPT, c)
+    plain = done_of(events_of(diffusion_generate(model, [PROMPT], replace(c, repetition_penalty=1.0,
+                                                                          no_repeat_ngram_size=0))))
+    assert done.token_ids[0] != plain.token_ids[0]          # the penalty changed something
 
 
 def test_step_events_follow_the_commit_rule(model):
@@ -284,9 +325,11 @@ def test_ar_stops_at_eos(model, monkeypatch):
 
 
 # ---- batching, determinism ----------------------------------------------------------------
-@pytest.mark.parametrize("remasking", ["confidence", "margin", "entropy", "leftmost"])
-def test_batch_equals_each_prompt_alone(model, remasking):
-    c = cfg(max_new_tokens=10, remasking=remasking)
+@pytest.mark.parametrize("remasking,penalty", [("confidence", 1.0), ("margin", 1.0), ("entropy", 1.0),
+                                               ("leftmost", 1.0), ("leftmost", 3.0)])
+def test_batch_equals_each_prompt_alone(model, remasking, penalty):
+    guard = dict(repetition_penalty=penalty, no_repeat_ngram_size=3) if penalty != 1.0 else {}
+    c = cfg(max_new_tokens=10, remasking=remasking, **guard)
     batch = done_of(events_of(diffusion_generate(model, [PROMPT, SHORT], c)))
     for b, p in enumerate([PROMPT, SHORT]):
         alone = done_of(events_of(diffusion_generate(model, [p], c)))
@@ -332,12 +375,20 @@ def test_greedy_ignores_the_seed(model):
 
 
 # ---- AR baseline ----------------------------------------------------------------------------
-def test_ar_greedy_equals_uncached_argmax_loop(model):
+@pytest.mark.parametrize("penalty,n", [(1.0, 0), (3.0, 0), (1.0, 2)])
+def test_ar_greedy_equals_uncached_argmax_loop(model, penalty, n):
     ids = list(PROMPT)
     with torch.no_grad():
         for _ in range(9):
-            ids.append(int(model.context_lm(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    events = events_of(ar_generate(model, [PROMPT], cfg(max_new_tokens=9, top_candidates=4)))
+            logits = model.context_lm(input_ids=torch.tensor([ids])).logits[0, -1]
+            logits = penalised(logits, ids[len(PROMPT):], penalty)
+            if n:
+                logits = ngram_banned(logits[None], ids[len(PROMPT):] + [None], n)[0]
+            ids.append(int(logits.argmax()))
+    if (penalty, n) != (1.0, 0):                             # the guard changed something
+        assert ids[len(PROMPT):] != done_of(events_of(ar_generate(model, [PROMPT], cfg(max_new_tokens=9)))).token_ids[0]
+    events = events_of(ar_generate(model, [PROMPT], cfg(max_new_tokens=9, top_candidates=4,
+                                                         repetition_penalty=penalty, no_repeat_ngram_size=n)))
     done = done_of(events)
     assert done.token_ids[0] == ids[len(PROMPT):]
     tokens = [e for e in events if isinstance(e, Token)]
@@ -385,6 +436,8 @@ def test_anchored_model_runs(model):
     ([PROMPT], dict(threshold=-1.0), "threshold must lie in [0, 1]"),
     ([PROMPT], dict(temperature=-1.0), "temperature must be >= 0"),
     ([PROMPT], dict(remasking="low"), "remasking must be one of"),
+    ([PROMPT], dict(repetition_penalty=0.5), "repetition_penalty must lie in [1, 10]"),
+    ([PROMPT], dict(no_repeat_ngram_size=1), "no_repeat_ngram_size must be 0 (off) or an integer >= 2"),
     ([PROMPT + [VOCAB]], {}, f"prompt token id {VOCAB} is outside the vocabulary (0..{VOCAB - 1})"),
     ([[5, -1]], {}, "prompt token id -1 is outside the vocabulary"),
 ])

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from twotower.sampling import (REMASKING, SamplerConfig, choose_tokens, commit_counts, filter_logits, settled_rows,
-                               remasking_score, select_commits)
+from twotower.sampling import (REMASKING, SamplerConfig, ban_repeated_ngrams_, choose_tokens, commit_counts,
+                               filter_logits, history_tensor, penalise_repeats_, remasking_score, select_commits,
+                               settled_rows)
 
 T = torch.tensor
 
@@ -264,3 +265,31 @@ def test_settled_rows_end_at_end_of_text_after_a_filled_prefix():
     eos = torch.tensor([E, 3])
     assert settled_rows(x, M, eos).tolist() == [True, True, False, True, False]
     assert settled_rows(x, M, None).tolist() == [True, False, False, False, False]   # no stop at EOS
+
+
+# ---- repeat guards --------------------------------------------------------------------------
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = T([[[2.0, -2.0, 2.0, -2.0]], [[2.0, -2.0, 2.0, -2.0]], [[2.0, -2.0, 2.0, 2.0]]])   # (3, 1, 4)
+    written = T([[-1, 0, 1, 1], [-1, -1, -1, -1], [3, -1, 3, -1]])     # -1: padding, ids may repeat
+    assert penalise_repeats_(logits.clone(), written, 2.0).tolist() == [
+        [[1.0, -4.0, 2.0, -2.0]], [[2.0, -2.0, 2.0, -2.0]], [[2.0, -2.0, 2.0, 1.0]]]
+    assert penalise_repeats_(logits, written, 1.0) is logits
+    where = T([[False], [True], [True]])                                # row 0's position is not open
+    assert penalise_repeats_(logits.clone(), written, 2.0, where)[0].tolist() == [[2.0, -2.0, 2.0, -2.0]]
+
+
+def test_ngram_ban_uses_only_written_text_and_pads_short_rows():
+    m = 9                                                    # the mask id
+    history = history_tensor([[5, 6, 7, 5], [4]], "cpu")  # (2, 4): row 1 left-padded with -1
+    assert history.tolist() == [[5, 6, 7, 5], [-1, -1, -1, 4]]
+    x = T([[6, m, m], [4, 4, m]])                            # texts "5 6 7 5 6 _ _" and "4 4 4 _"
+    banned = ban_repeated_ngrams_(torch.zeros(2, 3, 10), history, x, m, 3).isinf()
+    # row 0: position 1 follows "5 6", and "5 6 7" was written -> no 7 there; position 2 follows
+    # a masked position, position 0 is written: nothing banned
+    assert banned[0].nonzero().tolist() == [[1, 7]]
+    assert banned[1].nonzero().tolist() == [[2, 4]]          # "4 4 4" was written: no 4 after "4 4"
+    banned = ban_repeated_ngrams_(torch.zeros(2, 3, 10), history, x, m, 2).isinf()    # bigrams
+    assert banned[0].nonzero().tolist() == [[1, 7]]          # "6 7" was written: no 7 after a 6
+    assert banned[1].nonzero().tolist() == [[2, 4]]
+    x = T([[6, m, m], [m, 4, m]])                            # "4 _ 4 _": no written bigram "4 4"
+    assert not ban_repeated_ngrams_(torch.zeros(2, 3, 10), history, x, m, 2)[1].isinf().any()

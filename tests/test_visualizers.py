@@ -347,3 +347,11 @@ def test_findings_after_end_of_text_are_left_out():
     trace = one_block([([10, EOS, 12, 13], [0, 1, 2, 3], [0.9, 0.9, 0.1, 0.1], [10, EOS, 12, 13])], [10])
     assert [f["pos"] for f in failures.low_confidence(trace, trajectory.commit_table(trace))] == [2, 3]
     assert failures.findings(trace) == []                      # positions 2 and 3 are not in the text
+
+
+def test_compare_names_a_run_by_its_settings(diffusion_trace):
+    assert compare.name(diffusion_trace).startswith("diffusion · γ 0.9 · T 4 · ")
+    assert "repetition" not in compare.name(diffusion_trace)
+    guarded = Trace.from_dict(json.loads(json.dumps(diffusion_trace.to_dict())))
+    guarded.settings = {**diffusion_trace.settings, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
+    assert compare.name(guarded).endswith(" · repetition penalty 1.2 · no repeated 3-grams")

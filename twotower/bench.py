@@ -4,6 +4,7 @@ Three decoders run on the same prompts (batched `--batch` rows at a time), after
   ar           our AR baseline (twotower.sampler.ar_generate: the context tower alone)
   diffusion    block diffusion (twotower.sampler.diffusion_generate)
   hf_generate  plain transformers `generate()` on the same context tower, greedy, same length
+               (with our repetition penalty or n-gram ban: over the tokens written, not the prompt)
 Both our samplers run with stop_at_eos off by default, so every run produces exactly
 `--max-new-tokens` tokens per row (equal work); transformers gets min_new_tokens = max_new_tokens.
 
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .generate_cmd import tuned
-from .sampling import REMASKING, SamplerConfig
+from .sampling import REMASKING, RepeatGuard, SamplerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "bench" / "configs"
@@ -389,16 +390,32 @@ def hf_generation_config(model, cfg: SamplerConfig):
                             pad_token_id=pad, eos_token_id=eos, use_cache=True, **fast), pad
 
 
+class WrittenTokensGuard:
+    """Our repetition penalty and n-gram ban (twotower.sampling.RepeatGuard) as a generate()
+    logits processor: over the tokens generated after the (left-padded) prompt, so that
+    generate() picks the same tokens as our AR loop; transformers' own count the prompt too."""
+
+    def __init__(self, prompt_width: int, cfg: SamplerConfig):
+        self.width, self.cfg = prompt_width, cfg
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return RepeatGuard(self.cfg, input_ids[:, self.width:]).token(scores)
+
+
 @torch.no_grad()
 def run_hf(model, prompts, cfg: SamplerConfig) -> dict:
     """One batch through transformers' generate() on the context tower."""
+    from transformers import LogitsProcessorList
+
     gen_cfg, pad = hf_generation_config(model, cfg)
     lm = model.context_lm
     ids, mask = left_pad(prompts, pad, lm.get_input_embeddings().weight.device)
+    guard = [WrittenTokensGuard(ids.shape[1], cfg)] if cfg.guards_repeats else []
     out = {}
     with timed(model.device, out):
         streamer = FirstTokenStreamer()
-        seq = lm.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, streamer=streamer)
+        seq = lm.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, streamer=streamer,
+                          logits_processor=LogitsProcessorList(guard))
     new = seq[:, ids.shape[1]:].tolist()
     out.update(tokens=sum(len(r) for r in new), rows=len(prompts), nfe=len(new[0]) if new else 0,
                first_token_seconds=streamer.first or out["seconds"], token_ids=new)
@@ -644,7 +661,9 @@ def sampler_settings(args, random_weights: bool, model_defaults: dict | None = N
     schedule = args.steps_per_block or ("fixed" if random_weights else "adaptive")
     cfg = SamplerConfig.recommended(model_defaults, block_size=args.block_size, steps=args.steps,
                                     threshold=1.0 if schedule == "fixed" else args.threshold,
-                                    remasking=args.remasking, max_new_tokens=args.max_new_tokens,
+                                    remasking=args.remasking, repetition_penalty=args.repetition_penalty,
+                                    no_repeat_ngram_size=args.no_repeat_ngram_size,
+                                    max_new_tokens=args.max_new_tokens,
                                     stop_at_eos=args.stop_at_eos, seed=args.seed)
     return cfg.validate(), schedule
 
@@ -844,7 +863,9 @@ def cmd_bench(args) -> int:
                         stream_repeats=args.stream_repeats, bandwidth=bandwidth, repeats=args.repeats)
     settings = {"prompts": len(prompts), "batch": args.batch, "max_new_tokens": cfg.max_new_tokens,
                 "block_size": cfg.block_size, "steps": cfg.steps, "threshold": cfg.threshold,
-                "remasking": cfg.remasking, "schedule": schedule, "warmup": args.warmup, "repeats": args.repeats,
+                "remasking": cfg.remasking, "repetition_penalty": cfg.repetition_penalty,
+                "no_repeat_ngram_size": cfg.no_repeat_ngram_size, "schedule": schedule, "warmup": args.warmup,
+                "repeats": args.repeats,
                 "stop_at_eos": cfg.stop_at_eos, "seed": cfg.seed,
                 "static_cache": model.static_cache,
                 "compile": ({"backend": args.compile_backend, "mode": args.compile_mode} if args.compile else None),
@@ -876,6 +897,10 @@ def add_parser(sub) -> None:
                         "(default: fixed for random weights, adaptive otherwise)")
     p.add_argument("--threshold", type=float, default=None, help=f"gamma of the adaptive schedule {tuned(d.threshold)}")
     p.add_argument("--remasking", choices=REMASKING, default=None, help=f"commit order {tuned(d.remasking)}")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help=f"> 1 lowers the scores of tokens already written, in every decoder {tuned(d.repetition_penalty)}")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                   help=f"never write an N-gram already written, in every decoder {tuned(d.no_repeat_ngram_size)}")
     p.add_argument("--stop-at-eos", action="store_true", help="end rows at end-of-text (default: fixed length)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each decoder first")

@@ -474,7 +474,9 @@ def configs(args, model_defaults: dict | None = None) -> tuple[SamplerConfig, Sa
     """Sampler settings for QA answers and for free generations (greedy, same seed in both
     modes): those given, over the model's recommended ones."""
     base = SamplerConfig.recommended(model_defaults, block_size=args.block_size, steps=args.steps,
-                                     threshold=args.threshold, remasking=args.remasking, seed=args.seed)
+                                     threshold=args.threshold, remasking=args.remasking, seed=args.seed,
+                                     repetition_penalty=args.repetition_penalty,
+                                     no_repeat_ngram_size=args.no_repeat_ngram_size)
     base = replace(base, temperature=0.0, top_k=0, top_p=1.0)
     return (replace(base, max_new_tokens=args.answer_tokens).validate(),
             replace(base, max_new_tokens=args.max_new_tokens).validate())
@@ -553,6 +555,10 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help=f"denoiser steps per block {tuned(d.steps)}")
     p.add_argument("--block-size", type=int, default=None, help=tuned(d.block_size))
     p.add_argument("--remasking", choices=REMASKING, default=None, help=f"commit order within a block {tuned(d.remasking)}")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help=f"> 1 lowers the scores of tokens already written, in both modes {tuned(d.repetition_penalty)}")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                   help=f"never write an N-gram already written, in both modes {tuned(d.no_repeat_ngram_size)}")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--speed-prompts", type=int, default=8,

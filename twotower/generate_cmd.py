@@ -11,7 +11,8 @@ from .sampling import REMASKING, SamplerConfig
 
 # Sampler options whose default comes from the model's checkpoint when it recommends one
 # (twotower.json "sampler"), else from SamplerConfig; the CLI leaves them None when not given.
-MODEL_TUNED = ("block_size", "steps", "threshold", "temperature", "top_k", "top_p", "remasking")
+MODEL_TUNED = ("block_size", "steps", "threshold", "temperature", "top_k", "top_p", "repetition_penalty",
+               "no_repeat_ngram_size", "remasking")
 
 
 def tuned(default) -> str:
@@ -31,6 +32,10 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help=tuned(d.temperature))
     p.add_argument("--top-k", type=int, default=None, help=tuned(d.top_k))
     p.add_argument("--top-p", type=float, default=None, help=tuned(d.top_p))
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help=f"> 1 lowers the scores of tokens already written (1 = off) {tuned(d.repetition_penalty)}")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                   help=f"never write an N-gram already written (0 = off) {tuned(d.no_repeat_ngram_size)}")
     p.add_argument("--remasking", choices=REMASKING, default=None, help=f"commit order {tuned(d.remasking)}")
     p.add_argument("--mask-token-id", type=int, default=None, help="override the model's mask token id")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -15,7 +15,7 @@ from .attention import AttentionCapture
 from .events import BlockCommitted, BlockStart, Done, Event, Prefill, Step, Token
 from .fork import ForkPoint
 from .model import TwoTower
-from .sampling import SamplerConfig, choose_tokens, decide_step, settled_rows
+from .sampling import RepeatGuard, SamplerConfig, choose_tokens, decide_step, history_tensor, settled_rows
 
 
 def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -> None:
@@ -58,6 +58,11 @@ def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """A step's outputs in ONE device-to-host copy (float64 holds every id and float exactly)."""
     flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _guard(model: TwoTower, rows: list[list[int]], cfg: SamplerConfig) -> RepeatGuard:
+    """The repetition penalty and n-gram ban over the tokens the rows have written."""
+    return RepeatGuard(cfg, history_tensor(rows if cfg.guards_repeats else [[] for _ in rows], model.device))
 
 
 def _top(probs: torch.Tensor, k: int):
@@ -132,6 +137,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             first, budget = 0, cfg.steps
         yield BlockStart(block=block, start=produced, size=size, steps=budget)
         inputs = model.block_inputs(ctx, size)                     # context view: once per block
+        guard = _guard(model, out, cfg)                            # over the text so far: once per block
         settled = torch.tensor(ended, device=model.device) | settled_rows(x, mask_id, eos_ids)   # (B,)
         used, unsettled = first, not bool(settled.all())
         for step in range(first, budget):
@@ -141,6 +147,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             t = masked.float().mean(-1)
             capture = AttentionCapture(capture_layers) if capture_layers else None
             logits = model.denoise(x, inputs, t, capture)          # (B, S, V)
+            logits = guard.block(logits, x, mask_id)               # repetition penalty, n-gram ban
             logits[..., mask_id] = float("-inf")                   # never predict [MASK]
             open_ = masked & ~settled[:, None]                     # settled rows commit nothing more
             pred, probs, conf, planned, commit = decide_step(logits, open_, budget - step, cfg, gen)
@@ -195,8 +202,9 @@ def ar_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -
     out: list[list[int]] = [[] for _ in range(batch)]
     ended = [False] * batch
     nfe, first_token = 1, None
+    guard = _guard(model, out, cfg)
     for index in range(cfg.max_new_tokens):
-        pred, probs, conf = choose_tokens(logits, cfg, gen)       # (B,)
+        pred, probs, conf = choose_tokens(guard.token(logits), cfg, gen)   # (B,)
         top_ids, top_probs = _top(probs, cfg.top_candidates)
         h_pred, h_conf, h_ids, h_probs = _to_host(pred, conf, top_ids, top_probs)   # the token's one sync
         tokens = h_pred.long().tolist()
@@ -213,6 +221,7 @@ def ar_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -
                 out[b].append(tok)
         if all(ended) or index == cfg.max_new_tokens - 1:
             break
+        guard.add(pred)
         ctx, step_logits = model.extend(ctx, pred.unsqueeze(1))
         logits = step_logits[:, -1]
         nfe += 1

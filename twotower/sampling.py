@@ -20,6 +20,8 @@ class SamplerConfig:
     temperature: float = 0.0      # 0 = greedy; otherwise Gumbel-max on logits / temperature
     top_k: int = 0                # keep the k most likely tokens when sampling (0 = off)
     top_p: float = 1.0            # nucleus sampling mass (1 = off)
+    repetition_penalty: float = 1.0  # > 1 lowers the logits of tokens the run has written (1 = off)
+    no_repeat_ngram_size: int = 0  # n > 0: never write an n-gram the run has already written (0 = off)
     remasking: str = "confidence"  # which positions to commit first: confidence|margin|entropy|random|leftmost
     max_new_tokens: int = 128     # any number; the last block is cut to fit
     stop_at_eos: bool = True      # end a row at its first end-of-text token
@@ -44,6 +46,11 @@ class SamplerConfig:
             bad(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             bad(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if not (1.0 <= self.repetition_penalty <= 10.0):
+            bad(f"repetition_penalty must lie in [1, 10] (1 = off), got {self.repetition_penalty!r}")
+        n = self.no_repeat_ngram_size
+        if not isinstance(n, int) or n < 0 or n == 1:
+            bad(f"no_repeat_ngram_size must be 0 (off) or an integer >= 2, got {self.no_repeat_ngram_size!r}")
         if self.remasking not in REMASKING:
             bad(f"remasking must be one of {', '.join(REMASKING)}; got {self.remasking!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -51,6 +58,11 @@ class SamplerConfig:
         if self.top_candidates < 1:
             bad(f"top_candidates must be >= 1, got {self.top_candidates!r}")
         return self
+
+    @property
+    def guards_repeats(self) -> bool:
+        """Whether the repetition penalty or the n-gram ban is on."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +92,100 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def history_tensor(rows: list[list[int]], device) -> torch.Tensor:
+    """(B, longest row) long: each row's tokens, left-padded with -1 (never a token)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        if row:
+            out[b, width - len(row):] = torch.tensor(row)
+    return out.to(device)
+
+
+def penalise_repeats_(logits: torch.Tensor, written: torch.Tensor, penalty: float,
+                      where: torch.Tensor | None = None) -> torch.Tensor:
+    """The CTRL repetition penalty (as transformers' `repetition_penalty`) over the tokens a row
+    has written: their positive logits are divided by `penalty`, negative ones multiplied.
+    In place (returns logits), reading and writing only the written ids' columns.
+
+    logits: (B, S, V); written: (B, L) token ids, -1 = none; where: (B, S) bool, the
+    positions to penalise (default: all).
+    """
+    if penalty == 1.0 or written.shape[1] == 0:
+        return logits
+    real = written >= 0
+    # a -1 reads a real id of its row (and writes back the same value), or column 0 unchanged
+    ids = torch.where(real, written, written.amax(1, keepdim=True).clamp_min(0))
+    ids = ids[:, None, :].expand(-1, logits.shape[1], -1)                          # (B, S, L)
+    score = logits.gather(-1, ids)
+    apply = real.any(1)[:, None, None] if where is None else real.any(1)[:, None, None] & where[..., None]
+    penalised = torch.where(score > 0, score / penalty, score * penalty)
+    return logits.scatter_(-1, ids, torch.where(apply, penalised, score))
+
+
+def ban_repeated_ngrams_(logits: torch.Tensor, history: torch.Tensor, x: torch.Tensor, mask_id: int,
+                         n: int) -> torch.Tensor:
+    """No repeated n-grams (as transformers' `no_repeat_ngram_size`, over the tokens a row has
+    written): at each unwritten block position whose n-1 tokens before it are written, the
+    tokens that followed those n-1 tokens anywhere in the written text get -inf, in place.
+
+    logits: (B, S, V); history: (B, H) tokens before the block, left-padded with -1, H >= n-1;
+    x: (B, S) the block, mask_id where not yet written.
+    """
+    seq = torch.cat([history, x], 1)                               # (B, H + S)
+    written = (seq >= 0) & (seq != mask_id)
+    grams, grams_written = seq.unfold(1, n, 1), written.unfold(1, n, 1).all(-1)   # (B, G, n), (B, G)
+    start = history.shape[1] - (n - 1)                             # the n-1 tokens before block position 0
+    before = seq.unfold(1, n - 1, 1)[:, start: start + x.shape[1]]                # (B, S, n-1)
+    before_written = written.unfold(1, n - 1, 1)[:, start: start + x.shape[1]].all(-1)
+    before_written &= x == mask_id                                 # written positions keep their scores
+    match = (grams[:, None, :, :-1] == before[:, :, None, :]).all(-1)             # (B, S, G)
+    match &= grams_written[:, None, :] & before_written[:, :, None]
+    follows = grams[..., -1].clamp_min(0)[:, None, :].expand_as(match)            # (B, S, G)
+    ban = torch.full(match.shape, float("inf"), dtype=logits.dtype, device=logits.device).masked_fill(
+        match, float("-inf"))                                      # min(score, +inf) keeps it, -inf bans
+    return logits.scatter_reduce_(-1, follows, ban, reduce="amin")
+
+
+class RepeatGuard:
+    """A run's repetition penalty and n-gram ban over the tokens each row has written so far
+    (not the prompt): built at each block start from the text so far (diffusion), or once and
+    fed every token (AR). Either guard is skipped when off.
+
+    history: (B, H) the tokens each row has written, left-padded with -1 (`history_tensor`).
+    """
+
+    def __init__(self, cfg: SamplerConfig, history: torch.Tensor):
+        self.on, self.penalty, self.n = cfg.guards_repeats, cfg.repetition_penalty, cfg.no_repeat_ngram_size
+        short = max(self.n - 1 - history.shape[1], 0)                 # the ban reads n-1 tokens back
+        self.history = torch.nn.functional.pad(history, (short, 0), value=-1)
+
+    def block(self, logits: torch.Tensor, x: torch.Tensor, mask_id: int) -> torch.Tensor:
+        """logits: (B, S, V) of block x: (B, S), changed in place; the block's written tokens
+        count too, and the scores of its written positions stay as they are (views show them)."""
+        if not self.on:
+            return logits
+        open_ = x == mask_id
+        if self.penalty != 1.0:
+            written = torch.cat([self.history, x.masked_fill(open_, -1)], 1)
+            logits = penalise_repeats_(logits, written, self.penalty, where=open_)
+        if self.n:
+            logits = ban_repeated_ngrams_(logits, self.history, x, mask_id, self.n)
+        return logits
+
+    def token(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: (B, V) of the next token (AR), changed in place."""
+        if not self.on:
+            return logits
+        blank = torch.full((logits.shape[0], 1), -1, dtype=torch.long, device=logits.device)
+        return self.block(logits[:, None], blank, -1)[:, 0]
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """Record the token each row just wrote (AR). tokens: (B,)."""
+        if self.on:
+            self.history = torch.cat([self.history, tokens[:, None]], 1)
 
 
 def choose_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator | None):

@@ -61,8 +61,11 @@ def name(trace) -> str:
     s = trace.settings or {}
     fork = getattr(trace, "fork", None)
     head = f"fork at block {fork['block']}, step {fork['step']}" if fork else "diffusion"
-    return (f"{head} · γ {s.get('threshold')} · T {s.get('steps')} · {s.get('remasking')}"
-            f"{' · temperature ' + str(s['temperature']) if s.get('temperature') else ''}")
+    extras = [f"temperature {s['temperature']}" if s.get("temperature") else "",
+              f"repetition penalty {s['repetition_penalty']}" if s.get("repetition_penalty", 1.0) != 1.0 else "",
+              f"no repeated {s['no_repeat_ngram_size']}-grams" if s.get("no_repeat_ngram_size") else ""]
+    return " · ".join([head, f"γ {s.get('threshold')}", f"T {s.get('steps')}", str(s.get("remasking")),
+                       *filter(None, extras)])
 
 
 # ---- HTML ------------------------------------------------------------------------------------
