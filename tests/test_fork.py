@@ -68,6 +68,16 @@ def test_fork_at_every_step_reproduces_a_greedy_run_and_splices_back(model, pare
         assert whole.fork["inherited"] == parent.steps().index(e) + 1
 
 
+def test_a_fork_with_repeat_guards_reproduces_its_guarded_parent(model):
+    """The guards read the text before the block from the fork point as from the run itself."""
+    guarded = cfg(repetition_penalty=3.0, no_repeat_ngram_size=2)
+    run_ = finished(model, [PROMPT, SHORT], guarded)
+    assert run_.done.token_ids != finished(model, [PROMPT, SHORT], cfg()).done.token_ids
+    for e in run_.steps():
+        child = finished(model, [PROMPT, SHORT], guarded, fork_point(run_, e.block, e.step))
+        assert child.done.token_ids == run_.done.token_ids, (e.block, e.step)
+
+
 def test_fork_mid_block_with_threshold_zero_fills_the_block_in_one_step(model, parent):
     point = fork_point(parent, 1, 0)
     child = finished(model, [PROMPT, SHORT], cfg(threshold=0.0), point)
