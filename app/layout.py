@@ -160,7 +160,7 @@ def sampler_inputs() -> list:
                             info="1 = off; above 1, tokens already written score lower."
                                  + recommends(d, "repetition_penalty"), elem_id="repetition-penalty", min_width=140)
         ngram = gr.Slider(0, 8, value=d.no_repeat_ngram_size, step=1, label="No repeated n-grams",
-                          info="n: never write the same n tokens twice (0 = off); breaks loops."
+                          info="n ≥ 2: do not write the same n tokens twice (0 = off); breaks loops."
                                + recommends(d, "no_repeat_ngram_size"), elem_id="no-repeat-ngram", min_width=140)
     with gr.Row():
         temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature",

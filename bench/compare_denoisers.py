@@ -6,8 +6,9 @@ training experiment needs before the full `python -m twotower eval`.
 Per model: QA accuracy on every k-th item of the committed QA set (greedy diffusion, answers
 up to 24 tokens), and tokens per NFE of fixed-length free generations (32 tokens, end-of-text
 ignored, so that where an answer ends does not move the figure). Every model runs the same
-sampler, the release's or --threshold / --remasking: a checkpoint's recommended settings are
-not used, so that models are compared like for like. Prints one JSON line per model and the
+sampler, the release's or --threshold / --remasking / --repetition-penalty /
+--no-repeat-ngram-size: a checkpoint's recommended settings are not used, so that models are
+compared like for like. Prints one JSON line per model and the
 machine.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ def measure(spec: str, args) -> dict:
     model = load(spec, args.device)
     qa = load_qa()[::args.every]
     data = encode_all(model, qa, load_prompts()[:args.open])
-    sampler = dict(threshold=args.threshold, remasking=args.remasking)
+    sampler = dict(threshold=args.threshold, remasking=args.remasking, repetition_penalty=args.repetition_penalty,
+                   no_repeat_ngram_size=args.no_repeat_ngram_size)
     answers = generate(model, data.qa_ids, SamplerConfig(max_new_tokens=24, **sampler), "diffusion", args.batch, "qa")
     free = generate(model, data.open_ids, SamplerConfig(max_new_tokens=32, stop_at_eos=False, **sampler), "diffusion",
                     args.batch, "open")
@@ -50,6 +52,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threshold", type=float, default=SamplerConfig.threshold, help="confidence threshold gamma")
     p.add_argument("--remasking", choices=REMASKING, default=SamplerConfig.remasking, help="commit order")
+    p.add_argument("--repetition-penalty", type=float, default=SamplerConfig.repetition_penalty, help="1 = off")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=SamplerConfig.no_repeat_ngram_size, help="0 = off")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     args = p.parse_args()

@@ -13,7 +13,8 @@ from twotower.runner import encode_prompt, run       # noqa: E402
 from twotower.sampling import SamplerConfig          # noqa: E402
 
 DEFAULTS = dict(max_new_tokens=48, block_size=16, steps=4, threshold=0.9, temperature=0.0, top_k=0,
-                top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, remasking="confidence", seed=0, stop_at_eos=False)
+                top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, remasking="confidence", seed=0,
+                stop_at_eos=False)
 
 
 def settings(**changes) -> list:

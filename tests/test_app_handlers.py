@@ -192,8 +192,8 @@ def test_compare_two_saved_traces(tmp_path):
     paths = []
     for threshold in (0.5, 0.9):
         session = Session()
-        outputs = list(handlers.generate("Hello", "diffusion", 24, 8, 4, threshold, 0.0, 0, 1.0, 1.0, 0, "confidence", 0,
-                                         False, False, "", session))
+        outputs = list(handlers.generate("Hello", "diffusion", 24, 8, 4, threshold, 0.0, 0, 1.0, 1.0, 0, "confidence",
+                                         0, False, False, "", session))
         path = tmp_path / f"run-{threshold}.json"
         session.trace.save(path)
         paths.append(str(path))

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from twotower.sampling import (REMASKING, SamplerConfig, ban_repeated_ngrams_, choose_tokens, commit_counts,
-                               filter_logits, history_tensor, penalise_repeats_, remasking_score, select_commits,
-                               settled_rows)
+from twotower.sampling import (REMASKING, RepeatGuard, SamplerConfig, ban_repeated_ngrams_, choose_tokens,
+                               commit_counts, filter_logits, history_tensor, penalise_repeats_, remasking_score,
+                               select_commits, settled_rows)
 
 T = torch.tensor
 
@@ -293,3 +293,17 @@ def test_ngram_ban_uses_only_written_text_and_pads_short_rows():
     assert banned[1].nonzero().tolist() == [[2, 4]]
     x = T([[6, m, m], [m, 4, m]])                            # "4 _ 4 _": no written bigram "4 4"
     assert not ban_repeated_ngrams_(torch.zeros(2, 3, 10), history, x, m, 2)[1].isinf().any()
+
+
+def test_repeat_guard_leaves_written_positions_of_a_block_alone():
+    m = 9
+    guard = RepeatGuard(SamplerConfig(repetition_penalty=2.0, no_repeat_ngram_size=2), history_tensor([[5, 6]], "cpu"))
+    logits = torch.full((1, 3, 10), 4.0)
+    x = T([[5, m, m]])                                       # position 0 written: "5 6 5 _ _"
+    out = guard.block(logits.clone(), x, m)
+    assert out[0, 0].tolist() == [4.0] * 10                 # written: as the denoiser scored it
+    assert out[0, 1, 6] == float("-inf")                    # "5 6" was written: no 6 after a 5
+    assert out[0, 1, 5] == 2.0 and out[0, 2, 5] == 2.0      # 5 was written: penalised at open positions
+    assert out[0, 2, 6] == 2.0 and out[0, 1, 7] == 4.0      # position 2 follows a mask: penalty only
+    with pytest.raises(ValueError, match="needs the 2 tokens before the block"):
+        ban_repeated_ngrams_(logits, history_tensor([[5]], "cpu"), x, m, 3)

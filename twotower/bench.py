@@ -898,9 +898,10 @@ def add_parser(sub) -> None:
     p.add_argument("--threshold", type=float, default=None, help=f"gamma of the adaptive schedule {tuned(d.threshold)}")
     p.add_argument("--remasking", choices=REMASKING, default=None, help=f"commit order {tuned(d.remasking)}")
     p.add_argument("--repetition-penalty", type=float, default=None,
-                   help=f"> 1 lowers the scores of tokens already written, in every decoder {tuned(d.repetition_penalty)}")
+                   help=f"> 1 lowers the scores of tokens already written, in every decoder "
+                        f"{tuned(d.repetition_penalty)}")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
-                   help=f"never write an N-gram already written, in every decoder {tuned(d.no_repeat_ngram_size)}")
+                   help=f"do not write an N-gram already written, in every decoder {tuned(d.no_repeat_ngram_size)}")
     p.add_argument("--stop-at-eos", action="store_true", help="end rows at end-of-text (default: fixed length)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each decoder first")

@@ -558,7 +558,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help=f"> 1 lowers the scores of tokens already written, in both modes {tuned(d.repetition_penalty)}")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
-                   help=f"never write an N-gram already written, in both modes {tuned(d.no_repeat_ngram_size)}")
+                   help=f"do not write an N-gram already written, in both modes {tuned(d.no_repeat_ngram_size)}")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--speed-prompts", type=int, default=8,

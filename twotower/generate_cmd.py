@@ -35,7 +35,8 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help=f"> 1 lowers the scores of tokens already written (1 = off) {tuned(d.repetition_penalty)}")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
-                   help=f"never write an N-gram already written (0 = off) {tuned(d.no_repeat_ngram_size)}")
+                   help=f"do not write an N-gram already written (0 = off; diffusion: checked where the N-1 "
+                        f"tokens before a position are written) {tuned(d.no_repeat_ngram_size)}")
     p.add_argument("--remasking", choices=REMASKING, default=None, help=f"commit order {tuned(d.remasking)}")
     p.add_argument("--mask-token-id", type=int, default=None, help="override the model's mask token id")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -147,7 +147,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             t = masked.float().mean(-1)
             capture = AttentionCapture(capture_layers) if capture_layers else None
             logits = model.denoise(x, inputs, t, capture)          # (B, S, V)
-            logits = guard.block(logits, x, mask_id)               # repetition penalty, n-gram ban
+            logits = guard.block(logits.float(), x, mask_id)       # repetition penalty, n-gram ban
             logits[..., mask_id] = float("-inf")                   # never predict [MASK]
             open_ = masked & ~settled[:, None]                     # settled rows commit nothing more
             pred, probs, conf, planned, commit = decide_step(logits, open_, budget - step, cfg, gen)
@@ -204,7 +204,7 @@ def ar_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -
     nfe, first_token = 1, None
     guard = _guard(model, out, cfg)
     for index in range(cfg.max_new_tokens):
-        pred, probs, conf = choose_tokens(guard.token(logits), cfg, gen)   # (B,)
+        pred, probs, conf = choose_tokens(guard.token(logits.float()), cfg, gen)   # (B,)
         top_ids, top_probs = _top(probs, cfg.top_candidates)
         h_pred, h_conf, h_ids, h_probs = _to_host(pred, conf, top_ids, top_probs)   # the token's one sync
         tokens = h_pred.long().tolist()

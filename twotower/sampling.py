@@ -21,7 +21,7 @@ class SamplerConfig:
     top_k: int = 0                # keep the k most likely tokens when sampling (0 = off)
     top_p: float = 1.0            # nucleus sampling mass (1 = off)
     repetition_penalty: float = 1.0  # > 1 lowers the logits of tokens the run has written (1 = off)
-    no_repeat_ngram_size: int = 0  # n > 0: never write an n-gram the run has already written (0 = off)
+    no_repeat_ngram_size: int = 0  # n >= 2: do not write an n-gram the run has written (0 = off; see RepeatGuard)
     remasking: str = "confidence"  # which positions to commit first: confidence|margin|entropy|random|leftmost
     max_new_tokens: int = 128     # any number; the last block is cut to fit
     stop_at_eos: bool = True      # end a row at its first end-of-text token
@@ -134,6 +134,8 @@ def ban_repeated_ngrams_(logits: torch.Tensor, history: torch.Tensor, x: torch.T
     logits: (B, S, V); history: (B, H) tokens before the block, left-padded with -1, H >= n-1;
     x: (B, S) the block, mask_id where not yet written.
     """
+    if history.shape[1] < n - 1:
+        raise ValueError(f"the n-gram ban needs the {n - 1} tokens before the block; history has {history.shape[1]}")
     seq = torch.cat([history, x], 1)                               # (B, H + S)
     written = (seq >= 0) & (seq != mask_id)
     grams, grams_written = seq.unfold(1, n, 1), written.unfold(1, n, 1).all(-1)   # (B, G, n), (B, G)
@@ -153,6 +155,10 @@ class RepeatGuard:
     """A run's repetition penalty and n-gram ban over the tokens each row has written so far
     (not the prompt): built at each block start from the text so far (diffusion), or once and
     fed every token (AR). Either guard is skipped when off.
+
+    In AR the ban is exact. In a diffusion block it bans at positions whose n-1 tokens before
+    them are written when they are committed: neighbours committed in the same pass, or a
+    position filled left of written tokens, can still form a repeat (rare with `leftmost`).
 
     history: (B, H) the tokens each row has written, left-padded with -1 (`history_tensor`).
     """
