@@ -51,7 +51,8 @@ FORK_HELP = """**Fork** a run: in the *Denoising* tab scrub to any step and pres
 (or type a block and step here). The fork keeps everything committed up to that step, then continues
 with the settings below: the remaining steps of that block and every later block are new. Both runs
 appear side by side, with the positions where their text differs marked. Compare two saved traces
-below (e.g. γ 0.5 vs 0.9 on the same prompt)."""
+below (e.g. γ 0.5 vs 0.9 on the same prompt). To study a loop, fork at the step where it began and
+raise the repetition penalty or set no repeated n-grams."""
 
 RACE_HELP = """The same prompt, seed, settings and context tower, run once as plain AR (one token per forward
 pass) and once as TwoTower diffusion (a block per few passes). A short untimed warm-up runs first;
@@ -101,6 +102,8 @@ class UI:
     fork_remasking: gr.Dropdown
     fork_temperature: gr.Slider
     fork_steps: gr.Slider
+    fork_penalty: gr.Slider
+    fork_ngram: gr.Slider
     fork_run: gr.Button
     fork_stop: gr.Button
     fork_open: gr.Button
@@ -117,7 +120,8 @@ class UI:
     @property
     def fork_settings(self) -> list:
         """The settings a fork may change, in study.run_fork's order."""
-        return [self.fork_threshold, self.fork_remasking, self.fork_temperature, self.fork_steps]
+        return [self.fork_threshold, self.fork_remasking, self.fork_temperature, self.fork_steps,
+                self.fork_penalty, self.fork_ngram]
 
 
 def examples() -> list[str]:
@@ -268,6 +272,10 @@ def fork_tab() -> dict:
         fork_temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature", min_width=140)
         fork_steps = gr.Slider(1, 64, value=d.steps, step=1, label="Steps per block T", elem_id="fork-steps",
                                min_width=140)
+        fork_penalty = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty",
+                                 elem_id="fork-penalty", min_width=140)
+        fork_ngram = gr.Slider(0, 8, value=d.no_repeat_ngram_size, step=1, label="No repeated n-grams",
+                               elem_id="fork-ngram", min_width=140)
     with gr.Row():
         fork_run = gr.Button("Continue from here", variant="primary", elem_id="fork-run")
         fork_stop = gr.Button("Stop", variant="stop", elem_id="fork-stop")
@@ -282,6 +290,7 @@ def fork_tab() -> dict:
         compare_run = gr.Button("Compare A and B", elem_id="compare-run")
     return dict(fork_block=fork_block, fork_step=fork_step, fork_threshold=fork_threshold,
                 fork_remasking=fork_remasking, fork_temperature=fork_temperature, fork_steps=fork_steps,
+                fork_penalty=fork_penalty, fork_ngram=fork_ngram,
                 fork_run=fork_run, fork_stop=fork_stop, fork_open=fork_open, fork_status=fork_status,
                 compare_view=compare_view, compare_a=compare_a, compare_b=compare_b, compare_run=compare_run)
 

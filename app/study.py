@@ -101,12 +101,16 @@ def pick_fork(session: Session, evt: gr.EventData):
         block, step = int(evt.block), int(evt.step)
         note = fork_note(trace, block, step)
     s = SamplerConfig.from_dict(trace.settings or {})
-    return block, step, s.threshold, s.remasking, s.temperature, s.steps, note, gr.Tabs(selected="fork")
+    return (block, step, s.threshold, s.remasking, s.temperature, s.steps, s.repetition_penalty,
+            s.no_repeat_ngram_size, note, gr.Tabs(selected="fork"))
 
 
-def fork_config(parent: Trace, threshold, remasking, temperature, steps) -> SamplerConfig:
+def fork_config(parent: Trace, threshold, remasking, temperature, steps, repetition_penalty,
+                no_repeat_ngram_size) -> SamplerConfig:
     changed = dict(threshold=number("threshold", threshold), remasking=str(remasking),
-                   temperature=number("temperature", temperature), steps=whole("steps", steps))
+                   temperature=number("temperature", temperature), steps=whole("steps", steps),
+                   repetition_penalty=number("repetition penalty", repetition_penalty),
+                   no_repeat_ngram_size=whole("no repeated n-grams", no_repeat_ngram_size))
     return SamplerConfig.from_dict({**(parent.settings or {}), **changed}).validate()
 
 
@@ -119,7 +123,8 @@ def fork_status(parent: Trace, fork: Trace) -> str:
             "Press **Open the fork in the Denoising tab** to replay it step by step.")
 
 
-def run_fork(block, step, threshold, remasking, temperature, steps, session: Session):
+def run_fork(block, step, threshold, remasking, temperature, steps, repetition_penalty, no_repeat_ngram_size,
+             session: Session):
     """Continue the shown run from (block, step) with the changed settings; yield (compare view, status)."""
     parent = session.trace
     with user_errors():
@@ -128,7 +133,8 @@ def run_fork(block, step, threshold, remasking, temperature, steps, session: Ses
         model = get_model()
         check_model(parent, model)
         point = fork_point(parent, whole("block", block), whole("step", step))
-        cfg = fork_config(parent, threshold, remasking, temperature, steps)
+        cfg = fork_config(parent, threshold, remasking, temperature, steps, repetition_penalty,
+                          no_repeat_ngram_size)
         cfg.validate(model.max_context)
     session.fork_state = "running"
     yield gr.skip(), "**Running the fork…**"

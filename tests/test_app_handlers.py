@@ -171,9 +171,11 @@ def test_fork_from_the_grid_runs_compares_and_opens():
     from app import study
     session = Session()
     run_to_end(session)                                           # 24 tokens: blocks of 8, 4 steps, γ 0.5
-    block, step, threshold, remasking, temperature, steps, note, tabs = study.pick_fork(session, Event(block=1, step=0))
-    assert (block, step, threshold, steps) == (1, 0, 0.5, 4) and "Fork point" in note
-    *progress, (view, status) = study.run_fork(block, step, 0.0, remasking, temperature, steps, session)
+    block, step, threshold, remasking, temperature, steps, penalty, ngram, note, tabs = study.pick_fork(
+        session, Event(block=1, step=0))
+    assert (block, step, threshold, steps, penalty, ngram) == (1, 0, 0.5, 4, 1.0, 0) and "Fork point" in note
+    *progress, (view, status) = study.run_fork(block, step, 0.0, remasking, temperature, steps, penalty, ngram,
+                                               session)
     assert status.startswith("**Fork finished**") and "ttc-cols" in view
     fork = session.fork
     assert fork.fork["block"] == 1 and session.fork_parent is session.trace
@@ -184,7 +186,20 @@ def test_fork_from_the_grid_runs_compares_and_opens():
     assert data["fork"]["frame"] == fork.fork["inherited"] and data["fork"]["changes"] == {"threshold": [0.5, 0.0]}
     assert session.trace is fork and "Showing the fork" in status
     with pytest.raises(gr.Error, match="no step 9"):
-        list(study.run_fork(1, 9, 0.5, "confidence", 0.0, 4, session))
+        list(study.run_fork(1, 9, 0.5, "confidence", 0.0, 4, 1.0, 0, session))
+    with pytest.raises(gr.Error, match="no repeated n-grams must be a whole number"):
+        list(study.run_fork(1, 0, 0.5, "confidence", 0.0, 4, 1.0, 2.5, session))
+
+
+def test_a_fork_can_switch_the_repeat_guards_on():
+    from app import study
+    session = Session()
+    run_to_end(session)
+    *progress, (view, status) = study.run_fork(1, 0, 0.5, "confidence", 0.0, 4, 3.0, 2, session)
+    fork = session.fork
+    assert (fork.settings["repetition_penalty"], fork.settings["no_repeat_ngram_size"]) == (3.0, 2)
+    grid, text, status, tabs = study.open_fork(session)
+    assert json.loads(grid)["fork"]["changes"] == {"repetition_penalty": [1.0, 3.0], "no_repeat_ngram_size": [0, 2]}
 
 
 def test_compare_two_saved_traces(tmp_path):
