@@ -200,6 +200,9 @@ def test_repeats_are_found():
                                first_token_seconds=0.1)])
     found = failures.findings(trace)
     assert found and found[0]["kind"] == "repeat" and "3 times" in found[0]["text"]
+    assert "the repeat guards were off" in found[0]["text"]
+    trace.settings = {"no_repeat_ngram_size": 4}
+    assert failures.findings(trace)[0]["text"].endswith("3 times")
 
 
 # ---- export --------------------------------------------------------------------------------------

@@ -53,6 +53,15 @@ def flips(trace, row: int = 0) -> list[dict]:
             for p in sorted(busy)]
 
 
+def loop_hint(trace) -> str:
+    """What to try against a loop, given the run's repeat guards."""
+    s = trace.settings or {}
+    if s.get("no_repeat_ngram_size") or s.get("repetition_penalty", 1.0) != 1.0:
+        return ""
+    return "; the repeat guards were off: " + ("fork here with them on" if trace.mode == "diffusion"
+                                               else "run again with them on")
+
+
 def repeats(trace, commits, row: int = 0) -> list[dict]:
     done = trace.done
     ids = done.token_ids[row] if done else [c.token for c in sorted(commits, key=lambda c: c.pos)]
@@ -60,13 +69,13 @@ def repeats(trace, commits, row: int = 0) -> list[dict]:
     seen: dict[tuple, list[int]] = defaultdict(list)
     for p in range(len(ids) - NGRAM + 1):
         seen[tuple(ids[p:p + NGRAM])].append(p)
-    out = []
+    out, hint = [], loop_hint(trace)
     for gram, places in seen.items():
         if len(places) >= REPEAT_TIMES:
             text = "".join(label(trace, t, 20) for t in gram)
             p = places[1]
             span = sorted({q + i for q in places for i in range(NGRAM)})
-            out.append(_finding("repeat", frame_of.get(p, 0), p, f"'{text}' occurs {len(places)} times", span))
+            out.append(_finding("repeat", frame_of.get(p, 0), p, f"'{text}' occurs {len(places)} times{hint}", span))
     return out[:MAX_PER_KIND]
 
 
