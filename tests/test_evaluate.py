@@ -229,3 +229,10 @@ def test_generate_keeps_prompt_order_across_batches(ar_dir_tok):
     b = evaluate.generate(model, data.open_ids, cfg, "ar", batch_size=1)
     assert evaluate.mean_agreement(a, b, 12) == 1.0
     assert all(n >= len(ids) for n, ids in zip(a.nfe, a.ids))
+
+
+def test_the_report_names_the_repeat_guards():
+    assert evaluate.guards_text({"repetition_penalty": 1.1, "no_repeat_ngram_size": 4}) == \
+        "repetition penalty 1.1, no repeated 4-grams"
+    assert evaluate.guards_text({"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}) == "no repeat guards"
+    assert evaluate.guards_text({}) == "no repeat guards"                  # results from before the guards

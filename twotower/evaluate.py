@@ -365,12 +365,23 @@ def summary_table(res: dict) -> str:
     return table + "\n\n" + "\n".join(lines)
 
 
+def guards_text(settings: dict) -> str:
+    """'repetition penalty 1.1, no repeated 4-grams' or 'no repeat guards'."""
+    parts = []
+    if settings.get("repetition_penalty", 1.0) != 1.0:
+        parts.append(f"repetition penalty {settings['repetition_penalty']}")
+    if settings.get("no_repeat_ngram_size"):
+        parts.append(f"no repeated {settings['no_repeat_ngram_size']}-grams")
+    return ", ".join(parts) or "no repeat guards"
+
+
 def report_markdown(res: dict) -> str:
     s = res["settings"]
     head = (f"# TwoTower evaluation: {res['model']['name']}\n\n"
             f"Device: {res['device']}. QA items: {s['qa_items']}, open prompts: {s['open_prompts']}. "
-            f"Diffusion: block {s['block_size']}, steps {s['steps']}, threshold {s['threshold']}; "
-            f"greedy, seed {s['seed']}; answers up to {s['answer_tokens']} tokens, free generations up to "
+            f"Diffusion: block {s['block_size']}, steps {s['steps']}, threshold {s['threshold']}, "
+            f"{s.get('remasking', 'confidence')} order. Both modes: greedy, seed {s['seed']}, {guards_text(s)}; "
+            f"answers up to {s['answer_tokens']} tokens, free generations up to "
             f"{s['max_new_tokens']} tokens.\n\nQA rule: {QA_RULE}\n\n")
     body = summary_table(res)
     if res.get("sweep"):
