@@ -88,7 +88,7 @@ def test_recommended_sampler_settings_travel_with_the_checkpoint(ar_dir, tmp_pat
 def test_the_shipped_default_recommends_leftmost_and_repeat_guards():
     """Read from assets/default_model/twotower.json alone (README 'Commit order leftmost',
     'Repeat guards')."""
-    assert checkpoints.recommended_settings(None) == {"remasking": "leftmost", "repetition_penalty": 1.1,
+    assert checkpoints.recommended_settings(None) == {"remasking": "leftmost", "repetition_penalty": 1.05,
                                                       "no_repeat_ngram_size": 4}
 
 
