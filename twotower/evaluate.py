@@ -367,12 +367,7 @@ def summary_table(res: dict) -> str:
 
 def guards_text(settings: dict) -> str:
     """'repetition penalty 1.1, no repeated 4-grams' or 'no repeat guards'."""
-    parts = []
-    if settings.get("repetition_penalty", 1.0) != 1.0:
-        parts.append(f"repetition penalty {settings['repetition_penalty']}")
-    if settings.get("no_repeat_ngram_size"):
-        parts.append(f"no repeated {settings['no_repeat_ngram_size']}-grams")
-    return ", ".join(parts) or "no repeat guards"
+    return ", ".join(SamplerConfig.from_dict(settings).guard_phrases()) or "no repeat guards"
 
 
 def report_markdown(res: dict) -> str:

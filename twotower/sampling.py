@@ -64,6 +64,15 @@ class SamplerConfig:
         """Whether the repetition penalty or the n-gram ban is on."""
         return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
+    def guard_phrases(self) -> list[str]:
+        """The repeat guards that are on, in words: ['repetition penalty 1.05', 'no repeated 4-grams']."""
+        phrases = []
+        if self.repetition_penalty != 1.0:
+            phrases.append(f"repetition penalty {self.repetition_penalty}")
+        if self.no_repeat_ngram_size:
+            phrases.append(f"no repeated {self.no_repeat_ngram_size}-grams")
+        return phrases
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -120,7 +129,9 @@ def penalise_repeats_(logits: torch.Tensor, written: torch.Tensor, penalty: floa
     ids = torch.where(real, written, written.amax(1, keepdim=True).clamp_min(0))
     ids = ids[:, None, :].expand(-1, logits.shape[1], -1)                          # (B, S, L)
     score = logits.gather(-1, ids)
-    apply = real.any(1)[:, None, None] if where is None else real.any(1)[:, None, None] & where[..., None]
+    apply = real.any(1)[:, None, None]                                            # rows with a written id
+    if where is not None:
+        apply = apply & where[..., None]
     penalised = torch.where(score > 0, score / penalty, score * penalty)
     return logits.scatter_(-1, ids, torch.where(apply, penalised, score))
 
@@ -167,6 +178,7 @@ class RepeatGuard:
         self.on, self.penalty, self.n = cfg.guards_repeats, cfg.repetition_penalty, cfg.no_repeat_ngram_size
         short = max(self.n - 1 - history.shape[1], 0)                 # the ban reads n-1 tokens back
         self.history = torch.nn.functional.pad(history, (short, 0), value=-1)
+        self.blank = torch.full((history.shape[0], 1), -1, dtype=torch.long, device=history.device)   # AR's next
 
     def block(self, logits: torch.Tensor, x: torch.Tensor, mask_id: int) -> torch.Tensor:
         """logits: (B, S, V) of block x: (B, S), changed in place; the block's written tokens
@@ -185,8 +197,7 @@ class RepeatGuard:
         """logits: (B, V) of the next token (AR), changed in place."""
         if not self.on:
             return logits
-        blank = torch.full((logits.shape[0], 1), -1, dtype=torch.long, device=logits.device)
-        return self.block(logits[:, None], blank, -1)[:, 0]
+        return self.block(logits[:, None], self.blank, -1)[:, 0]
 
     def add(self, tokens: torch.Tensor) -> None:
         """Record the token each row just wrote (AR). tokens: (B,)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import html as _html
 
+from twotower.sampling import SamplerConfig
+
 from .pieces import raw_piece, special_ids, visible
 from .commits import commit_table
 from .trajectory import frames, layout_blocks, output_length, setting_changes
@@ -61,11 +63,9 @@ def name(trace) -> str:
     s = trace.settings or {}
     fork = getattr(trace, "fork", None)
     head = f"fork at block {fork['block']}, step {fork['step']}" if fork else "diffusion"
-    extras = [f"temperature {s['temperature']}" if s.get("temperature") else "",
-              f"repetition penalty {s['repetition_penalty']}" if s.get("repetition_penalty", 1.0) != 1.0 else "",
-              f"no repeated {s['no_repeat_ngram_size']}-grams" if s.get("no_repeat_ngram_size") else ""]
+    temperature = [f"temperature {s['temperature']}"] if s.get("temperature") else []
     return " · ".join([head, f"γ {s.get('threshold')}", f"T {s.get('steps')}", str(s.get("remasking")),
-                       *filter(None, extras)])
+                       *temperature, *SamplerConfig.from_dict(s).guard_phrases()])
 
 
 # ---- HTML ------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from twotower.sampling import SamplerConfig
+
 from .commits import commit_table
 from .pieces import label
 
@@ -55,8 +57,7 @@ def flips(trace, row: int = 0) -> list[dict]:
 
 def loop_hint(trace) -> str:
     """What to try against a loop, given the run's repeat guards."""
-    s = trace.settings or {}
-    if s.get("no_repeat_ngram_size") or s.get("repetition_penalty", 1.0) != 1.0:
+    if SamplerConfig.from_dict(trace.settings or {}).guards_repeats:
         return ""
     return "; the repeat guards were off: " + ("fork here with them on" if trace.mode == "diffusion"
                                                else "run again with them on")
