@@ -76,7 +76,7 @@ train3)
   export PYTHONPATH=/tmp/site
   cat /root/g/part_00 .gpu/b/part_01 > /root/g/smollm2.gguf && md5sum /root/g/smollm2.gguf
   python3 -m twotower corpus --out /root/corpus --device cuda --prompts ${PROMPTS:-24000} --batch ${BATCH:-768} \
-      --max-new-tokens 256 --text-dir .gpu/b --max-seconds ${CORPUS_S:-330} 2>&1 | grep -E "^\{|budget"
+      --max-new-tokens 256 --text-dir .gpu/b --max-seconds ${CORPUS_S:-330} ${GREEDY:+--greedy-only} 2>&1 | grep -E "^\{|budget"
   python3 -m twotower train --config ${CONFIG:-configs/greedy_distill.toml} --set corpus=/root/corpus/tokens.safetensors \
       init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} out=/root/run max_minutes=${TRAIN_MIN:-3} steps=100000 \
       warmup=30 eval_every=200 save_every=200 2>&1 | tr '\r' '\n' | grep -E "\[train\]|tok_s" | tail -12

@@ -36,8 +36,9 @@ def generate(model, prompt: str, **changes) -> Done:
     return done
 
 
-def four_grams(tokens: list[int]) -> list[tuple]:
-    return [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
+def repeated_four_grams(tokens: list[int]) -> int:
+    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
+    return len(grams) - len(set(grams))
 
 
 def test_it_answers_a_simple_question(model):
@@ -47,10 +48,11 @@ def test_it_answers_a_simple_question(model):
 
 def test_its_story_does_not_loop_at_the_recommended_settings(model):
     assert model.sampler_defaults["no_repeat_ngram_size"] == 4
-    grams = four_grams(generate(model, STORY, max_new_tokens=64).token_ids[0])
-    assert len(grams) > 40 and len(set(grams)) == len(grams)
-    # the failure the guards are for: the shipped denoiser loops here without them (if a new
-    # denoiser does not, this line has done its job and can go)
-    plain = four_grams(generate(model, STORY, max_new_tokens=64, repetition_penalty=1.0,
-                                no_repeat_ngram_size=0).token_ids[0])
-    assert len(set(plain)) < len(plain) / 2
+    story = generate(model, STORY, max_new_tokens=64)
+    # in a diffusion block the ban is best effort (tokens committed in one pass are not checked
+    # against each other): a name used twice ("the town of Ravensburg ... of Ravensburg") may slip through
+    assert len(story.token_ids[0]) > 40 and repeated_four_grams(story.token_ids[0]) <= 2
+    # the failure the guards are for: without them the same denoiser repeats whole phrases
+    # ("She was a stray who had a tail that was a bit wild." twice)
+    plain = generate(model, STORY, max_new_tokens=64, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    assert repeated_four_grams(plain.token_ids[0]) >= 3 * max(1, repeated_four_grams(story.token_ids[0]))

@@ -275,3 +275,22 @@ def test_two_processes_train_through_torchrun(tmp_path, ar_dir, corpus, budget):
     assert (f"time budget of 0.0005 min reached at step {stopped}" in done.stderr) is budget
     model = checkpoints.load(str(tmp_path / "run" / "final"), device="cpu")
     assert model.anchor
+
+
+@pytest.mark.parametrize("greedy_only", [False, True])
+def test_corpus_greedy_only_keeps_just_the_models_greedy_trajectories(tmp_path, ar_dir_tok, greedy_only):
+    from safetensors.torch import load_file
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "old.txt").write_text("\n\n".join(f"Paragraph {i} of an old book. " * 12 for i in range(8)))
+    args = corpus_module.argparse.Namespace(
+        out=str(tmp_path / "c"), model=str(ar_dir_tok), device="cpu", prompts=6, max_new_tokens=5, batch=4,
+        temperature=1.0, question_share=0.3, public_domain_share=0.5, text_dir=str(texts), seed=0,
+        max_seconds=float("inf"), greedy_only=greedy_only)
+    meta = corpus_module.build(args)
+    data = load_file(str(tmp_path / "c" / "tokens.safetensors"))
+    assert meta["greedy_only"] is greedy_only and data["starts"].numel() == meta["documents"]
+    n_pd = meta["public_domain_docs"]
+    # chat prompts answered once (greedy) or twice (greedy, then sampled); raw text only without the flag
+    assert meta["documents"] - n_pd == (6 if greedy_only else 12)
+    assert (n_pd == 1) if greedy_only else (n_pd > 1)

