@@ -224,7 +224,8 @@ def build(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_file({"tokens": tokens, "starts": starts}, str(out / "tokens.safetensors"))
     meta = {"documents": len(docs), "tokens": int(tokens.numel()), "seed": args.seed, "prompts": args.prompts,
-            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": None if args.greedy_only else args.temperature,
             "question_share": args.question_share, "greedy_only": args.greedy_only,
             "public_domain_docs": len(continued) + n_raw, "model": model.name, "device": str(model.device)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
