@@ -13,6 +13,7 @@ import torch
 
 from twotower import checkpoints
 from twotower.events import Done
+from twotower.metrics import ngrams
 from twotower.runner import encode_prompt
 from twotower.sampler import diffusion_generate
 from twotower.sampling import SamplerConfig
@@ -37,7 +38,7 @@ def generate(model, prompt: str, **changes) -> Done:
 
 
 def repeated_four_grams(tokens: list[int]) -> int:
-    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
+    grams = ngrams(tokens, 4)
     return len(grams) - len(set(grams))
 
 

@@ -1,6 +1,7 @@
 """Training: the objective, a few-step CPU run on a tiny random model, checkpoints and resume."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -283,7 +284,7 @@ def test_corpus_greedy_only_keeps_just_the_models_greedy_trajectories(tmp_path, 
     texts = tmp_path / "texts"
     texts.mkdir()
     (texts / "old.txt").write_text("\n\n".join(f"Paragraph {i} of an old book. " * 12 for i in range(8)))
-    args = corpus_module.argparse.Namespace(
+    args = argparse.Namespace(
         out=str(tmp_path / "c"), model=str(ar_dir_tok), device="cpu", prompts=6, max_new_tokens=5, batch=4,
         temperature=1.0, question_share=0.3, public_domain_share=0.5, text_dir=str(texts), seed=0,
         max_seconds=float("inf"), greedy_only=greedy_only)
