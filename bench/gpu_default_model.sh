@@ -58,6 +58,8 @@ esac
 # `prefix_share`, untried at scale: an arm worth one more3 call against PREFIX=0).
 # GREEDY=1 builds the corpus from the AR model's greedy trajectories only (corpus --greedy-only),
 # which on the CPU (session 8, README "Greedy trajectories") raised retention 0.813 -> 0.871.
+# QUESTIONS=0.3 OPENINGS=0.15 give the CPU corpora's prompt mix (session 9: bare openings
+# such as a story's first line, to be carried on rather than answered as a request).
 case $stage in
 pack)
   rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a .gpu/b
@@ -78,7 +80,8 @@ train3)
   export PYTHONPATH=/tmp/site
   cat /root/g/part_00 .gpu/b/part_01 > /root/g/smollm2.gguf && md5sum /root/g/smollm2.gguf
   python3 -m twotower corpus --out /root/corpus --device cuda --prompts ${PROMPTS:-24000} --batch ${BATCH:-768} \
-      --max-new-tokens 256 --text-dir .gpu/b --max-seconds ${CORPUS_S:-330} ${GREEDY:+--greedy-only} 2>&1 | grep -E "^\{|budget"
+      --max-new-tokens 256 --text-dir .gpu/b --max-seconds ${CORPUS_S:-330} ${GREEDY:+--greedy-only} \
+      --question-share ${QUESTIONS:-0.12} --opening-share ${OPENINGS:-0} 2>&1 | grep -E "^\{|budget"
   python3 -m twotower train --config ${CONFIG:-configs/greedy_distill.toml} --set corpus=/root/corpus/tokens.safetensors \
       init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} out=/root/run max_minutes=${TRAIN_MIN:-3} steps=100000 \
       warmup=30 eval_every=200 save_every=200 2>&1 | tr '\r' '\n' | grep -E "\[train\]|tok_s" | tail -12

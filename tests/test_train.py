@@ -13,7 +13,7 @@ from tests.tiny import MASK_ID, VOCAB, tiny_llama
 from twotower import checkpoints
 from twotower.cli import main
 from twotower import corpus as corpus_module
-from twotower.corpus import QUESTIONS, held_out_prompts, make_prompts, public_domain_texts
+from twotower.corpus import OPENINGS, QUESTIONS, TOPICS, held_out_prompts, make_prompts, public_domain_texts
 from twotower.metrics import normalise
 from twotower.train import DiffusionObjective, TrainConfig, add_noise, lr_factor, soft_cross_entropy
 
@@ -157,6 +157,19 @@ def test_prompts_are_reproducible_and_varied():
     assert len(set(make_prompts(200, seed=0))) > 150
 
 
+def test_opening_share_adds_bare_openings_and_leaves_other_draws_alone():
+    is_opening = lambda p: any(p == o.format(t=t) for o in OPENINGS for t in TOPICS)
+    assert not any(map(is_opening, make_prompts(300, seed=3, question_share=0.3)))
+    assert make_prompts(300, seed=3, question_share=0.3) == make_prompts(300, 3, 0.3, opening_share=0.0)
+    assert make_prompts(5, seed=3, question_share=0.3)[:2] == [      # the documented corpora's draws
+        "Calculate 80 - 27.", "Write a letter to a friend about theatre."]
+    mixed = make_prompts(1000, seed=3, question_share=0.3, opening_share=0.2)
+    assert 150 < sum(map(is_opening, mixed)) < 250
+    assert all(map(is_opening, make_prompts(50, seed=3, opening_share=1.0)))
+    with pytest.raises(ValueError, match="opening share must be between 0 and 1"):
+        make_prompts(3, seed=0, opening_share=-0.1)
+
+
 def test_no_corpus_prompt_is_an_evaluation_prompt(monkeypatch):
     held_out = held_out_prompts()
     assert normalise("What is the capital of France?") in held_out                 # a QA item
@@ -286,8 +299,8 @@ def test_corpus_greedy_only_keeps_just_the_models_greedy_trajectories(tmp_path, 
     (texts / "old.txt").write_text("\n\n".join(f"Paragraph {i} of an old book. " * 12 for i in range(8)))
     args = argparse.Namespace(
         out=str(tmp_path / "c"), model=str(ar_dir_tok), device="cpu", prompts=6, max_new_tokens=5, batch=4,
-        temperature=1.0, question_share=0.3, public_domain_share=0.5, text_dir=str(texts), seed=0,
-        max_seconds=float("inf"), greedy_only=greedy_only)
+        temperature=1.0, question_share=0.3, opening_share=0.0, public_domain_share=0.5, text_dir=str(texts),
+        seed=0, max_seconds=float("inf"), greedy_only=greedy_only)
     meta = corpus_module.build(args)
     data = load_file(str(tmp_path / "c" / "tokens.safetensors"))
     assert meta["greedy_only"] is greedy_only and data["starts"].numel() == meta["documents"]

@@ -75,6 +75,15 @@ QUESTIONS = [   # short-answer questions; none is an evaluation prompt or a rewo
 ]
 ARITHMETIC = ["Calculate {a} + {b}.", "What do you get if you add {a} and {b}?", "Calculate {a} - {b}.",
               "What is {a} multiplied by {b}?", "Subtract {b} from {a}. What is the result?"]
+OPENINGS = [   # a bare opening as the whole chat message: the model is to carry the text on
+    "It all started with {t}.", "Long ago, before anyone had heard of {t},",
+    "The first time I saw {t}, I", "Everyone in town was talking about {t} when",
+    "Once upon a time, a young girl dreamed of {t}, and", "Once upon a time, there was an old man who loved {t}.",
+    "In a faraway kingdom, the king was fascinated by {t}.", "Nobody expected {t} to change everything, but",
+    "On a quiet morning, I started thinking about {t}.", "The story of {t} begins",
+    "My grandmother always told me about {t}.", "Dear diary, today was all about {t}.",
+    "Here is what I know about {t}:", "The most surprising thing about {t} is",
+]
 CODE_TEMPLATES = [
     "Write a Python function that {c}.", "Show me how to {c} in Python.", "Write JavaScript code that {c}.",
 ]
@@ -84,17 +93,21 @@ CODE_TASKS = ["reverses a string", "checks if a number is prime", "sums a list o
               "converts Celsius to Fahrenheit", "removes duplicates from a list", "checks for a palindrome"]
 
 
-def make_prompts(n: int, seed: int, question_share: float = 0.12) -> list[str]:
-    """n varied chat prompts, reproducible from the seed; never one of the evaluation's prompts."""
-    if not 0.0 <= question_share <= 1.0:
-        raise ValueError(f"question share must be between 0 and 1, got {question_share}")
+def make_prompts(n: int, seed: int, question_share: float = 0.12, opening_share: float = 0.0) -> list[str]:
+    """n varied chat prompts, reproducible from the seed; never one of the evaluation's prompts.
+
+    `opening_share` of them are bare text openings; at 0 the draws are those of earlier versions.
+    """
+    for name, share in (("question", question_share), ("opening", opening_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} share must be between 0 and 1, got {share}")
     rng = random.Random(seed)
     held_out = held_out_prompts()
     out = []
     for _ in range(100 * n + 1000):          # bounded: a held-out set that covers everything ends it
         if len(out) == n:
             break
-        prompt = _draw_prompt(rng, question_share)
+        prompt = _draw_prompt(rng, question_share, opening_share)
         if metrics.normalise(prompt) not in held_out:
             out.append(prompt)
     if len(out) < n:
@@ -102,8 +115,10 @@ def make_prompts(n: int, seed: int, question_share: float = 0.12) -> list[str]:
     return out
 
 
-def _draw_prompt(rng: random.Random, question_share: float) -> str:
+def _draw_prompt(rng: random.Random, question_share: float, opening_share: float) -> str:
     r = rng.random()
+    if r >= 1.0 - opening_share:             # the top of the range, so opening_share 0 changes no draw
+        return rng.choice(OPENINGS).format(t=rng.choice(TOPICS))
     if r < question_share * 0.75:
         return rng.choice(QUESTIONS)
     if r < question_share:
@@ -194,7 +209,7 @@ def build(args) -> dict:
 
     start = time.time()
     budget = lambda share: start + share * args.max_seconds   # shares of the time budget per stage
-    prompts = make_prompts(args.prompts, args.seed, args.question_share)
+    prompts = make_prompts(args.prompts, args.seed, args.question_share, args.opening_share)
     chat_ids = [encode_prompt(model, p) for p in prompts]
     # greedy, then sampled; --greedy-only keeps just the AR model's greedy trajectories, the text
     # greedy decoding of the denoiser is compared against, so every target is consistent with its input
@@ -226,7 +241,8 @@ def build(args) -> dict:
     meta = {"documents": len(docs), "tokens": int(tokens.numel()), "seed": args.seed, "prompts": args.prompts,
             "max_new_tokens": args.max_new_tokens,
             "temperature": None if args.greedy_only else args.temperature,
-            "question_share": args.question_share, "greedy_only": args.greedy_only,
+            "question_share": args.question_share, "opening_share": args.opening_share,
+            "greedy_only": args.greedy_only,
             "public_domain_docs": len(continued) + n_raw, "model": model.name, "device": str(model.device)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     print(json.dumps(meta), file=sys.stderr)
@@ -244,6 +260,8 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--question-share", type=float, default=0.12,
                    help="share of chat prompts that are short-answer questions")
+    p.add_argument("--opening-share", type=float, default=0.0,
+                   help="share of chat prompts that are bare text openings to carry on (e.g. a story's first line)")
     p.add_argument("--public-domain-share", type=float, default=0.15, help="raw public-domain docs, as a share")
     p.add_argument("--greedy-only", action="store_true",
                    help="only the model's greedy answers and continuations: no sampled text, no raw public-domain text")
