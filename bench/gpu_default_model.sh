@@ -58,8 +58,9 @@ esac
 # `prefix_share`, untried at scale: an arm worth one more3 call against PREFIX=0).
 # GREEDY=1 builds the corpus from the AR model's greedy trajectories only (corpus --greedy-only),
 # which on the CPU (session 8, README "Greedy trajectories") raised retention 0.813 -> 0.871.
-# QUESTIONS=0.3 OPENINGS=0.15 give the CPU corpora's prompt mix (session 9: bare openings
-# such as a story's first line, to be carried on rather than answered as a request).
+# QUESTIONS=0.3 gives the CPU corpora's share of short-answer questions; OPENINGS=0.15 adds bare
+# openings (a story's first line, to carry on rather than answer as a request), which on the CPU
+# (session 9, README "Bare openings") fixed that example but scored worse overall: an arm to try.
 case $stage in
 pack)
   rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a .gpu/b

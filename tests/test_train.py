@@ -165,9 +165,11 @@ def test_opening_share_adds_bare_openings_and_leaves_other_draws_alone():
         "Calculate 80 - 27.", "Write a letter to a friend about theatre."]
     mixed = make_prompts(1000, seed=3, question_share=0.3, opening_share=0.2)
     assert 150 < sum(map(is_opening, mixed)) < 250
-    assert all(map(is_opening, make_prompts(50, seed=3, opening_share=1.0)))
+    assert all(map(is_opening, make_prompts(50, seed=3, question_share=0.0, opening_share=1.0)))
     with pytest.raises(ValueError, match="opening share must be between 0 and 1"):
         make_prompts(3, seed=0, opening_share=-0.1)
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        make_prompts(3, seed=0, question_share=0.9, opening_share=0.2)
 
 
 def test_no_corpus_prompt_is_an_evaluation_prompt(monkeypatch):

@@ -101,6 +101,8 @@ def make_prompts(n: int, seed: int, question_share: float = 0.12, opening_share:
     for name, share in (("question", question_share), ("opening", opening_share)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} share must be between 0 and 1, got {share}")
+    if question_share + opening_share > 1.0:
+        raise ValueError(f"question and opening shares add up to more than 1 ({question_share} + {opening_share})")
     rng = random.Random(seed)
     held_out = held_out_prompts()
     out = []
@@ -200,6 +202,7 @@ def distill(model, prompt_ids: list[list[int]], max_new_tokens: int, batch: int,
 def build(args) -> dict:
     from . import checkpoints
     from .runner import encode_prompt
+    prompts = make_prompts(args.prompts, args.seed, args.question_share, args.opening_share)   # bad shares fail here
     model = checkpoints.load("smollm2" if args.model is None else args.model, device=args.device)
     tok = model.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -209,7 +212,6 @@ def build(args) -> dict:
 
     start = time.time()
     budget = lambda share: start + share * args.max_seconds   # shares of the time budget per stage
-    prompts = make_prompts(args.prompts, args.seed, args.question_share, args.opening_share)
     chat_ids = [encode_prompt(model, p) for p in prompts]
     # greedy, then sampled; --greedy-only keeps just the AR model's greedy trajectories, the text
     # greedy decoding of the denoiser is compared against, so every target is consistent with its input
