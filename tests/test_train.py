@@ -273,6 +273,7 @@ def test_two_processes_train_through_torchrun(tmp_path, ar_dir, corpus, budget):
     torchrun, both ranks step together and rank 0 evaluates and saves a loadable checkpoint.
     With a time budget spent after the first step, both ranks stop there (no hang)."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -282,13 +283,19 @@ def test_two_processes_train_through_torchrun(tmp_path, ar_dir, corpus, budget):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "twotower", "train", "--config", config]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "x2;" in done.stderr                                   # "[train] ... on cpu x2; ..."
+    run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)          # its own process group: a hang kills both ranks too
+    try:
+        _, stderr = run.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun hung: {run.communicate()[1][-3000:]}")
+    assert run.returncode == 0, stderr[-3000:]
+    assert "x2;" in stderr                                   # "[train] ... on cpu x2; ..."
     meta = json.loads((tmp_path / "run" / "final" / "twotower.json").read_text())
     stopped = meta["train_step"]
     assert (stopped < 50 if budget else stopped == 3) and meta["history"][-1]["step"] == stopped
-    assert (f"time budget of 0.0005 min reached at step {stopped}" in done.stderr) is budget
+    assert (f"time budget of 0.0005 min reached at step {stopped}" in stderr) is budget
     model = checkpoints.load(str(tmp_path / "run" / "final"), device="cpu")
     assert model.anchor
 

@@ -386,6 +386,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                          dtype=torch.bfloat16, extra={"train_step": step, "history": history})
         print(f"[train] done: {final}", file=sys.stderr)
     if world > 1:
+        # DDP's reducer holds the process group: freed only after destroy_process_group (when this
+        # frame ends), its gloo threads once waited forever on a rank that had left. Free it first.
+        del runner
         torch.distributed.barrier()          # leave together: rank 0 was saving while the others waited
         torch.distributed.destroy_process_group()
     return final
