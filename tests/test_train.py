@@ -1,7 +1,6 @@
 """Training: the objective, a few-step CPU run on a tiny random model, checkpoints and resume."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -11,7 +10,7 @@ from safetensors.torch import save_file
 from tests.conftest import needs_cxx
 from tests.tiny import MASK_ID, VOCAB, tiny_llama
 from twotower import checkpoints
-from twotower.cli import main
+from twotower.cli import build_parser, main
 from twotower import corpus as corpus_module
 from twotower.corpus import OPENINGS, QUESTIONS, TOPICS, held_out_prompts, make_prompts, public_domain_texts
 from twotower.metrics import normalise
@@ -306,11 +305,10 @@ def test_corpus_greedy_only_keeps_just_the_models_greedy_trajectories(tmp_path, 
     texts = tmp_path / "texts"
     texts.mkdir()
     (texts / "old.txt").write_text("\n\n".join(f"Paragraph {i} of an old book. " * 12 for i in range(8)))
-    args = argparse.Namespace(
-        out=str(tmp_path / "c"), model=str(ar_dir_tok), device="cpu", prompts=6, max_new_tokens=5, batch=4,
-        temperature=1.0, question_share=0.3, opening_share=0.0, public_domain_share=0.5, text_dir=str(texts),
-        seed=0, max_seconds=float("inf"), greedy_only=greedy_only)
-    meta = corpus_module.build(args)
+    argv = ["corpus", "--out", str(tmp_path / "c"), "--model", str(ar_dir_tok), "--device", "cpu", "--prompts", "6",
+            "--max-new-tokens", "5", "--batch", "4", "--temperature", "1.0", "--question-share", "0.3",
+            "--public-domain-share", "0.5", "--text-dir", str(texts), "--seed", "0"] + ["--greedy-only"] * greedy_only
+    meta = corpus_module.build(build_parser(argv).parse_args(argv))     # the CLI's own options and defaults
     data = load_file(str(tmp_path / "c" / "tokens.safetensors"))
     assert meta["greedy_only"] is greedy_only and data["starts"].numel() == meta["documents"]
     n_pd = meta["public_domain_docs"]
