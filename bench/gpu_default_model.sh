@@ -61,6 +61,9 @@ esac
 # QUESTIONS=0.3 gives the CPU corpora's share of short-answer questions; OPENINGS=0.15 adds bare
 # openings (a story's first line, to carry on rather than answer as a request), which on the CPU
 # (session 9, README "Bare openings") fixed that example but scored worse overall: an arm to try.
+# NEXT_WEIGHT=8 weighs each block's first masked token 8x in the loss (`next_weight`). Watch the
+# trainer's `next-token` figure (README "Where the quality goes"): 0.83 for the shipped denoiser,
+# and it is what retention needs raised. On the CPU neither PREFIX=1 nor NEXT_WEIGHT=8 moved it.
 case $stage in
 pack)
   rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a .gpu/b
@@ -84,13 +87,13 @@ train3)
       --max-new-tokens 256 --text-dir .gpu/b --max-seconds ${CORPUS_S:-330} ${GREEDY:+--greedy-only} \
       --question-share ${QUESTIONS:-0.12} --opening-share ${OPENINGS:-0} 2>&1 | grep -E "^\{|budget"
   python3 -m twotower train --config ${CONFIG:-configs/greedy_distill.toml} --set corpus=/root/corpus/tokens.safetensors \
-      init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} out=/root/run max_minutes=${TRAIN_MIN:-3} steps=100000 \
+      init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} next_weight=${NEXT_WEIGHT:-1} out=/root/run max_minutes=${TRAIN_MIN:-3} steps=100000 \
       warmup=30 eval_every=200 save_every=200 2>&1 | tr '\r' '\n' | grep -E "\[train\]|tok_s" | tail -12
   cp /root/corpus/meta.json $OUT/corpus_meta.json ;;
 more3)
   export PYTHONPATH=/tmp/site
   python3 -m twotower train --config ${CONFIG:-configs/greedy_distill.toml} --set corpus=/root/corpus/tokens.safetensors \
-      init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} out=/root/run max_minutes=${TRAIN_MIN:-8.5} steps=100000 \
+      init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} next_weight=${NEXT_WEIGHT:-1} out=/root/run max_minutes=${TRAIN_MIN:-8.5} steps=100000 \
       warmup=30 eval_every=400 save_every=400 --resume 2>&1 | tr '\r' '\n' | grep -E "\[train\]" | tail -20
   cp /root/run/final/twotower.json /root/run/last/train_state.json $OUT/
   split -n 2 -d /root/run/final/denoiser.safetensors $OUT/denoiser.part_ ;;

@@ -221,3 +221,18 @@ def test_compile_flag_runs(capsys, ar_dir):
     assert r["settings"]["compile"] == {"backend": "eager", "mode": None} and r["settings"]["static_cache"]
     assert r["diffusion"]["tokens"] == 4 and r["ar"]["tokens"] == 4
     assert r["hf_generate"]["token_agreement_with_ar"] == 1.0
+
+
+def test_lookahead_script_scores_every_position_of_the_first_block(ar_dir_tok):
+    """bench/lookahead.py on a tiny model: one next-token prediction per answer position, the
+    lookahead ones where the block has room, every figure a share."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+    spec = importlib.util.spec_from_file_location("lookahead", ROOT / "bench" / "lookahead.py")
+    lookahead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lookahead)
+    res = lookahead.measure(str(ar_dir_tok), 2, "cpu")
+    assert res["positions"] == 2 * lookahead.BLOCK
+    shares = [*res["agree"].values(), *res["confidence"].values(), res["next_token_block_cut"], res["next_token_t_small"]]
+    assert len(shares) == 8 and all(0.0 <= v <= 1.0 for v in shares)

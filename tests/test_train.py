@@ -14,7 +14,7 @@ from twotower.cli import build_parser, main
 from twotower import corpus as corpus_module
 from twotower.corpus import OPENINGS, QUESTIONS, TOPICS, held_out_prompts, make_prompts, public_domain_texts
 from twotower.metrics import normalise
-from twotower.train import DiffusionObjective, TrainConfig, add_noise, lr_factor, soft_cross_entropy
+from twotower.train import DiffusionObjective, TrainConfig, add_noise, first_masked, lr_factor, soft_cross_entropy
 
 
 def test_add_noise_masks_whole_blocks_at_their_own_rate():
@@ -57,8 +57,8 @@ def test_soft_cross_entropy_of_a_one_hot_target_is_cross_entropy():
     logits[:, 2] = float("-inf")                                     # a forbidden column, as [MASK] is
     targets = torch.tensor([0, 1, 3, 6, 4])
     one_hot = torch.nn.functional.one_hot(targets, 7).float()
-    assert soft_cross_entropy(logits.log_softmax(-1), one_hot) == pytest.approx(
-        torch.nn.functional.cross_entropy(logits, targets).item())
+    assert soft_cross_entropy(logits.log_softmax(-1), one_hot).tolist() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, targets, reduction="none").tolist())
 
 
 @pytest.mark.parametrize("anchor", [True, False])
@@ -82,12 +82,49 @@ def check_objective_terms(model, clean: torch.Tensor, block: int) -> dict:
     rows = [(b, j) for b in range(batch) for j in range(max(start, 1), n) if masked[b, j]]
     logq = torch.stack([q[b, j - start] for b, j in rows]).log_softmax(-1)
     prob = torch.stack([p[b, j - 1] for b, j in rows]).softmax(-1)
-    assert parts["distill"].item() == pytest.approx(soft_cross_entropy(logq, prob).item(), rel=1e-5)
-    assert parts["agree"].item() == pytest.approx((logq.argmax(-1) == prob.argmax(-1)).float().mean().item())
+    assert parts["distill"].item() == pytest.approx(soft_cross_entropy(logq, prob).mean().item(), rel=1e-5)
+    same = logq.argmax(-1) == prob.argmax(-1)
+    assert parts["agree"].item() == pytest.approx(same.float().mean().item())
+    first = [not masked[b, j - j % block:j].any() for b, j in rows]    # nothing masked before it in its block
+    assert parts["agree_next"].item() == pytest.approx(same[torch.tensor(first)].float().mean().item())
     hard = torch.stack([q[b, j - start] for b in range(batch) for j in range(start, n) if masked[b, j]])
     expected = torch.nn.functional.cross_entropy(hard, clean[:, start:][masked[:, start:]])
     assert parts["ce"].item() == pytest.approx(expected.item(), rel=1e-5)
     return parts
+
+
+def test_first_masked_marks_each_blocks_first_masked_position():
+    masked = torch.tensor([[0, 1, 1, 0, 0, 0, 0, 1], [1, 0, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    expected = torch.tensor([[0, 1, 0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(first_masked(masked, 4), expected)
+
+
+@pytest.mark.parametrize("anchor", [True, False])
+def test_next_weight_weights_each_blocks_first_masked_position(anchor):
+    """next_weight = w: the losses are means over masked positions with each block's first
+    masked one counted w times; 1 is the plain mean."""
+    model, clean = objective_model(anchor), clean_batch()
+    objective = DiffusionObjective(model, 8, 0.02, distill=1.0, temperature=0.0)
+    noisy, masked, t = add_noise(clean, 8, model.mask_token_id, 0.02, torch.Generator().manual_seed(1))
+    start = model.training_start(8)
+    with torch.no_grad():
+        q = model.training_logits(clean, noisy, t, 8).float()   # (B, N - start, V)
+        p = model.context_lm(clean).logits.float()
+    q[..., model.mask_token_id] = p[..., model.mask_token_id] = float("-inf")
+    first = first_masked(masked, 8)
+    rows = [(b, j) for b in range(clean.shape[0]) for j in range(max(start, 1), clean.shape[1]) if masked[b, j]]
+    ce = torch.stack([torch.nn.functional.cross_entropy(q[b, j - start], clean[b, j]) for b, j in rows])
+    hard = torch.stack([torch.nn.functional.cross_entropy(q[b, j - start], p[b, j - 1].argmax()) for b, j in rows])
+    weight = torch.tensor([3.0 if first[b, j] else 1.0 for b, j in rows])
+    plain = objective.parts(clean, torch.Generator().manual_seed(1))
+    heavy = objective.parts(clean, torch.Generator().manual_seed(1), next_weight=3.0)
+    assert heavy["distill"].item() == pytest.approx(((hard * weight).sum() / weight.sum()).item(), rel=1e-5)
+    assert plain["distill"].item() == pytest.approx(hard.mean().item(), rel=1e-5)
+    if start > 0:   # the clean-token terms cover position 0 too when the denoiser has no anchor
+        assert heavy["ce"].item() == pytest.approx(((ce * weight).sum() / weight.sum()).item(), rel=1e-5)
+    assert heavy["agree_next"] == plain["agree_next"]
+    with pytest.raises(ValueError, match="next_weight must be"):
+        DiffusionObjective(model, 8, 0.02, next_weight=0.0)
 
 
 def test_distill_weight_mixes_the_two_targets_and_is_checked():
@@ -217,9 +254,10 @@ def test_a_few_steps_train_save_and_load(tmp_path, ar_dir, corpus, anchor, disti
     final = tmp_path / "run" / "final"
     meta = json.loads((final / "twotower.json").read_text())
     assert meta["denoiser"] == "lora" and meta["anchor"] is anchor and meta["train_step"] == 4
-    losses = [h["eval_loss"] for h in meta["history"]]
-    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
-    assert all(0 <= h["eval_agree"] <= 1 for h in meta["history"])
+    assert [h["step"] for h in meta["history"]] == [0, 2, 4]       # step 0: where it starts from
+    assert meta["history"][0]["train_loss"] is None
+    assert all(0 < h["eval_loss"] < 20 for h in meta["history"])
+    assert all(0 <= h["eval_agree"] <= 1 and 0 <= h["eval_agree_next"] <= 1 for h in meta["history"])
     model = checkpoints.load(str(final), device="cpu")
     base = checkpoints.build(*checkpoints.load_ar(ar_dir, "cpu", torch.float32), MASK_ID, True, "b", anchor=anchor)
     assert model.anchor is anchor
@@ -237,7 +275,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, ar_dir, corpus):
     assert state["step"] == 2
     assert main(["train", "--config", config, "--resume", "--set", "steps=4"]) == 0
     state = json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())
-    assert state["step"] == 4 and [h["step"] for h in state["history"]] == [2, 4]
+    assert state["step"] == 4 and [h["step"] for h in state["history"]] == [0, 2, 4]
 
 
 def test_a_run_from_init_keeps_the_eval_items_its_start_was_trained_on(tmp_path, ar_dir, corpus):
@@ -258,11 +296,11 @@ def test_compiled_training_pass_gives_the_eager_losses(tmp_path, ar_dir, corpus)
         config = write_config(tmp_path / name, ar_dir, corpus, steps=2, **extra)
         assert main(["train", "--config", config]) == 0
         state = json.loads((tmp_path / name / "run" / "last" / "train_state.json").read_text())
-        return [loss for h in state["history"] for loss in (h["train_loss"], h["eval_loss"])]   # flat: approx takes no nesting
+        return [loss for h in state["history"] for loss in (h["train_loss"] or 0.0, h["eval_loss"])]   # flat: approx takes no nesting
 
     (tmp_path / "eager").mkdir(), (tmp_path / "compiled").mkdir()
     eager, compiled = losses("eager"), losses("compiled", compile=True)
-    assert len(eager) == 2 and eager[0] > 0
+    assert len(eager) == 4 and eager[1] > 0 and eager[2] > 0      # step 0 (eval only), step 2
     assert compiled == pytest.approx(eager, abs=2e-3)
 
 

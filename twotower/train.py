@@ -59,6 +59,8 @@ class TrainConfig:
     distill: float = 0.0              # weight of the AR model's next-token distribution in the target
                                       # (0 = the paper's one-hot targets; see DiffusionObjective)
     distill_temperature: float = 1.0  # that distribution is softmax(AR logits / T); 0 = its argmax
+    next_weight: float = 1.0          # loss weight of each block's first masked position (the token a
+                                      # left-to-right commit writes next) against 1 for the others (1 = the paper)
     # optimisation
     steps: int = 2000
     batch_size: int = 32              # sequences per step per process
@@ -140,9 +142,20 @@ def add_noise(clean: torch.Tensor, block_size: int, mask_id: int, min_t: float, 
     return torch.where(masked, torch.full_like(clean, mask_id), clean), masked, t
 
 
+def first_masked(masked: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, N) bool: each block's first masked position. masked: (B, N), N a multiple of block_size."""
+    b, n = masked.shape
+    blocks = masked.reshape(b, n // block_size, block_size)
+    return (blocks & (blocks.cumsum(-1) == 1)).reshape(b, n)
+
+
 def soft_cross_entropy(log_probs: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """Mean of -sum(p * log q) over rows; (M, V) each. Entries with p = 0 add nothing (even at log q = -inf)."""
-    return -torch.where(target_probs > 0, target_probs * log_probs, 0.0).sum(-1).mean()
+    """-sum(p * log q) per row: (M, V) each -> (M,). Entries with p = 0 add nothing (even at log q = -inf)."""
+    return -torch.where(target_probs > 0, target_probs * log_probs, 0.0).sum(-1)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return values.mean() if weights is None else (values * weights).sum() / weights.sum()
 
 
 class DiffusionObjective(torch.nn.Module):
@@ -159,7 +172,7 @@ class DiffusionObjective(torch.nn.Module):
     """
 
     def __init__(self, model: TwoTower, block_size: int, min_t: float, distill: float = 0.0,
-                 temperature: float = 1.0, prefix_share: float = 0.0):
+                 temperature: float = 1.0, prefix_share: float = 0.0, next_weight: float = 1.0):
         super().__init__()
         if not 0.0 <= distill <= 1.0:
             raise ValueError(f"distill must lie in [0, 1], got {distill!r}")
@@ -167,42 +180,54 @@ class DiffusionObjective(torch.nn.Module):
             raise ValueError(f"prefix_share must lie in [0, 1], got {prefix_share!r}")
         if not (temperature >= 0.0 and math.isfinite(temperature)):
             raise ValueError(f"distill_temperature must be a finite number >= 0, got {temperature!r}")
+        if not (next_weight > 0.0 and math.isfinite(next_weight)):
+            raise ValueError(f"next_weight must be a finite number > 0, got {next_weight!r}")
+        self.next_weight = next_weight
         self.model, self.block_size, self.min_t = model, block_size, min_t
         self.distill, self.temperature, self.prefix_share = distill, temperature, prefix_share
 
     def forward(self, clean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        parts = self.parts(clean, gen, teacher=self.distill > 0)
+        parts = self.parts(clean, gen, teacher=self.distill > 0, next_weight=self.next_weight)
         if self.distill == 0:
             return parts["ce"]
         return (1 - self.distill) * parts["ce"] + self.distill * parts["distill"]
 
     def parts(self, clean: torch.Tensor, gen: torch.Generator, teacher: bool = True,
-              prefix_share: float | None = None) -> dict:
+              prefix_share: float | None = None, next_weight: float = 1.0) -> dict:
         """Loss terms on one batch: "ce" (against the clean tokens) and, with teacher, "distill"
-        (against the AR distribution) and "agree" (share of masked positions whose argmax is
-        the AR model's argmax, no grad)."""
+        (against the AR distribution), "agree" (share of masked positions whose argmax is
+        the AR model's argmax, no grad) and "agree_next" (the same at each block's first masked
+        position, the token a left-to-right commit writes next). The losses are means over
+        masked positions, each block's first masked one weighted `next_weight`."""
         m, n = self.model, clean.shape[1] // self.block_size * self.block_size
         clean = clean[:, :n]
         share = self.prefix_share if prefix_share is None else prefix_share
         noisy, masked, t = add_noise(clean, self.block_size, m.mask_token_id, self.min_t, gen, share)
+        first = first_masked(masked, self.block_size)
         inputs = m.training_inputs(clean, self.block_size)
         hidden = m.training_hidden(clean, noisy, t, self.block_size, inputs)   # (B, N - start, H)
         start = m.training_start(self.block_size)
-        masked, targets = masked[:, start:], clean[:, start:]
+        masked, targets, first = masked[:, start:], clean[:, start:], first[:, start:]
         picked = m.denoiser_lm.get_output_embeddings()(hidden[masked]).float()   # (M, V): masked only
         picked[:, m.mask_token_id] = float("-inf")                          # as in sampling
+        first = first[masked]                                               # (M,)
+        weights = None if next_weight == 1 else 1 + (next_weight - 1) * first.float()
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.distill < 1):   # no graph at weight 0
-            out = {"ce": F.cross_entropy(picked, targets[masked])}
+            out = {"ce": weighted_mean(F.cross_entropy(picked, targets[masked], reduction="none"), weights)}
         if teacher:   # the AR distribution of token j is the context tower's output at j - 1
             cols = torch.arange(start, n, device=clean.device)                 # positions of masked's columns
             has_ar = (cols > 0).expand_as(masked)[masked]                      # (M,): position 0 has none
             before = inputs["context_hidden"].to(clean.device)[:, (cols - 1).clamp_min(0)]   # (B, N - start, H)
             ar = m.context_logits(before[masked][has_ar])                      # (M', V)
             ar[:, m.mask_token_id] = float("-inf")
-            student = picked if start > 0 else picked[has_ar]                 # (M', V)
-            out["distill"] = (F.cross_entropy(student, ar.argmax(-1)) if self.temperature == 0 else
-                              soft_cross_entropy(student.log_softmax(-1), (ar.float() / self.temperature).softmax(-1)))
-            out["agree"] = (student.argmax(-1) == ar.argmax(-1)).float().mean().detach()
+            if start == 0:                                                      # (M',) rows from here
+                picked, first = picked[has_ar], first[has_ar]
+                weights = None if weights is None else weights[has_ar]
+            rows = (F.cross_entropy(picked, ar.argmax(-1), reduction="none") if self.temperature == 0 else
+                    soft_cross_entropy(picked.log_softmax(-1), (ar.float() / self.temperature).softmax(-1)))
+            out["distill"] = weighted_mean(rows, weights)
+            same = (picked.argmax(-1) == ar.argmax(-1)).float().detach()   # (M',)
+            out["agree"], out["agree_next"] = same.mean(), same[first].mean()
         return out
 
 
@@ -281,18 +306,39 @@ def load_state(path: Path, model, peft_model, opt) -> tuple[int, list]:
 # ---- loop ------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(objective, data: TokenWindows, cfg: TrainConfig, device: str) -> dict:
-    """Held-out means of the clean-token cross-entropy ("ce", comparable whatever `distill` is)
-    and of the agreement with the AR model's argmax at masked positions ("agree"), on the same
-    windows and masks at every evaluation (the paper's masks, whatever prefix_share trains on)."""
+    """Held-out means, on the same windows and masks at every evaluation, whatever prefix_share
+    trains on: under the paper's masks, the clean-token cross-entropy ("ce", comparable whatever
+    `distill` is) and the agreement with the AR model's argmax at masked positions ("agree");
+    with every block a revealed prefix and a masked rest (what left-to-right commits feed the
+    denoiser), the agreement at the first masked position ("agree_next"): how often the token
+    that greedy `leftmost` decoding writes next is the AR model's."""
     gen = torch.Generator(device=device).manual_seed(1234)
+    prefix_gen = torch.Generator(device=device).manual_seed(4321)   # its own: the paper masks stay as before
     windows = torch.Generator().manual_seed(cfg.seed + 4321)
-    sums = {"ce": 0.0, "agree": 0.0}
+    sums = {"ce": 0.0, "agree": 0.0, "agree_next": 0.0}
     for _ in range(cfg.eval_batches):
+        clean = data.batch(cfg.batch_size, windows).to(device)
         with autocast(device):
-            parts = objective.parts(data.batch(cfg.batch_size, windows).to(device), gen, prefix_share=0.0)
-        for key in sums:
-            sums[key] += parts[key].item() / cfg.eval_batches
+            paper = objective.parts(clean, gen, prefix_share=0.0)
+            prefix = objective.parts(clean, prefix_gen, prefix_share=1.0)
+        for key, value in (("ce", paper["ce"]), ("agree", paper["agree"]), ("agree_next", prefix["agree_next"])):
+            sums[key] += value.item() / cfg.eval_batches
     return sums
+
+
+def eval_row(objective, data: TokenWindows, cfg: TrainConfig, device: str, step: int,
+             train_loss: float | None, seconds: float) -> dict:
+    """Evaluate (see `evaluate`), print one line, return the history row (no train loss at step 0)."""
+    from tqdm import tqdm
+    objective.model.eval()
+    ev = evaluate(objective, data, cfg, device)
+    objective.model.train()
+    train = "" if train_loss is None else f" train {train_loss:.3f}"
+    tqdm.write(f"[train] step {step}{train} eval {ev['ce']:.3f} agree-with-AR {ev['agree']:.3f} "
+               f"next-token {ev['agree_next']:.3f}", file=sys.stderr)
+    return {"step": step, "train_loss": None if train_loss is None else round(train_loss, 4),
+            "eval_loss": round(ev["ce"], 4), "eval_agree": round(ev["agree"], 4),
+            "eval_agree_next": round(ev["agree_next"], 4), "seconds": round(seconds, 1)}
 
 
 def elapsed_seconds(t0: float, world: int, device: str, sync: bool) -> float:
@@ -326,7 +372,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.compile:   # the denoiser over all blocks; the context tower's no-grad pass and the heads stay eager
         model.training_hidden = torch.compile(model.training_hidden, dynamic=False)
     objective = DiffusionObjective(model, cfg.block_size, cfg.min_t, cfg.distill, cfg.distill_temperature,
-                                   cfg.prefix_share)
+                                   cfg.prefix_share, cfg.next_weight)
     runner = objective
     if world > 1:
         runner = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=False)
@@ -344,6 +390,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         print(f"[train] {trainable / 1e6:.2f}M trainable params on {device} x{world}; "
               f"{train_data.tokens.numel() / 1e6:.2f}M corpus tokens", file=sys.stderr)
     base_lrs = [g["lr"] for g in opt.param_groups]
+    if rank == 0 and step == 0:      # where the run starts from, on the windows every evaluation uses
+        history.append(eval_row(objective, eval_data, cfg, device, 0, None, 0.0))
     t0, seen, elapsed = time.time(), 0, 0.0
     budget = cfg.max_minutes * 60          # seconds; 0 = none
     while step < cfg.steps:
@@ -370,13 +418,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         elapsed = elapsed_seconds(t0, world, device, sync=budget > 0)
         last = step == cfg.steps or bool(budget and elapsed > budget)
         if rank == 0 and (step % cfg.eval_every == 0 or last):
-            model.eval()
-            ev = evaluate(objective, eval_data, cfg, device)
-            model.train()
-            history.append({"step": step, "train_loss": round(loss.item(), 4), "eval_loss": round(ev["ce"], 4),
-                            "eval_agree": round(ev["agree"], 4), "seconds": round(time.time() - t0, 1)})
-            tqdm.write(f"[train] step {step} train {loss.item():.3f} eval {ev['ce']:.3f} "
-                       f"agree-with-AR {ev['agree']:.3f}", file=sys.stderr)
+            history.append(eval_row(objective, eval_data, cfg, device, step, loss.item(), time.time() - t0))
         if rank == 0 and (step % cfg.save_every == 0 or last):
             save_state(out / "last", model, peft_model, opt, step, cfg, history)
     bar.close()
