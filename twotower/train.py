@@ -193,18 +193,19 @@ class DiffusionObjective(torch.nn.Module):
         return (1 - self.distill) * parts["ce"] + self.distill * parts["distill"]
 
     def parts(self, clean: torch.Tensor, gen: torch.Generator, teacher: bool = True,
-              prefix_share: float | None = None, next_weight: float = 1.0) -> dict:
+              prefix_share: float | None = None, next_weight: float = 1.0, inputs: dict | None = None) -> dict:
         """Loss terms on one batch: "ce" (against the clean tokens) and, with teacher, "distill"
         (against the AR distribution), "agree" (share of masked positions whose argmax is
         the AR model's argmax, no grad) and "agree_next" (the same at each block's first masked
         position, the token a left-to-right commit writes next). The losses are means over
-        masked positions, each block's first masked one weighted `next_weight`."""
+        masked positions, each block's first masked one weighted `next_weight`. `inputs`: the
+        context tower's pass over `clean` (`training_inputs`) when the caller already has it."""
         m, n = self.model, clean.shape[1] // self.block_size * self.block_size
         clean = clean[:, :n]
         share = self.prefix_share if prefix_share is None else prefix_share
         noisy, masked, t = add_noise(clean, self.block_size, m.mask_token_id, self.min_t, gen, share)
         first = first_masked(masked, self.block_size)
-        inputs = m.training_inputs(clean, self.block_size)
+        inputs = m.training_inputs(clean, self.block_size) if inputs is None else inputs
         hidden = m.training_hidden(clean, noisy, t, self.block_size, inputs)   # (B, N - start, H)
         start = m.training_start(self.block_size)
         masked, targets, first = masked[:, start:], clean[:, start:], first[:, start:]
@@ -317,10 +318,11 @@ def evaluate(objective, data: TokenWindows, cfg: TrainConfig, device: str) -> di
     windows = torch.Generator().manual_seed(cfg.seed + 4321)
     sums = {"ce": 0.0, "agree": 0.0, "agree_next": 0.0}
     for _ in range(cfg.eval_batches):
-        clean = data.batch(cfg.batch_size, windows).to(device)
+        clean = data.batch(cfg.batch_size, windows)[:, :cfg.seq_len // cfg.block_size * cfg.block_size].to(device)
         with autocast(device):
-            paper = objective.parts(clean, gen, prefix_share=0.0)
-            prefix = objective.parts(clean, prefix_gen, prefix_share=1.0)
+            inputs = objective.model.training_inputs(clean, cfg.block_size)   # one context pass for both masks
+            paper = objective.parts(clean, gen, prefix_share=0.0, inputs=inputs)
+            prefix = objective.parts(clean, prefix_gen, prefix_share=1.0, inputs=inputs)
         for key, value in (("ce", paper["ce"]), ("agree", paper["agree"]), ("agree_next", prefix["agree_next"])):
             sums[key] += value.item() / cfg.eval_batches
     return sums
