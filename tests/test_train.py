@@ -70,16 +70,24 @@ def test_distill_target_is_the_ar_models_distribution_before_each_masked_token(a
         assert 0.1 < parts["agree"] < 1
 
 
+def brute_force(model, clean: torch.Tensor, block: int):
+    """The masks DiffusionObjective.parts draws with seed 1, the denoiser's logits q (B, N - start, V),
+    the context tower's p (B, N, V: row j predicts token j + 1), both with [MASK] barred, and the
+    (row, position) of every masked token that has an AR prediction (position 0 has none)."""
+    noisy, masked, t = add_noise(clean, block, model.mask_token_id, 0.02, torch.Generator().manual_seed(1))
+    start, (batch, n) = model.training_start(block), clean.shape
+    with torch.no_grad():
+        q = model.training_logits(clean, noisy, t, block).float()
+        p = model.context_lm(clean).logits.float()
+    q[..., model.mask_token_id] = p[..., model.mask_token_id] = float("-inf")
+    rows = [(b, j) for b in range(batch) for j in range(max(start, 1), n) if masked[b, j]]
+    return masked, start, q, p, rows
+
+
 def check_objective_terms(model, clean: torch.Tensor, block: int) -> dict:
     """DiffusionObjective.parts on clean (B, N) == the terms recomputed position by position."""
     parts = DiffusionObjective(model, block, 0.02, distill=1.0).parts(clean, torch.Generator().manual_seed(1))
-    noisy, masked, t = add_noise(clean, block, model.mask_token_id, 0.02, torch.Generator().manual_seed(1))   # the same masks
-    start, (batch, n) = model.training_start(block), clean.shape
-    with torch.no_grad():
-        q = model.training_logits(clean, noisy, t, block).float()   # (B, N - start, V)
-        p = model.context_lm(clean).logits.float()                   # (B, N, V): row j predicts token j + 1
-    q[..., model.mask_token_id] = p[..., model.mask_token_id] = float("-inf")
-    rows = [(b, j) for b in range(batch) for j in range(max(start, 1), n) if masked[b, j]]
+    masked, start, q, p, rows = brute_force(model, clean, block)      # the same masks
     logq = torch.stack([q[b, j - start] for b, j in rows]).log_softmax(-1)
     prob = torch.stack([p[b, j - 1] for b, j in rows]).softmax(-1)
     assert parts["distill"].item() == pytest.approx(soft_cross_entropy(logq, prob).mean().item(), rel=1e-5)
@@ -87,6 +95,7 @@ def check_objective_terms(model, clean: torch.Tensor, block: int) -> dict:
     assert parts["agree"].item() == pytest.approx(same.float().mean().item())
     first = [not masked[b, j - j % block:j].any() for b, j in rows]    # nothing masked before it in its block
     assert parts["agree_next"].item() == pytest.approx(same[torch.tensor(first)].float().mean().item())
+    batch, n = clean.shape
     hard = torch.stack([q[b, j - start] for b in range(batch) for j in range(start, n) if masked[b, j]])
     expected = torch.nn.functional.cross_entropy(hard, clean[:, start:][masked[:, start:]])
     assert parts["ce"].item() == pytest.approx(expected.item(), rel=1e-5)
@@ -105,14 +114,8 @@ def test_next_weight_weights_each_blocks_first_masked_position(anchor):
     masked one counted w times; 1 is the plain mean."""
     model, clean = objective_model(anchor), clean_batch()
     objective = DiffusionObjective(model, 8, 0.02, distill=1.0, temperature=0.0)
-    noisy, masked, t = add_noise(clean, 8, model.mask_token_id, 0.02, torch.Generator().manual_seed(1))
-    start = model.training_start(8)
-    with torch.no_grad():
-        q = model.training_logits(clean, noisy, t, 8).float()   # (B, N - start, V)
-        p = model.context_lm(clean).logits.float()
-    q[..., model.mask_token_id] = p[..., model.mask_token_id] = float("-inf")
+    masked, start, q, p, rows = brute_force(model, clean, 8)
     first = first_masked(masked, 8)
-    rows = [(b, j) for b in range(clean.shape[0]) for j in range(max(start, 1), clean.shape[1]) if masked[b, j]]
     ce = torch.stack([torch.nn.functional.cross_entropy(q[b, j - start], clean[b, j]) for b, j in rows])
     hard = torch.stack([torch.nn.functional.cross_entropy(q[b, j - start], p[b, j - 1].argmax()) for b, j in rows])
     weight = torch.tensor([3.0 if first[b, j] else 1.0 for b, j in rows])
