@@ -64,6 +64,10 @@ esac
 # NEXT_WEIGHT=8 weighs each block's first masked token 8x in the loss (`next_weight`). Watch the
 # trainer's `next-token` figure (README "Where the quality goes"): 0.83 for the shipped denoiser,
 # and it is what retention needs raised. On the CPU neither PREFIX=1 nor NEXT_WEIGHT=8 moved it.
+# Since session 11 the shipped denoiser is clean_as_ar (README "Clean positions read as the AR
+# model"): its next token IS the AR model's (next-token 1.000), so NEXT_WEIGHT no longer matters
+# and what training can raise is the lookahead (agree-with-AR, tokens per NFE). CLEAN_AS_AR=false
+# trains the paper's block (every position adapted) from the same weights instead.
 case $stage in
 pack)
   rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a .gpu/b
@@ -87,13 +91,13 @@ train3)
       --max-new-tokens 256 --text-dir .gpu/b --max-seconds ${CORPUS_S:-330} ${GREEDY:+--greedy-only} \
       --question-share ${QUESTIONS:-0.12} --opening-share ${OPENINGS:-0} 2>&1 | grep -E "^\{|budget"
   python3 -m twotower train --config ${CONFIG:-configs/greedy_distill.toml} --set corpus=/root/corpus/tokens.safetensors \
-      init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} next_weight=${NEXT_WEIGHT:-1} out=/root/run max_minutes=${TRAIN_MIN:-3} steps=100000 \
+      init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} next_weight=${NEXT_WEIGHT:-1} clean_as_ar=${CLEAN_AS_AR:-true} out=/root/run max_minutes=${TRAIN_MIN:-3} steps=100000 \
       warmup=30 eval_every=200 save_every=200 2>&1 | tr '\r' '\n' | grep -E "\[train\]|tok_s" | tail -12
   cp /root/corpus/meta.json $OUT/corpus_meta.json ;;
 more3)
   export PYTHONPATH=/tmp/site
   python3 -m twotower train --config ${CONFIG:-configs/greedy_distill.toml} --set corpus=/root/corpus/tokens.safetensors \
-      init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} next_weight=${NEXT_WEIGHT:-1} out=/root/run max_minutes=${TRAIN_MIN:-8.5} steps=100000 \
+      init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} next_weight=${NEXT_WEIGHT:-1} clean_as_ar=${CLEAN_AS_AR:-true} out=/root/run max_minutes=${TRAIN_MIN:-8.5} steps=100000 \
       warmup=30 eval_every=400 save_every=400 --resume 2>&1 | tr '\r' '\n' | grep -E "\[train\]" | tail -20
   cp /root/run/final/twotower.json /root/run/last/train_state.json $OUT/
   split -n 2 -d /root/run/final/denoiser.safetensors $OUT/denoiser.part_ ;;

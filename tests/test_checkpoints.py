@@ -149,6 +149,30 @@ def test_lora_round_trip_merges(ar_dir, tmp_path):
     assert_same(probe(shared), expected, atol=1e-5)    # the context tower still runs without the adapter
 
 
+def test_clean_as_ar_lora_round_trip_keeps_the_adapter_gated(ar_dir, tmp_path):
+    ctx, tok = load_ar(ar_dir, "cpu", F32)
+    model = perturb(build(ctx, tok, MASK_ID, learned_mask=True, name="probe", anchor=True, clean_as_ar=True),
+                    seed=3, std=0.0)
+    peft_model = random_lora(model.denoiser_lm, seed=9, std=0.2)
+    model.gate_adapter()
+    expected = probe(model)
+    out = save(model, tmp_path / "ck", context=str(ar_dir), lora_model=peft_model, lora=dict(LORA), dtype=F32)
+    assert json.loads((out / "twotower.json").read_text())["clean_as_ar"] is True
+    for share_base in (False, True):
+        loaded = load(str(out), device="cpu", dtype=F32, share_base=share_base)
+        assert loaded.clean_as_ar and loaded.adapter_gate is not None     # unmerged, gated per token
+        assert any("lora" in n for n, _ in loaded.denoiser_lm.named_modules())
+        assert_same(probe(loaded), expected, atol=1e-5)
+
+
+def test_clean_as_ar_needs_a_lora_checkpoint(ar_dir, tmp_path):
+    out = save(perturb(fresh(ar_dir, anchor=True), seed=5), tmp_path / "full", context=str(ar_dir), dtype=F32)
+    meta = json.loads((out / "twotower.json").read_text())
+    (out / "twotower.json").write_text(json.dumps({**meta, "clean_as_ar": True}))
+    with pytest.raises(SpecError, match="clean_as_ar needs a LoRA denoiser"):
+        load(str(out), device="cpu", dtype=F32)
+
+
 def test_share_base_needs_a_lora_checkpoint(ar_dir, tmp_path):
     save(perturb(fresh(ar_dir), seed=5), tmp_path / "full", context=str(ar_dir), dtype=F32)
     with pytest.raises(SpecError, match="share_base needs a LoRA denoiser"):

@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from tests.tiny import MASK_ID, VOCAB, tiny_llama, tiny_twotower
+from tests.tiny import MASK_ID, VOCAB, random_lora, tiny_llama, tiny_twotower
 from twotower.attention import AttentionCapture
 from twotower.backbones import family_for
 from twotower.backbones.llama import LlamaFamily
-from twotower.context import ContextState, ContextView
+from twotower.context import ContextState, ContextView, clean_reads_as_ar
 from twotower.model import TwoTower
 
 ATOL = 1e-5
@@ -268,6 +268,67 @@ def test_anchored_model_refuses_a_family_without_anchor_support(monkeypatch):
     ctx_lm = tiny_llama()
     with pytest.raises(ValueError, match="anchored denoiser is not supported"):
         TwoTower(ctx_lm, copy.deepcopy(ctx_lm), mask_token_id=MASK_ID, anchor=True)
+
+
+# ---- clean_as_ar (clean block positions compute the AR model; the adapter acts on masks) --
+def clean_as_ar_model(gated: bool = True):
+    """An anchored clean_as_ar denoiser with a random LoRA, random time conditioning and mask
+    vector, so that any leak of them into clean positions shows."""
+    ctx_lm = tiny_llama(seed=2)
+    m = TwoTower(ctx_lm, copy.deepcopy(ctx_lm), mask_token_id=MASK_ID, learned_mask=True, anchor=True,
+                 clean_as_ar=True)
+    random_lora(m.denoiser_lm, seed=5, std=0.3)
+    if gated:
+        m.gate_adapter()
+    randomise_time(m, seed=13)
+    with torch.no_grad():
+        m.mask_embedding.add_(torch.randn(m.mask_embedding.shape, generator=torch.Generator().manual_seed(1)))
+    return m.eval()
+
+
+def test_clean_reads_as_ar_mask():
+    base = torch.ones(1, 1, 3, 2 + 3, dtype=torch.bool)            # 2 context keys, 3 block queries
+    got = clean_reads_as_ar(base, torch.tensor([[False, True, False]]))[0, 0].int()
+    assert got.tolist() == [[1, 1, 1, 0, 0],     # clean query 0: itself only in the block
+                            [1, 1, 1, 1, 1],     # the masked query sees everything
+                            [1, 1, 1, 0, 1]]     # clean query 2: clean keys at or before it
+
+
+def test_clean_as_ar_denoiser_predicts_the_ar_next_token_after_a_revealed_prefix(seq):
+    m = clean_as_ar_model()
+    full = ar_logits(m, seq[:30])
+    rows, revealed = [seq[:12].tolist(), seq[:7].tolist()], [3, 0]
+    ctx, _ = m.prefill(rows)
+    x = torch.full((2, 6), MASK_ID)
+    for b, (row, j) in enumerate(zip(rows, revealed)):
+        x[b, :j] = seq[len(row):len(row) + j]
+    with torch.no_grad():
+        got = m.denoise(x, m.block_inputs(ctx, 6))
+        ungated = clean_as_ar_model(gated=False).denoise(x, m.block_inputs(ctx, 6))
+    # output i reads the anchor and block tokens < i: while those are clean it is the AR logit
+    assert torch.allclose(got[0, :4], full[11:15], atol=ATOL)
+    assert torch.allclose(got[1, :1], full[6:7], atol=ATOL)
+    # past the first mask the denoiser is its own (the adapter and the mask vector act there)
+    assert (got[0, 4:] - full[15:17]).abs().max() > 1e-2
+    assert (ungated[0, :4] - full[11:15]).abs().max() > 1e-3   # without the gate the adapter leaks in
+
+
+def test_clean_as_ar_training_logits_equal_per_block_denoise():
+    m = clean_as_ar_model()
+    S, N, B = 4, 16, 2
+    clean, noisy, t_block = noisy_blocks(seed=6, S=S, N=N, B=B)
+    with torch.no_grad():
+        together = m.training_logits(clean, noisy, t_block.repeat_interleave(S, 1), S)
+        for blk in range(1, N // S):
+            ctx, _ = m.prefill(clean[:, :blk * S].tolist())
+            alone = m.denoise(noisy[:, blk * S:(blk + 1) * S], m.block_inputs(ctx, S), t_block[:, blk])
+            assert torch.allclose(together[:, (blk - 1) * S:blk * S], alone, atol=1e-5), blk
+
+
+def test_clean_as_ar_needs_an_anchor():
+    ctx_lm = tiny_llama()
+    with pytest.raises(ValueError, match="clean_as_ar needs an anchored denoiser"):
+        TwoTower(ctx_lm, copy.deepcopy(ctx_lm), mask_token_id=MASK_ID, clean_as_ar=True)
 
 
 # ---- attention capture -----------------------------------------------------------------

@@ -137,3 +137,21 @@ def test_shared_backbone_adapter_static_and_compiled(ar_dir, tmp_path):
     assert shared.shares_base
     assert both_modes(shared.use_static(), PROMPTS, cfg) == merged
     assert both_modes(shared.compile(), PROMPTS, cfg) == merged
+
+
+@needs_cxx
+def test_clean_as_ar_static_and_compiled_without_recompiling():
+    """clean_as_ar: the block mask and the adapter's per-token gate change every pass; the
+    static and compiled paths must give the dynamic tokens and reuse their graphs."""
+    from tests.tiny import random_lora
+    model = TwoTower(tiny_llama(0), tiny_llama(1), MASK_ID, anchor=True, learned_mask=True, clean_as_ar=True)
+    random_lora(model.denoiser_lm, seed=0, std=0.3)
+    model.gate_adapter().eval()
+    cfg = SamplerConfig(max_new_tokens=24, block_size=8, steps=8, threshold=0.5, stop_at_eos=False)
+    dynamic = both_modes(model, PROMPTS, cfg)
+    other = [[20, 21, 22, 23], [30, 31, 32, 33, 34, 35, 36, 37, 38]]
+    expected = both_modes(model, other, cfg)
+    assert both_modes(model.use_static(), PROMPTS, cfg) == dynamic
+    assert both_modes(model.compile(), PROMPTS, cfg) == dynamic
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert both_modes(model, other, cfg) == expected

@@ -250,20 +250,25 @@ def write_config(tmp_path, ar_dir, corpus, **extra) -> str:
     return str(tmp_path / "train.toml")
 
 
-@pytest.mark.parametrize("anchor,distill", [(True, 0.0), (False, 0.0), (True, 0.5)])
-def test_a_few_steps_train_save_and_load(tmp_path, ar_dir, corpus, anchor, distill):
-    config = write_config(tmp_path, ar_dir, corpus, anchor=anchor, distill=distill)
+@pytest.mark.parametrize("anchor,distill,clean_as_ar", [(True, 0.0, False), (False, 0.0, False), (True, 0.5, False),
+                                                        (True, 1.0, True)])
+def test_a_few_steps_train_save_and_load(tmp_path, ar_dir, corpus, anchor, distill, clean_as_ar):
+    config = write_config(tmp_path, ar_dir, corpus, anchor=anchor, distill=distill, clean_as_ar=clean_as_ar,
+                          distill_temperature=0.0 if clean_as_ar else 1.0)
     assert main(["train", "--config", config]) == 0
     final = tmp_path / "run" / "final"
     meta = json.loads((final / "twotower.json").read_text())
     assert meta["denoiser"] == "lora" and meta["anchor"] is anchor and meta["train_step"] == 4
+    assert meta["clean_as_ar"] is clean_as_ar
+    if clean_as_ar:   # the token after the revealed prefix is the AR model's own greedy choice
+        assert all(h["eval_agree_next"] == 1 for h in meta["history"])
     assert [h["step"] for h in meta["history"]] == [0, 2, 4]       # step 0: where it starts from
     assert meta["history"][0]["train_loss"] is None
     assert all(0 < h["eval_loss"] < 20 for h in meta["history"])
     assert all(0 <= h["eval_agree"] <= 1 and 0 <= h["eval_agree_next"] <= 1 for h in meta["history"])
     model = checkpoints.load(str(final), device="cpu")
     base = checkpoints.build(*checkpoints.load_ar(ar_dir, "cpu", torch.float32), MASK_ID, True, "b", anchor=anchor)
-    assert model.anchor is anchor
+    assert model.anchor is anchor and model.clean_as_ar is clean_as_ar
     assert not torch.equal(model.time.t_block[1].weight, base.time.t_block[1].weight)   # it learned something
     ids = [[5, 9, 11, 20]]
     ctx, _ = model.prefill(ids)

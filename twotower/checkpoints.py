@@ -11,6 +11,7 @@ A model SPEC names what to load:
 
 Our format, a directory:
   twotower.json        {"format": "twotower", "context": ..., "mask_token_id", "learned_mask",
+                        "anchor", "clean_as_ar" (see TwoTower.reading_clean_as_ar),
                         "denoiser": "lora" | "full", "lora": {...},
                         "sampler": {...} optional: SamplerConfig settings this denoiser is
                         best run with (e.g. {"remasking": "leftmost"}); the CLI, the app and
@@ -100,7 +101,7 @@ def lora_config(meta: dict):
 
 
 def build(context_lm, tokenizer, mask_token_id: int, learned_mask: bool, name: str,
-          anchor: bool = False, share_base: bool = False) -> TwoTower:
+          anchor: bool = False, share_base: bool = False, clean_as_ar: bool = False) -> TwoTower:
     """A TwoTower whose denoiser is an untrained copy of the context tower (the paper's init).
 
     share_base: the denoiser IS the context tower's module (no copy), for an adapter that is
@@ -108,7 +109,7 @@ def build(context_lm, tokenizer, mask_token_id: int, learned_mask: bool, name: s
     """
     denoiser = context_lm if share_base else copy.deepcopy(context_lm).requires_grad_(False)
     model = TwoTower(context_lm, denoiser, mask_token_id, tokenizer, name=name, learned_mask=learned_mask,
-                     anchor=anchor)
+                     anchor=anchor, clean_as_ar=clean_as_ar)
     return model.to(device=context_lm.device, dtype=context_lm.dtype)
 
 
@@ -168,11 +169,16 @@ def apply_denoiser_file(model: TwoTower, meta: dict, weights: dict[str, torch.Te
             raise SpecError(f"LoRA weights do not fit this backbone: {result.unexpected_keys[:3]}...")
         if model.shares_base:
             model.adapter = peft_model              # kept unmerged; off while the context tower runs
-        else:
+        if model.clean_as_ar:
+            model.gate_adapter()                    # kept unmerged: it acts on masked positions only
+        elif not model.shares_base:
             model.denoiser_lm = peft_model.merge_and_unload()
             model.family.denoiser_lm = model.denoiser_lm
     elif model.shares_base:
         raise SpecError("share_base needs a LoRA denoiser; this checkpoint holds a full denoiser")
+    elif model.clean_as_ar:
+        raise SpecError("clean_as_ar needs a LoRA denoiser (its update is gated per token); "
+                        "this checkpoint holds a full denoiser")
     elif kind == "full":
         sd = part("denoiser.")
         try:
@@ -193,7 +199,7 @@ def load_own(path: Path, device: str, dtype: torch.dtype, share_base: bool = Fal
         context_src = str((path / context_src).resolve())
     ctx, tok = load_ar(context_src, device, dtype)
     model = build(ctx, tok, meta["mask_token_id"], meta.get("learned_mask", False), meta.get("name", path.name),
-                  anchor=meta.get("anchor", False), share_base=share_base)
+                  anchor=meta.get("anchor", False), share_base=share_base, clean_as_ar=meta.get("clean_as_ar", False))
     return apply_denoiser_file(model, meta, read_safetensors(path / "denoiser.safetensors")).eval()
 
 
@@ -223,7 +229,7 @@ def save(model: TwoTower, path: str | Path, context: str, lora_model=None, lora:
         seen.add(tensors[k].untyped_storage().data_ptr())
     meta = {"format": FORMAT, "version": 1, "name": model.name, "context": context,
             "mask_token_id": model.mask_token_id, "learned_mask": model.mask_embedding is not None,
-            "anchor": model.anchor,
+            "anchor": model.anchor, "clean_as_ar": model.clean_as_ar,
             "denoiser": "lora" if lora_model is not None else "full", **(extra or {})}
     if model.eval_items_seen:
         meta["eval_items_seen"] = sorted(model.eval_items_seen)
@@ -267,7 +273,7 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
         ctx, tok = load_ar(parts["ctx"], device, dtype)
         mask_id = int(parts.get("mask", meta.get("mask_token_id", SMOLLM2_MASK_ID)))
         model = build(ctx, tok, mask_id, "mask_embedding" in weights, Path(parts["ctx"]).name,
-                      anchor=meta.get("anchor", False))
+                      anchor=meta.get("anchor", False), clean_as_ar=meta.get("clean_as_ar", False))
         return apply_denoiser_file(model, meta, weights).eval()
     path = Path(spec)
     if path.is_dir():

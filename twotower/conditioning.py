@@ -62,12 +62,20 @@ class TimeConditioning(nn.Module):
         emb = self.t_block(self.t_embedder(t))
         return emb.unflatten(-1, (3, self.hidden))
 
-    def mods(self, base: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(shift, scale, gate) for sub-layer `index`, each broadcastable to hidden states (B, S, H)."""
+    def mods(self, base: torch.Tensor, index: int, active: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(shift, scale, gate) for sub-layer `index`, each broadcastable to hidden states (B, S, H).
+
+        active: (B, S, 1), 1 where the conditioning acts; elsewhere it is the identity (shift 0,
+        scale 0, gate 1), as at initialisation (the clean tokens of a `clean_as_ar` denoiser)."""
         m = base + self.scale_shift_tables[index].to(base.dtype)
         if m.dim() == 3:            # one t per row: (B, 3, H) -> (B, 1, H) each
             m = m.unsqueeze(1)
-        return m[..., 0, :], m[..., 1, :], m[..., 2, :]
+        shift, scale, gate = m[..., 0, :], m[..., 1, :], m[..., 2, :]
+        if active is None:
+            return shift, scale, gate
+        a = active.to(m.dtype)
+        return shift * a, scale * a, 1 + (gate - 1) * a
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

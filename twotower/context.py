@@ -94,3 +94,18 @@ def block_mask(valid: torch.Tensor, size: int, causal: bool = False, always: boo
         block = block.tril()
     context = valid[:, None, None, :].expand(batch, 1, size, -1)
     return torch.cat([context, block.expand(batch, 1, size, size)], -1)
+
+
+def clean_reads_as_ar(mask: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Restrict a block mask so that clean (committed) queries read as the AR model does.
+
+    mask: (B or 1, 1, S, L + S) bool, the block's S queries over [context | block];
+    masked: (B, S) queries that are [MASK]. A clean query then sees, within the block, only
+    clean keys at or before its own position; masked queries keep their view. Returns (B, 1, S, L + S).
+    """
+    s = masked.shape[1]
+    order = torch.arange(s, device=masked.device)
+    clean_before = (order[None, :] <= order[:, None]) & ~masked[:, None, :]     # (B, S, S) query x key
+    allowed = masked[:, :, None] | clean_before
+    context = mask[..., :-s].expand(masked.shape[0], -1, -1, -1)
+    return torch.cat([context, mask[..., -s:] & allowed[:, None]], -1)

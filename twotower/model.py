@@ -16,12 +16,14 @@ from torch import nn
 from . import attention
 from .backbones import family_for
 from .conditioning import TimeConditioning
-from .context import ContextState
+from .context import ContextState, clean_reads_as_ar
+from .gating import AdapterGate
 
 
 class TwoTower(nn.Module):
     def __init__(self, context_lm, denoiser_lm, mask_token_id: int, tokenizer=None,
-                 name: str = "twotower", learned_mask: bool = False, anchor: bool = False):
+                 name: str = "twotower", learned_mask: bool = False, anchor: bool = False,
+                 clean_as_ar: bool = False):
         super().__init__()
         if context_lm.config.model_type != denoiser_lm.config.model_type:
             raise ValueError(f"context tower ({context_lm.config.model_type}) and denoiser "
@@ -42,6 +44,10 @@ class TwoTower(nn.Module):
         if anchor and not getattr(self.family, "supports_anchor", False):
             raise ValueError(f"an anchored denoiser is not supported for {context_lm.config.model_type}")
         self.anchor = anchor
+        if clean_as_ar and not anchor:
+            raise ValueError("clean_as_ar needs an anchored denoiser (anchor=True)")
+        self.clean_as_ar = clean_as_ar   # clean block positions compute the AR model exactly (`_denoise`)
+        self.adapter_gate: AdapterGate | None = None   # gates the LoRA update per token (`gate_adapter`)
         self.adapter = None            # a peft model when the denoiser is an adapter on the shared base
         self.static_cache = False      # fixed-shape caches (see `use_static` / `compile`)
         self._compiled_denoise = None
@@ -65,6 +71,11 @@ class TwoTower(nn.Module):
     def shares_base(self) -> bool:
         """True when the denoiser runs on the context tower's own modules (adapter unmerged)."""
         return self.denoiser_lm is self.context_lm
+
+    def gate_adapter(self) -> "TwoTower":
+        """For a clean_as_ar denoiser: let its (unmerged) LoRA update act on masked positions only."""
+        self.adapter_gate = AdapterGate(self.denoiser_lm)
+        return self
 
     @property
     def compiled(self) -> bool:
@@ -181,16 +192,33 @@ class TwoTower(nn.Module):
         return (self._compiled_denoise if fast else self._denoise)(x, inputs, t.to(self.device), capture)
 
     def _denoise(self, x: torch.Tensor, inputs: dict, t: torch.Tensor, capture=None) -> torch.Tensor:
-        h = self.embed_block(torch.cat([inputs["anchor"], x], 1) if self.anchor else x)
-        h = self.family.denoiser_hidden(h, inputs, self.time, self.time(t), capture)
+        ids = torch.cat([inputs["anchor"], x], 1) if self.anchor else x
+        with self.reading_clean_as_ar(ids, inputs) as inputs:
+            h = self.family.denoiser_hidden(self.embed_block(ids), inputs, self.time, self.time(t), capture)
         logits = self.denoiser_lm.get_output_embeddings()(h)
         return logits[:, :-1] if self.anchor else logits
+
+    @contextlib.contextmanager
+    def reading_clean_as_ar(self, ids: torch.Tensor, inputs: dict):
+        """Yields the inputs of one denoiser pass over ids (B, S); for a clean_as_ar denoiser,
+        clean positions then compute exactly what the AR model computes for them: they attend
+        causally to clean keys only, and the adapter and the time conditioning leave them alone.
+        So the prediction after the last clean token (the next one `leftmost` commits) is the AR
+        model's, and only the masked positions are the denoiser's own."""
+        if not self.clean_as_ar:
+            yield inputs
+            return
+        masked = ids == self.mask_token_id                              # (B, S)
+        active = masked.unsqueeze(-1)                                   # (B, S, 1)
+        gate = self.adapter_gate(active) if self.adapter_gate is not None else contextlib.nullcontext()
+        with gate:
+            yield dict(inputs, mask=clean_reads_as_ar(inputs["mask"], masked), active=active)
 
     def block_inputs(self, ctx: ContextState, size: int, causal: bool = False) -> dict:
         """The denoiser's view of the context for one block (built once per block)."""
         if not self.anchor:
             return self.family.block_inputs(ctx, size, causal=causal)
-        inputs = self.family.block_inputs(ctx, size + 1, causal=causal, offset=-1)
+        inputs = self.family.block_inputs(ctx, size + 1, causal=causal, offset=-1, always_mask=self.clean_as_ar)
         inputs["anchor"] = ctx.last.unsqueeze(1)                       # (B, 1)
         return inputs
 
@@ -215,7 +243,8 @@ class TwoTower(nn.Module):
         slot = torch.arange(qpos.numel(), device=qpos.device) % (block_size + 1)
         ids = torch.where(slot == 0, clean[:, qpos], noisy[:, qpos])    # anchor slots stay clean
         tq = t[:, qpos + (slot == 0).long()]                            # an anchor carries its block's t
-        h = self.family.denoiser_hidden(self.embed_block(ids), inputs, self.time, self.time(tq))
+        with self.reading_clean_as_ar(ids, inputs) as inputs:
+            h = self.family.denoiser_hidden(self.embed_block(ids), inputs, self.time, self.time(tq))
         keep = torch.arange(qpos.numel(), device=qpos.device).view(-1, block_size + 1)[:, :block_size]
         return h[:, keep.flatten()]                                     # the last slot predicts past its block
 
@@ -250,6 +279,7 @@ class TwoTower(nn.Module):
                                + (self.mask_embedding.numel() if self.mask_embedding is not None else 0),
             "mask_token_id": self.mask_token_id,
             "anchor": self.anchor,
+            "clean_as_ar": self.clean_as_ar,
             "shares_base": self.shares_base,
             "context_device": str(next(self.context_lm.parameters()).device),
             "denoiser_device": str(self.device),

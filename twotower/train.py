@@ -43,6 +43,9 @@ class TrainConfig:
     learned_mask: bool = True         # a trained [MASK] input vector instead of the token's row
     anchor: bool = True               # the denoiser also reads the token before the block, so its
                                       # output i predicts token i as the AR init does (fast to learn)
+    clean_as_ar: bool = False         # clean block positions compute the AR model exactly (causal over
+                                      # clean keys, no adapter or time conditioning there), so the next
+                                      # token is the AR model's and training shapes the masked ones only
     lora_r: int = 32                  # adapter rank: 32 on every linear keeps the file ~20 MB in bf16
     lora_alpha: int = 64
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
@@ -237,8 +240,11 @@ def build_model(cfg: TrainConfig, device: str):
     """Frozen context tower + denoiser copy with a LoRA adapter. Returns (model, peft wrapper)."""
     from peft import get_peft_model
     ctx, tok = checkpoints.load_ar(cfg.context, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = checkpoints.build(ctx, tok, cfg.mask_token_id, cfg.learned_mask, cfg.name, anchor=cfg.anchor)
+    model = checkpoints.build(ctx, tok, cfg.mask_token_id, cfg.learned_mask, cfg.name, anchor=cfg.anchor,
+                              clean_as_ar=cfg.clean_as_ar)
     peft_model = get_peft_model(model.denoiser_lm, checkpoints.lora_config(lora_meta(cfg)))
+    if cfg.clean_as_ar:
+        model.gate_adapter()
     for p in peft_model.parameters():       # LoRA weights train in fp32 under autocast
         if p.requires_grad:
             p.data = p.data.float()

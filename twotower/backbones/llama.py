@@ -56,11 +56,12 @@ class LlamaFamily(Family):
 
     # ---- denoiser ----------------------------------------------------------------------
     def block_inputs(self, ctx: ContextState, size: int, inplace: bool = True, causal: bool = False,
-                     offset: int = 0) -> dict:
+                     offset: int = 0, always_mask: bool = False) -> dict:
         """Everything the denoiser needs for one block, built once per block.
 
         causal=True makes the block causal (for checking the denoiser against the AR model);
-        offset=-1 starts the block at the last clean token (an anchored denoiser).
+        offset=-1 starts the block at the last clean token (an anchored denoiser);
+        always_mask gives a mask even when every key may be seen (to restrict it per pass).
         """
         positions = ctx.positions(size, offset)                          # (B, S)
         kv, valid = self.context_kv(ctx.cache), ctx.valid
@@ -72,20 +73,21 @@ class LlamaFamily(Family):
             kv = {i: (k[..., :offset, :], v[..., :offset, :]) for i, (k, v) in kv.items()}
             valid = valid[:, :offset]
         return {"view": ContextView(kv, size, inplace=inplace), "positions": positions,
-                "mask": block_mask(valid, size, causal)}
+                "mask": block_mask(valid, size, causal, always=always_mask)}
 
     def denoiser_hidden(self, h: torch.Tensor, inputs: dict, time, base: torch.Tensor,
                         capture: AttentionCapture | None = None) -> torch.Tensor:
         """The denoiser's layer loop. h: (B, S, H) block embeddings -> final hidden (B, S, H)."""
         model = self.denoiser_lm.model
         rope = model.rotary_emb(h, inputs["positions"])                 # cos, sin: (B, S, d)
+        active = inputs.get("active")                                   # (B, S, 1) or None
         for i, layer in enumerate(model.layers):
-            shift, scale, gate = time.mods(base, 2 * i)
+            shift, scale, gate = time.mods(base, 2 * i, active)
             a = layer.input_layernorm(modulate(h, shift, scale))
             a, _ = layer.self_attn(a, position_embeddings=rope, attention_mask=inputs["mask"],
                                    past_key_values=inputs["view"], capture=capture, denoiser=True)
             h = h + gate * a
-            shift, scale, gate = time.mods(base, 2 * i + 1)
+            shift, scale, gate = time.mods(base, 2 * i + 1, active)
             m = modulate(layer.post_attention_layernorm(h), shift, scale)
             h = h + gate * layer.mlp(m)
         return model.norm(h)
