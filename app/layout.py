@@ -29,7 +29,7 @@ MAP_VIEWS = (   # (component name, explanation shown beside the plot)
     ("unmask_plot", """**Unmasking order.** Each square is one generated position, placed at the step of its
 block when it was committed; colour = its probability then. Under the *confidence* order easy words go
 first and hard ones wait for more context; under *leftmost* the block fills mostly left to right, and
-only tokens over γ jump ahead."""),
+only tokens over γ jump ahead; under *prefix* it fills strictly left to right."""),
     ("confidence_plot", """**Confidence over steps.** The probability of every position at every step of its
 block (× = committed). Watch confidence rise as neighbours get committed: the denoiser reads the block
 as a whole, not left to right."""),
@@ -142,7 +142,8 @@ def recommends(d: SamplerConfig, name: str) -> str:
 def remasking_info(d: SamplerConfig) -> str:
     """The commit-order dropdown's explanation, naming the model's recommended order."""
     return ("which masked tokens a step commits beyond those over γ: the most confident (the paper), "
-            "or leftmost first." + recommends(d, "remasking"))
+            "or leftmost first; prefix: only the run over γ right after the written text, never past a gap."
+            + recommends(d, "remasking"))
 
 
 def sampler_inputs() -> list:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from twotower.sampling import (REMASKING, RepeatGuard, SamplerConfig, ban_repeated_ngrams_, choose_tokens,
+from twotower.sampling import (REMASKING, decide_step, RepeatGuard, SamplerConfig, ban_repeated_ngrams_, choose_tokens,
                                commit_counts, filter_logits, history_tensor, penalise_repeats_, remasking_score,
                                select_commits, settled_rows)
 
@@ -126,6 +126,23 @@ def test_leftmost_commits_confident_positions_then_the_leftmost_masked():
     assert select_commits(none_over, masked, T([1]))[0].nonzero().flatten().tolist() == [1]  # not the 0.95
 
 
+def test_prefix_commits_the_run_over_the_threshold_from_the_leftmost_masked_and_no_island():
+    cfg = SamplerConfig(remasking="prefix", threshold=0.9)
+    #          committed, masked over γ, masked over γ, masked under γ, masked over γ (an island)
+    conf = T([[0.2, 0.95, 0.97, 0.5, 0.99]])
+    masked = T([[False, True, True, True, True]])
+    logits = torch.log(torch.stack([conf, 1 - conf], -1).clamp_min(1e-9))   # argmax 0 with p = conf
+    *_, planned, commit = decide_step(logits, masked, steps_left=8, cfg=cfg, generator=None)
+    assert planned.tolist() == [2] and commit[0].nonzero().flatten().tolist() == [1, 2]
+    leftmost = decide_step(logits, masked, 8, SamplerConfig(remasking="leftmost", threshold=0.9), None)[-1]
+    assert leftmost[0].nonzero().flatten().tolist() == [1, 2, 4]     # leftmost commits the island too
+    none_over = decide_step(logits, masked, 8, SamplerConfig(remasking="prefix", threshold=0.98), None)
+    assert none_over[-2].tolist() == [0] and none_over[-1][0].nonzero().flatten().tolist() == [1]
+    # the step budget's floor still holds: 4 masked, 2 steps left -> at least 2, leftmost first
+    floor = decide_step(logits, masked, 2, SamplerConfig(remasking="prefix", threshold=0.98), None)[-1]
+    assert floor[0].nonzero().flatten().tolist() == [1, 2]
+
+
 def test_unknown_remasking_strategy():
     with pytest.raises(ValueError, match="unknown remasking strategy 'oldest'"):
         remasking_score(torch.ones(1, 2, 3), torch.ones(1, 2), "oldest", None)
@@ -223,7 +240,7 @@ def test_forbidden_token_is_never_sampled():
 def test_release_defaults():
     d = SamplerConfig()
     assert (d.block_size, d.steps, d.threshold, d.temperature, d.remasking) == (16, 16, 0.9, 0.0, "confidence")
-    assert set(REMASKING) == {"confidence", "margin", "entropy", "random", "leftmost"}
+    assert set(REMASKING) == {"confidence", "margin", "entropy", "random", "leftmost", "prefix"}
 
 
 @pytest.mark.parametrize("change,message", [

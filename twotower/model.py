@@ -201,10 +201,11 @@ class TwoTower(nn.Module):
     @contextlib.contextmanager
     def reading_clean_as_ar(self, ids: torch.Tensor, inputs: dict):
         """Yields the inputs of one denoiser pass over ids (B, S); for a clean_as_ar denoiser,
-        clean positions then compute exactly what the AR model computes for them: they attend
-        causally to clean keys only, and the adapter and the time conditioning leave them alone.
-        So the prediction after the last clean token (the next one `leftmost` commits) is the AR
-        model's, and only the masked positions are the denoiser's own."""
+        clean positions attend causally to clean keys only, and the adapter and the time
+        conditioning leave them alone. A clean prefix of the block then computes exactly what the
+        AR model computes for it, so the prediction after it (the token `leftmost` and `prefix`
+        commit next) is the AR model's; only the masked positions are the denoiser's own. (A clean
+        token committed past a gap reads the clean text around the gap, not the AR model's.)"""
         if not self.clean_as_ar:
             yield inputs
             return

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-REMASKING = ("confidence", "margin", "entropy", "random", "leftmost")
+REMASKING = ("confidence", "margin", "entropy", "random", "leftmost", "prefix")
 
 
 @dataclass
@@ -22,7 +22,7 @@ class SamplerConfig:
     top_p: float = 1.0            # nucleus sampling mass (1 = off)
     repetition_penalty: float = 1.0  # > 1 lowers the logits of tokens the run has written (1 = off)
     no_repeat_ngram_size: int = 0  # n >= 2: do not write an n-gram the run has written (0 = off; see RepeatGuard)
-    remasking: str = "confidence"  # which positions to commit first: confidence|margin|entropy|random|leftmost
+    remasking: str = "confidence"  # which positions to commit first: confidence|margin|entropy|random|leftmost|prefix
     max_new_tokens: int = 128     # any number; the last block is cut to fit
     stop_at_eos: bool = True      # end a row at its first end-of-text token
     seed: int = 0                 # same seed + settings + prompt -> same tokens
@@ -227,7 +227,8 @@ def choose_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Gen
 def remasking_score(probs: torch.Tensor, confidence: torch.Tensor, strategy: str,
                     generator: torch.Generator | None, threshold: float = 1.0) -> torch.Tensor:
     """Higher score = commit first. probs: (B, S, V); confidence: (B, S).
-    `threshold` (gamma) is read by "leftmost" only: positions over it outrank all others."""
+    `threshold` (gamma) is read by "leftmost" only: positions over it outrank all others.
+    "prefix" commits left to right (its count, `commit_counts(contiguous=True)`, does the rest)."""
     if strategy == "confidence":
         return confidence
     if strategy == "margin":
@@ -240,19 +241,27 @@ def remasking_score(probs: torch.Tensor, confidence: torch.Tensor, strategy: str
     if strategy == "leftmost":      # positions over the threshold first, then left to right
         position = torch.arange(confidence.shape[-1], device=confidence.device, dtype=confidence.dtype)
         return torch.where(confidence > threshold, 1.0 + confidence, -position)
+    if strategy == "prefix":
+        return -torch.arange(confidence.shape[-1], device=confidence.device, dtype=confidence.dtype).expand_as(confidence)
     raise ValueError(f"unknown remasking strategy {strategy!r}; expected one of {REMASKING}")
 
 
-def commit_counts(confidence: torch.Tensor, masked: torch.Tensor, steps_left: int, threshold: float):
+def commit_counts(confidence: torch.Tensor, masked: torch.Tensor, steps_left: int, threshold: float,
+                  contiguous: bool = False):
     """The release's commit rule, per row.
 
     k = #masked positions with confidence > threshold (at least 1), raised to at least
     ceil(masked / steps_left), capped at #masked; with one step left, everything.
+    contiguous (the "prefix" order): only the masked positions over the threshold before the
+    first masked one under it count, so a pass never commits past a gap.
     confidence, masked: (B, S). Returns (k, planned), both (B,) long; planned is the
     threshold count before the floor and cap (for teaching views).
     """
     n_masked = masked.sum(-1)
-    planned = ((confidence > threshold) & masked).sum(-1)
+    over = (confidence > threshold) & masked
+    if contiguous:
+        over &= (over | ~masked).long().cumprod(-1).bool()
+    planned = over.sum(-1)
     floor = torch.div(n_masked + steps_left - 1, steps_left, rounding_mode="floor")
     k = torch.maximum(planned.clamp_min(1), floor).minimum(n_masked)
     return k, planned
@@ -288,6 +297,6 @@ def decide_step(logits: torch.Tensor, masked: torch.Tensor, steps_left: int, cfg
     commit (B, S) bool.
     """
     pred, probs, conf = choose_tokens(logits, cfg, generator)
-    k, planned = commit_counts(conf, masked, steps_left, cfg.threshold)
+    k, planned = commit_counts(conf, masked, steps_left, cfg.threshold, contiguous=cfg.remasking == "prefix")
     score = remasking_score(probs, conf, cfg.remasking, generator, cfg.threshold)
     return pred, probs, conf, planned, select_commits(score, masked, k)
