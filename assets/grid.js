@@ -135,7 +135,9 @@ function rule(f, steps, threshold) {
     : fresh.length > Math.max(planned, 1) ? `the floor ⌈${masked} masked / ${left} steps left⌉ = ${floor} raised it`
     : planned === 0 ? "none passed, so one is committed anyway: the first in the commit order"
     : "the threshold decided";
-  return `Commit rule: <b>${planned}</b> of ${masked} masked positions had p &gt; ${gamma} → committed <b>${fresh.length}</b> (${why}).`;
+  const counted = data.remasking === "prefix"      // prefix counts only the run right after the written text
+    ? `masked positions in a row right after the written text (of ${masked} masked) had` : `of ${masked} masked positions had`;
+  return `Commit rule: <b>${planned}</b> ${counted} p &gt; ${gamma} → committed <b>${fresh.length}</b> (${why}).`;
 }
 
 const LEGEND = `<div class="ttg-legend">

@@ -137,6 +137,7 @@ def payload(trace, live: bool = False, row: int = 0) -> dict:
         "top": tops,
         "n_out": output_length(trace, row),
         "threshold": settings.get("threshold"),
+        "remasking": settings.get("remasking"),
         "progress": progress(trace),
         "stats": trace.stats(),
         "findings": [] if live else findings(trace, row),
