@@ -2,7 +2,7 @@
 
 With it, a denoiser built as base + adapter computes the base model exactly at the positions
 the gate closes (the clean tokens of a `clean_as_ar` denoiser) and the adapted model elsewhere,
-in one pass. It hooks the output of every `lora_B` layer peft injected; with no gate set the
+in one pass. It hooks the output of every `lora_B` layer of peft's LoRA layers; with no gate set the
 adapter runs as usual.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ from torch import nn
 class AdapterGate:
     def __init__(self, model: nn.Module):
         self.gate: torch.Tensor | None = None                      # (B, S, 1) while set
-        self.layers = [m for name, m in model.named_modules() if name.rsplit(".", 2)[-2:-1] == ["lora_B"]]
+        from peft.tuners.lora import LoraLayer
+        self.layers = [b for m in model.modules() if isinstance(m, LoraLayer) for b in m.lora_B.values()]
         if not self.layers:
             raise ValueError("no LoRA adapter layers to gate (a clean_as_ar denoiser needs an unmerged adapter)")
         for layer in self.layers:

@@ -238,11 +238,11 @@ def remasking_score(probs: torch.Tensor, confidence: torch.Tensor, strategy: str
         return (probs * probs.clamp_min(1e-12).log()).sum(-1)   # = -entropy
     if strategy == "random":
         return torch.rand(confidence.shape, generator=generator, device=confidence.device)
-    if strategy == "leftmost":      # positions over the threshold first, then left to right
+    if strategy in ("leftmost", "prefix"):
         position = torch.arange(confidence.shape[-1], device=confidence.device, dtype=confidence.dtype)
-        return torch.where(confidence > threshold, 1.0 + confidence, -position)
-    if strategy == "prefix":
-        return -torch.arange(confidence.shape[-1], device=confidence.device, dtype=confidence.dtype).expand_as(confidence)
+        if strategy == "prefix":    # left to right
+            return -position.expand_as(confidence)
+        return torch.where(confidence > threshold, 1.0 + confidence, -position)   # over the threshold first
     raise ValueError(f"unknown remasking strategy {strategy!r}; expected one of {REMASKING}")
 
 
