@@ -29,14 +29,15 @@ MAP_VIEWS = (   # (component name, explanation shown beside the plot)
     ("unmask_plot", """**Unmasking order.** Each square is one generated position, placed at the step of its
 block when it was committed; colour = its probability then. Under the *confidence* order easy words go
 first and hard ones wait for more context; under *leftmost* the block fills mostly left to right, and
-only tokens over γ jump ahead; under *prefix* it fills strictly left to right."""),
+only tokens over γ jump ahead; under *prefix* and *verify* it fills strictly left to right."""),
     ("confidence_plot", """**Confidence over steps.** The probability of every position at every step of its
 block (× = committed). Watch confidence rise as neighbours get committed: the denoiser reads the block
 as a whole, not left to right."""),
     ("commits_plot", """**Planned vs actual.** Per denoiser pass: positions above the threshold γ (planned) and
 positions committed. When fewer pass γ than the step budget needs, the floor `ceil(masked / steps left)`
 commits more (the gap); at least one token is committed per pass: the most confident ones, or under
-the *leftmost* commit order the leftmost masked ones."""),
+the *leftmost* commit order the leftmost masked ones. Under *verify* the bars are the pass's new drafts,
+its commits (the drafts that held plus the AR model's next token) and the drafts it dropped."""),
     ("tokens_plot", """**Tokens per step, per block.** How many tokens each step committed. Early blocks often
 need many small steps; once the context is rich, blocks fill in two or three passes: that is where
 diffusion beats one-token-per-pass AR decoding."""),
@@ -142,7 +143,9 @@ def recommends(d: SamplerConfig, name: str) -> str:
 def remasking_info(d: SamplerConfig) -> str:
     """The commit-order dropdown's explanation, naming the model's recommended order."""
     return ("which masked tokens a step commits beyond those over γ: the most confident (the paper), "
-            "or leftmost first; prefix: only the run over γ right after the written text, never past a gap."
+            "or leftmost first; prefix: only the run over γ right after the written text, never past a gap; "
+            "verify: that run becomes drafts, and the next pass keeps each only if it is the AR model's own "
+            "next token (the text is then the AR model's; needs a clean_as_ar denoiser)."
             + recommends(d, "remasking"))
 
 

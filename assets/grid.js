@@ -1,7 +1,8 @@
 // Token grid with playback: the body of a gr.HTML `js_on_load` (element, props, watch).
 // props.value is a JSON string made by visualizers/trajectory.py:payload(). Frames are
-// [block, step, offset, tokens, guess, conf, new, planned, elapsed_ms, nfe]; tokens are -1
-// where masked; the grid at frame i = every commit of frames 0..i + frame i's masked guesses.
+// [block, step, offset, tokens, guess, conf, new, planned, elapsed_ms, nfe(, drafts, rejected)];
+// tokens are -1 where masked; the grid at frame i = every commit of frames 0..i + frame i's
+// masked guesses and (verify order) its drafts.
 // Everything here runs in the browser: scrubbing never calls the server. In the app
 // (data.actions) two buttons do: "fork here" triggers `select` {block, step}, and the
 // inspector's "ask the AR model" triggers `submit` {pos}; the answer arrives as props.ar.
@@ -47,9 +48,11 @@ function stateAt(i) {
     }
   }
   if (f && data.mode === "diffusion") {
-    const [, , off, toks, guess, conf] = f;
+    const [, , off, toks, guess, conf, , , , , drafts] = f;
     toks.forEach((t, j) => {
-      if (t < 0) { s.status[off + j] = "m"; s.guess[off + j] = guess[j]; s.gconf[off + j] = conf[j]; }
+      if (t >= 0) return;
+      const draft = drafts && drafts[j] >= 0;
+      s.status[off + j] = draft ? "d" : "m"; s.guess[off + j] = draft ? drafts[j] : guess[j]; s.gconf[off + j] = conf[j];
     });
   }
   s.frame = f;
@@ -61,7 +64,7 @@ function cell(s, p, block) {
   const st = s.status[p];
   if (st === undefined) return "";
   const after = data.n_out !== null && p >= data.n_out;
-  const masked = st === "m";
+  const masked = st === "m" || st === "d";
   const id = masked ? s.guess[p] : s.tok[p];
   const conf = masked ? s.gconf[p] : s.conf[p];
   const flagged = marks && !masked && flags[p];
@@ -70,7 +73,10 @@ function cell(s, p, block) {
                picked === p ? "picked" : "", flagged ? "flag kind-" + flagged[0].kind : "",
                inherited ? "inh" : ""].join(" ");
   const where = data.mode === "diffusion" ? `block ${block}` : `token ${p}`;
-  const title = (masked
+  const title = (st === "d"
+    ? `position ${p} · ${where} · draft '${piece(id)}' p=${conf / 100}: the next pass reads it as written text, ` +
+      "and the AR model's prediction there decides whether it stays"
+    : masked
     ? `position ${p} · ${where} · masked; best guess '${piece(id)}' p=${conf / 100}` +
       (after ? " · after end-of-text: left masked, the output ends before it" : "")
     : `position ${p} · ${where}${data.mode === "diffusion" ? ` · committed at step ${s.cstep[p]}` : ""} · p=${conf / 100}${after ? " · after end-of-text" : ""}`)
@@ -126,6 +132,7 @@ function changes() {
 // Teaching aid: the commit rule of this step, with its numbers.
 function rule(f, steps, threshold) {
   const [, step, , toks, , , fresh, planned] = f;
+  if (f.length > 10) return verifyRule(f, steps, threshold);
   const masked = toks.filter((t) => t < 0).length + fresh.length;
   const left = typeof steps === "number" ? steps - step : null;
   if (left === null || masked === 0) return "";
@@ -140,10 +147,28 @@ function rule(f, steps, threshold) {
   return `Commit rule: <b>${planned}</b> ${counted} p &gt; ${gamma} → committed <b>${fresh.length}</b> (${why}).`;
 }
 
+// The verify order: the drafts the pass checked, what held, what it proposes next.
+function verifyRule(f, steps, threshold) {
+  const [block, step, , , , , fresh, planned, , , , rejected] = f;
+  const prev = frame > 0 ? data.frames[frame - 1] : null;
+  const checked = prev && prev[0] === block && prev[10] ? prev[10].filter((d) => d >= 0).length : 0;
+  const held = checked - rejected.length;
+  const last = typeof steps === "number" && steps - step === 1;
+  const gamma = threshold !== null && threshold !== undefined ? `γ = ${threshold}` : "the threshold";
+  const check = checked === 0 ? "no drafts to check"
+    : rejected.length === 0 ? `all <b>${checked}</b> drafts held (each was the AR model's own next token)`
+    : `<b>${held}</b> of ${checked} drafts held; the next one was not the AR model's token, so it and the ` +
+      `${rejected.length - 1} after it were dropped`;
+  const next = last ? "last step of the block: every position left is committed"
+    : `<b>${planned}</b> masked position${planned === 1 ? "" : "s"} in a row with p &gt; ${gamma} became the next drafts`;
+  return `Verify: ${check} → committed <b>${fresh.length}</b> (the held drafts and the AR model's next token) · ${next}.`;
+}
+
 const LEGEND = `<div class="ttg-legend">
   <span class="ttg-cell st-c"><span class="ttg-t">word</span><span class="ttg-bar" style="width:80%"></span></span> committed earlier
   <span class="ttg-cell st-n"><span class="ttg-t">word</span><span class="ttg-bar" style="width:60%"></span></span> committed this step
   <span class="ttg-cell st-m"><span class="ttg-t">guess</span><span class="ttg-bar" style="width:30%"></span></span> masked (faint: current best guess)
+  <span class="ttg-cell st-d ttg-verify-only"><span class="ttg-t">draft</span><span class="ttg-bar" style="width:95%"></span></span><span class="ttg-verify-only">draft, checked by the next pass (verify order)</span>
   <span class="ttg-cell st-c special"><span class="ttg-t">&lt;eos&gt;</span></span> special / end-of-text
   <span class="ttg-cell st-c after"><span class="ttg-t">word</span></span> after end-of-text (not in the output)
   <span class="ttg-cell st-c flag kind-low-confidence"><span class="ttg-t">word</span></span> flagged (see "worth a look")
@@ -173,7 +198,8 @@ function inspector() {
     if (flip) flips.push(data.mode === "ar" ? k : step);
     if (fresh.includes(j)) commit = {block, step, k, tok: toks[j], p: probs[ids.indexOf(toks[j])]};
     prev = wasMasked ? guess[j] : null;
-    const state = fresh.includes(j) ? "<b>committed</b>" : toks[j] < 0 ? "masked" : "kept";
+    const drafted = f[10] && f[10][j] >= 0;
+    const state = fresh.includes(j) ? "<b>committed</b>" : drafted ? "draft" : toks[j] < 0 ? "masked" : "kept";
     const cands = ids.map((id, r) => cand(id, probs[r], r === 0)).join(" ");
     const margin = probs.length > 1 ? (probs[0] - probs[1]).toFixed(3) : "–";
     const inh = data.fork && k < data.fork.frame ? " inh" : "";
@@ -272,6 +298,7 @@ function update() {
   root.querySelectorAll(".ttg-controls button, .ttg-controls input, .ttg-controls select").forEach((c) => { c.disabled = data.live; });
   root.querySelector(".ttg-live").style.display = data.live ? "" : "none";
   root.querySelectorAll(".ttg-fork-only").forEach((e) => { e.style.display = data.fork ? "" : "none"; });
+  root.querySelectorAll(".ttg-verify-only").forEach((e) => { e.style.display = data.remasking === "verify" ? "" : "none"; });
 }
 
 // ---- interaction -------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def test_forbidden_token_is_never_sampled():
 def test_release_defaults():
     d = SamplerConfig()
     assert (d.block_size, d.steps, d.threshold, d.temperature, d.remasking) == (16, 16, 0.9, 0.0, "confidence")
-    assert set(REMASKING) == {"confidence", "margin", "entropy", "random", "leftmost", "prefix"}
+    assert set(REMASKING) == {"confidence", "margin", "entropy", "random", "leftmost", "prefix", "verify"}
 
 
 @pytest.mark.parametrize("change,message", [

@@ -53,6 +53,8 @@ class Step(Event):
     anchor: int = 0                 # A: clean tokens the denoiser re-reads before the block (0 or 1)
     active: list[bool] | None = None  # per row: this pass was for it (it still had positions to fill);
                                     # False once it settled (ended, or end-of-text after a filled prefix)
+    drafts: list[list[int]] | None = None   # verify order: (B, S) draft ids the next pass checks, -1 where none
+    rejected: list[list[int]] | None = None  # verify order: per row, positions whose drafts this pass dropped
 
 
 @dataclass

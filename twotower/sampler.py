@@ -15,12 +15,16 @@ from .attention import AttentionCapture
 from .events import BlockCommitted, BlockStart, Done, Event, Prefill, Step, Token
 from .fork import ForkPoint
 from .model import TwoTower
-from .sampling import RepeatGuard, SamplerConfig, choose_tokens, decide_step, history_tensor, settled_rows
+from .sampling import (RepeatGuard, SamplerConfig, choose_tokens, decide_step, history_tensor, settled_rows,
+                       verify_step)
 
 
 def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -> None:
     """Raise ValueError naming the first problem of a run request (settings, prompt sizes, ids)."""
     cfg.validate(model.max_context)
+    if cfg.remasking == "verify" and not model.clean_as_ar:
+        raise ValueError(f"the verify order checks drafts with the AR model's reading of them, which needs a "
+                         f"clean_as_ar denoiser; {model.name} is not one: choose another commit order")
     if not prompts:
         raise ValueError("no prompt given")
     for p in prompts:
@@ -58,6 +62,11 @@ def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """A step's outputs in ONE device-to-host copy (float64 holds every id and float exactly)."""
     flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _positions(flags: torch.Tensor) -> list[list[int]]:
+    """Per row, the indices where flags (B, S) is set."""
+    return [row.nonzero().flatten().tolist() for row in flags.bool()]
 
 
 def _guard(model: TwoTower, rows: list[list[int]], cfg: SamplerConfig) -> RepeatGuard:
@@ -112,6 +121,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
     if resume is not None:
         check_resume(model, prompts, cfg, resume)
     gen, eos, mask_id = _generator(model, cfg.seed), model.eos_token_ids, model.mask_token_id
+    verify = cfg.remasking == "verify"
     eos_ids = torch.tensor(sorted(eos), device=model.device) if cfg.stop_at_eos and eos else None
     start = time.perf_counter()
     prefix = resume.prefix if resume else [[] for _ in prompts]
@@ -140,30 +150,40 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         guard = _guard(model, out, cfg)                            # over the text so far: once per block
         settled = torch.tensor(ended, device=model.device) | settled_rows(x, mask_id, eos_ids)   # (B,)
         used, unsettled = first, not bool(settled.all())
+        drafts, draft_probs = torch.full_like(x, mask_id), None    # the verify order's proposals
         for step in range(first, budget):
             if not unsettled:
                 break
-            masked = x == mask_id                                  # (B, S)
-            t = masked.float().mean(-1)
+            seen = torch.where(drafts != mask_id, drafts, x)           # (B, S) what the pass reads
+            t = (seen == mask_id).float().mean(-1)
             capture = AttentionCapture(capture_layers) if capture_layers else None
-            logits = model.denoise(x, inputs, t, capture)          # (B, S, V)
-            logits = guard.block(logits.float(), x, mask_id)       # repetition penalty, n-gram ban
+            logits = model.denoise(seen, inputs, t, capture)       # (B, S, V)
+            logits = guard.block(logits.float(), seen, mask_id)    # repetition penalty, n-gram ban
+            if verify:
+                logits = guard.prefix(logits, seen, mask_id, drafts != mask_id)   # AR's guards at the drafts
             logits[..., mask_id] = float("-inf")                   # never predict [MASK]
-            open_ = masked & ~settled[:, None]                     # settled rows commit nothing more
-            pred, probs, conf, planned, commit = decide_step(logits, open_, budget - step, cfg, gen)
-            x = torch.where(commit, pred, x)                       # carry-over: committed stay
+            open_ = (x == mask_id) & ~settled[:, None]             # settled rows commit nothing more
+            if verify:
+                v = verify_step(logits, x, drafts, draft_probs, open_, budget - step, cfg, gen, mask_id)
+                x, drafts, draft_probs = v.x, v.drafts, v.draft_probs
+                pred, probs, conf, planned, commit, rejected = v.pred, v.probs, v.confidence, v.proposed, v.commit, v.rejected
+            else:
+                pred, probs, conf, planned, commit = decide_step(logits, open_, budget - step, cfg, gen)
+                x, rejected = torch.where(commit, pred, x), commit[:, :0]  # carry-over: committed stay
             active, settled = open_.any(-1), settled | settled_rows(x, mask_id, eos_ids)
             nfe, used = nfe + 1, step + 1
             top_ids, top_probs = _top(probs, cfg.top_candidates)
-            h_t, h_x, h_commit, h_planned, h_conf, h_ids, h_probs, h_active, h_settled = _to_host(
-                t, x, commit, planned, conf, top_ids, top_probs, active, settled)   # the step's one sync
+            h_t, h_x, h_commit, h_planned, h_conf, h_ids, h_probs, h_active, h_settled, h_drafts, h_rejected = _to_host(
+                t, x, commit, planned, conf, top_ids, top_probs, active, settled, drafts, rejected)   # the step's one sync
             event = Step(block=block, step=step, t=h_t.tolist(), tokens=h_x.long().tolist(),
-                         committed=[row.nonzero().flatten().tolist() for row in h_commit.bool()],
-                         planned=h_planned.long().tolist(), confidence=h_conf.tolist(),
+                         committed=_positions(h_commit), planned=h_planned.long().tolist(), confidence=h_conf.tolist(),
                          top_ids=h_ids.long().tolist(), top_probs=h_probs.tolist(),
                          elapsed=time.perf_counter() - start, nfe=nfe,
                          attention={i: p.tolist() for i, p in capture.probs.items()} if capture else None,
-                         anchor=int(model.anchor), active=h_active.bool().tolist())
+                         anchor=int(model.anchor), active=h_active.bool().tolist(),
+                         drafts=[[-1 if d == mask_id else d for d in row] for row in h_drafts.long().tolist()]
+                         if verify else None,
+                         rejected=_positions(h_rejected) if verify else None)
             if first_token is None and all(row[0] != mask_id for row in event.tokens):
                 first_token = event.elapsed                        # the text's first token is readable
             unsettled = not bool(h_settled.all())

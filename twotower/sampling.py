@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
-REMASKING = ("confidence", "margin", "entropy", "random", "leftmost", "prefix")
+REMASKING = ("confidence", "margin", "entropy", "random", "leftmost", "prefix", "verify")
 
 
 @dataclass
@@ -22,7 +23,8 @@ class SamplerConfig:
     top_p: float = 1.0            # nucleus sampling mass (1 = off)
     repetition_penalty: float = 1.0  # > 1 lowers the logits of tokens the run has written (1 = off)
     no_repeat_ngram_size: int = 0  # n >= 2: do not write an n-gram the run has written (0 = off; see RepeatGuard)
-    remasking: str = "confidence"  # which positions to commit first: confidence|margin|entropy|random|leftmost|prefix
+    remasking: str = "confidence"  # which positions to commit first: confidence|margin|entropy|random|leftmost|prefix,
+                                   # or verify: drafts over gamma, checked by the AR model's reading (`verify_step`)
     max_new_tokens: int = 128     # any number; the last block is cut to fit
     stop_at_eos: bool = True      # end a row at its first end-of-text token
     seed: int = 0                 # same seed + settings + prompt -> same tokens
@@ -136,11 +138,32 @@ def penalise_repeats_(logits: torch.Tensor, written: torch.Tensor, penalty: floa
     return logits.scatter_(-1, ids, torch.where(apply, penalised, score))
 
 
+def penalise_prefix_repeats_(logits: torch.Tensor, history: torch.Tensor, x: torch.Tensor, mask_id: int,
+                              penalty: float, at: torch.Tensor) -> torch.Tensor:
+    """The repetition penalty at written block positions `at`, as the AR model met it when it
+    wrote there: over the history and the block's tokens before each position. In place.
+
+    logits: (B, S, V); history: (B, H) left-padded with -1; x: (B, S), mask_id where not written;
+    at: (B, S) bool.
+    """
+    if penalty == 1.0:
+        return logits
+    seen = torch.zeros(logits.shape[0], logits.shape[-1], device=logits.device)          # (B, V)
+    seen.scatter_add_(1, history.clamp_min(0), (history >= 0).float())
+    block = torch.zeros(logits.shape, device=logits.device)                                # (B, S, V)
+    block.scatter_add_(2, x.unsqueeze(-1), (x != mask_id).float().unsqueeze(-1))
+    before = seen.unsqueeze(1) + block.cumsum(1) - block                                  # written before j
+    apply = (before > 0) & at.unsqueeze(-1)
+    return logits.copy_(torch.where(apply, torch.where(logits > 0, logits / penalty, logits * penalty), logits))
+
+
 def ban_repeated_ngrams_(logits: torch.Tensor, history: torch.Tensor, x: torch.Tensor, mask_id: int,
-                         n: int) -> torch.Tensor:
+                         n: int, at: torch.Tensor | None = None) -> torch.Tensor:
     """No repeated n-grams (as transformers' `no_repeat_ngram_size`, over the tokens a row has
     written): at each unwritten block position whose n-1 tokens before it are written, the
     tokens that followed those n-1 tokens anywhere in the written text get -inf, in place.
+    at: (B, S) bool, ban at these (written) positions instead, as the AR model did when it
+    wrote there: only n-grams that end before the position count.
 
     logits: (B, S, V); history: (B, H) tokens before the block, left-padded with -1, H >= n-1;
     x: (B, S) the block, mask_id where not yet written.
@@ -153,9 +176,12 @@ def ban_repeated_ngrams_(logits: torch.Tensor, history: torch.Tensor, x: torch.T
     start = history.shape[1] - (n - 1)                             # the n-1 tokens before block position 0
     before = seq.unfold(1, n - 1, 1)[:, start: start + x.shape[1]]                # (B, S, n-1)
     before_written = written.unfold(1, n - 1, 1)[:, start: start + x.shape[1]].all(-1)
-    before_written &= x == mask_id                                 # written positions keep their scores
+    before_written &= (x == mask_id) if at is None else at        # the other positions keep their scores
     match = (grams[:, None, :, :-1] == before[:, :, None, :]).all(-1)             # (B, S, G)
     match &= grams_written[:, None, :] & before_written[:, :, None]
+    if at is not None:                                             # n-grams that end before the position
+        ends = torch.arange(grams.shape[1], device=x.device) + n - 1               # (G,) index in seq
+        match &= ends[None, None, :] < (history.shape[1] + torch.arange(x.shape[1], device=x.device))[None, :, None]
     follows = grams[..., -1].clamp_min(0)[:, None, :].expand_as(match)            # (B, S, G)
     ban = torch.full(match.shape, float("inf"), dtype=logits.dtype, device=logits.device).masked_fill(
         match, float("-inf"))                                      # min(score, +inf) keeps it, -inf bans
@@ -193,6 +219,16 @@ class RepeatGuard:
             logits = ban_repeated_ngrams_(logits, self.history, x, mask_id, self.n)
         return logits
 
+    def prefix(self, logits: torch.Tensor, x: torch.Tensor, mask_id: int, at: torch.Tensor) -> torch.Tensor:
+        """The AR model's guards at written block positions `at` (B, S) (the `verify` order's
+        drafts): over the text before each position only. logits: (B, S, V), changed in place."""
+        if not self.on:
+            return logits
+        logits = penalise_prefix_repeats_(logits, self.history, x, mask_id, self.penalty, at)
+        if self.n:
+            logits = ban_repeated_ngrams_(logits, self.history, x, mask_id, self.n, at=at)
+        return logits
+
     def token(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: (B, V) of the next token (AR), changed in place."""
         if not self.on:
@@ -222,6 +258,18 @@ def choose_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Gen
         pred = (scaled + gumbel).argmax(-1)
     confidence = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
     return pred, probs, confidence
+
+
+def sampling_probs(logits: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
+    """(..., V): the distribution `choose_tokens` draws from at temperature > 0
+    (softmax of the tempered, top-k / top-p filtered logits)."""
+    return filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of probs (..., V), by Gumbel-max on log probs."""
+    u = torch.rand(probs.shape, generator=generator, device=probs.device)
+    return (probs.log() - torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))).argmax(-1)
 
 
 def remasking_score(probs: torch.Tensor, confidence: torch.Tensor, strategy: str,
@@ -300,3 +348,66 @@ def decide_step(logits: torch.Tensor, masked: torch.Tensor, steps_left: int, cfg
     k, planned = commit_counts(conf, masked, steps_left, cfg.threshold, contiguous=cfg.remasking == "prefix")
     score = remasking_score(probs, conf, cfg.remasking, generator, cfg.threshold)
     return pred, probs, conf, planned, select_commits(score, masked, k)
+
+
+class Verified(NamedTuple):
+    """One `verify` pass: the block after it and what the views show of it."""
+    x: torch.Tensor            # (B, S) committed ids, mask id elsewhere
+    drafts: torch.Tensor       # (B, S) the next pass's drafts, mask id where none
+    draft_probs: torch.Tensor | None   # (B, S, V) what each draft was drawn from (temperature > 0)
+    pred: torch.Tensor         # (B, S) the pass's token per position
+    probs: torch.Tensor        # (B, S, V) unscaled distribution per position
+    confidence: torch.Tensor   # (B, S) p(pred)
+    proposed: torch.Tensor     # (B,) new drafts
+    commit: torch.Tensor       # (B, S) bool, committed at this pass
+    rejected: torch.Tensor     # (B, S) bool, drafts this pass dropped
+
+
+def verify_step(logits: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
+                open_: torch.Tensor, steps_left: int, cfg: SamplerConfig, generator: torch.Generator | None,
+                mask_id: int) -> Verified:
+    """The `verify` order: the denoiser drafts, its clean_as_ar reading of the drafts checks them
+    (speculative decoding, the denoiser as its own drafter).
+
+    The block holds committed tokens, then drafts, then masked positions. The pass read the
+    drafts as clean text, so its prediction p at each draft and at the position after the
+    drafts is the AR model's, given the text before it. Left to right, a draft d drawn from q
+    holds with probability min(1, p(d) / q(d)) (greedy: when d is the AR model's argmax); the
+    first that fails is replaced by a draw from norm(max(p - q, 0)) (greedy: the argmax) and
+    the drafts after it are dropped. When all hold, the first masked position takes the AR
+    model's token and the masked run right after it with confidence over gamma becomes the
+    next drafts. Every pass commits at least one token, and while steps are left the text is
+    the AR model's (greedy) or a draw from it. With one step left, everything is committed.
+
+    logits: (B, S, V) guarded, [MASK] forbidden; x: (B, S) committed ids, mask_id elsewhere;
+    drafts: (B, S) draft ids, mask_id where none; draft_probs: (B, S, V) or None (greedy);
+    open_: (B, S) bool, unwritten positions of rows that still go on.
+    """
+    greedy = cfg.temperature == 0.0
+    pred, probs, conf = choose_tokens(logits, cfg, generator)
+    p = None if greedy else sampling_probs(logits, cfg)
+    committed, drafted = x != mask_id, drafts != mask_id
+    if greedy:
+        holds = pred == drafts
+    else:                                                          # u < p(d) / q(d)
+        draft_probs = p if draft_probs is None else draft_probs   # None: no drafts yet
+        p_d, q_d = p.gather(-1, drafts[..., None])[..., 0], draft_probs.gather(-1, drafts[..., None])[..., 0]
+        holds = torch.rand(p_d.shape, generator=generator, device=p_d.device) * q_d < p_d
+    done = (committed | (drafted & holds)).long().cumprod(-1).bool()      # the checked prefix
+    accepted = done & drafted
+    after_done = torch.cat([torch.ones_like(done[:, :1]), done[:, :-1]], -1)
+    first = ~done & after_done                                      # (B, S) the first unchecked position
+    failed = first & drafted
+    token = torch.where(accepted, drafts, pred)
+    if not greedy:                                                  # a failed draft: draw from max(p - q, 0)
+        token = torch.where(failed, draw((p - draft_probs).clamp_min(0), generator), token)
+    commit = open_ & ((accepted | first) if steps_left > 1 else torch.ones_like(done))
+    x = torch.where(commit, token, x)
+    # next drafts: only after a prefix that held up, over gamma, right after the first position
+    over = (conf > cfg.threshold) & ~committed & ~drafted & open_
+    run = (over | done | first).long().cumprod(-1).bool() & over & ~first & ~failed.any(-1, keepdim=True)
+    if steps_left == 1:
+        run = torch.zeros_like(run)
+    new = torch.where(run, pred, torch.full_like(pred, mask_id))
+    return Verified(x, new, None if greedy else p, token, probs, conf, run.sum(-1), commit,
+                    drafted & ~accepted)

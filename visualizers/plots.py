@@ -86,7 +86,8 @@ def confidence_heatmap(trace, row: int = 0) -> go.Figure:
 
 
 def commits_per_step(trace, row: int = 0) -> go.Figure:
-    """Teaching aid: commits the threshold asked for vs commits made, per denoiser pass."""
+    """Teaching aid: commits the threshold asked for vs commits made, per denoiser pass
+    (the verify order: new drafts, commits and dropped drafts)."""
     if trace.mode != "diffusion":
         return note_figure("AR runs commit exactly one token per forward pass.")
     steps = trace.steps()
@@ -94,12 +95,17 @@ def commits_per_step(trace, row: int = 0) -> go.Figure:
         return note_figure("No step recorded yet.")
     x = list(range(1, len(steps) + 1))
     text = [f"block {e.block}, step {e.step}" for e in steps]
+    verify = steps[0].drafts is not None
     fig = go.Figure([
-        go.Bar(x=x, y=[e.planned[row] for e in steps], name="above threshold (planned)",
-               marker_color=BLUE, hovertext=text),
-        go.Bar(x=x, y=[len(e.committed[row]) for e in steps], name="committed (after floor and cap)",
-               marker_color=ORANGE, marker_pattern_shape="/", hovertext=text),
+        go.Bar(x=x, y=[e.planned[row] for e in steps], hovertext=text, marker_color=BLUE,
+               name="new drafts over γ (checked by the next pass)" if verify else "above threshold (planned)"),
+        go.Bar(x=x, y=[len(e.committed[row]) for e in steps], hovertext=text, marker_color=ORANGE,
+               name="committed (held drafts + the AR token)" if verify else "committed (after floor and cap)",
+               marker_pattern_shape="/"),
     ])
+    if verify:
+        fig.add_trace(go.Bar(x=x, y=[len(e.rejected[row]) for e in steps], name="drafts dropped",
+                             marker_color="#999", hovertext=text))
     for b in trace.blocks()[1:]:
         first = next((i for i, e in enumerate(steps) if e.block == b.block), None)
         if first is not None:
@@ -122,7 +128,8 @@ def tokens_per_step(trace, row: int = 0) -> go.Figure:
     for e in steps:
         k = blocks.index(e.block)
         z[k][e.step] = len(e.committed[row])
-        hover[k][e.step] = f"{len(e.committed[row])} committed ({e.planned[row]} above the threshold)"
+        hover[k][e.step] = f"{len(e.committed[row])} committed ({e.planned[row]} " + (
+            "new drafts)" if e.drafts is not None else "above the threshold)")
     most = max(b.size for b in trace.blocks()) if trace.blocks() else None
     fig = go.Figure(go.Heatmap(z=z, x=list(range(depth)), y=[f"block {b}" for b in blocks], colorscale=SCALE,
                                zmin=0, zmax=most, text=z, texttemplate="%{text}", customdata=hover, xgap=2, ygap=2,

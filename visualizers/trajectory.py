@@ -3,13 +3,15 @@
 One frame per observable step: a denoiser pass (diffusion) or a generated token (AR).
 Frames are lists, not objects, to keep the payload small:
 
-    [block, step, offset, tokens, guess, conf, new, planned, elapsed_ms, nfe]
+    [block, step, offset, tokens, guess, conf, new, planned, elapsed_ms, nfe(, drafts, rejected)]
 
 - tokens: the block's tokens after the step, -1 where still masked (AR: the one token)
 - guess:  the top-1 candidate at every position (what a masked cell is "thinking")
 - conf:   p(chosen token) per position, as integers 0..100
 - new:    block positions committed at this step; offset + j is the generated index
-- planned: commits the threshold rule asked for, before the floor raised it
+- planned: commits the threshold rule asked for, before the floor raised it (verify: new drafts)
+- drafts, rejected (the verify order only): the draft id per position after the step (-1
+  where none), and the positions whose drafts the step dropped
 
 The grid state at frame i is: every position committed in frames 0..i, plus the masked
 guesses of frame i's block. A live payload sends the finished blocks once as `base`
@@ -42,9 +44,12 @@ def frames(trace, row: int = 0, top: bool = False) -> tuple[list[list], list | N
     for e in trace.steps():
         tokens = [-1 if t == mask else t for t in e.tokens[row]]
         guess = [cands[0] for cands in e.top_ids[row]]
-        out.append([e.block, e.step, starts.get(e.block, 0), tokens, guess,
-                    [_pct(c) for c in e.confidence[row]], e.committed[row], e.planned[row],
-                    int(e.elapsed * 1000), e.nfe])
+        frame = [e.block, e.step, starts.get(e.block, 0), tokens, guess,
+                 [_pct(c) for c in e.confidence[row]], e.committed[row], e.planned[row],
+                 int(e.elapsed * 1000), e.nfe]
+        if e.drafts is not None:
+            frame += [e.drafts[row], e.rejected[row]]
+        out.append(frame)
         if top:
             tops.append([[ids, [int(round(1000 * p)) for p in probs]]
                          for ids, probs in zip(e.top_ids[row], e.top_probs[row])])

@@ -1,0 +1,141 @@
+"""The `verify` commit order: the denoiser drafts, its clean_as_ar reading checks the drafts.
+
+Greedy, the text must be the AR model's token for token whatever the drafts are; sampling,
+each token must be a draw from the AR model's distribution (speculative sampling).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_llama_family import clean_as_ar_model
+from tests.tiny import MASK_ID, VOCAB, tiny_twotower
+from twotower.events import Done, Step
+from twotower.sampler import ar_generate, diffusion_generate
+from twotower.sampling import SamplerConfig, verify_step
+
+PROMPT_LENGTHS = (5, 9, 3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return clean_as_ar_model()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def run(gen) -> tuple[list[Step], Done]:
+    events = list(gen)
+    return [e for e in events if isinstance(e, Step)], events[-1]
+
+
+def oracle_drafter(monkeypatch, model, prompts, truth: list[list[int]], wrong_every: int):
+    """Make the denoiser's masked predictions confident: the AR model's own next tokens
+    (`truth`), except every `wrong_every`-th generated position, which gets a wrong token.
+    Clean positions (the verifying reads) are left as they are."""
+    real_denoise, real_inputs, where = model.denoise, model.block_inputs, {}
+
+    def block_inputs(ctx, size, **kw):
+        where["start"] = [int(n) - len(p) for n, p in zip(ctx.lengths, prompts)]
+        return real_inputs(ctx, size, **kw)
+
+    def denoise(x, inputs, t=None, capture=None):
+        logits = real_denoise(x, inputs, t, capture)
+        for b, start in enumerate(where["start"]):
+            for j in range(x.shape[1]):
+                index = start + j
+                if x[b, j - 1 if j else 0] == MASK_ID and j > 0 and index < len(truth[b]):
+                    tok = truth[b][index] if index % wrong_every else (truth[b][index] + 1) % VOCAB or 4
+                    logits[b, j] = -30.0
+                    logits[b, j, tok] = 30.0
+        return logits
+
+    monkeypatch.setattr(model, "block_inputs", block_inputs)
+    monkeypatch.setattr(model, "denoise", denoise)
+
+
+@pytest.mark.parametrize("guards", [{}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}])
+@pytest.mark.parametrize("threshold", [0.0, 0.9])
+def test_greedy_verify_writes_the_ar_text_with_any_drafts(model, prompts, guards, threshold):
+    c = dict(max_new_tokens=40, block_size=8, steps=8, stop_at_eos=False, **guards)
+    _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
+    steps, done = run(diffusion_generate(model, prompts, SamplerConfig(remasking="verify", threshold=threshold, **c)))
+    assert done.token_ids == ar.token_ids
+    assert done.nfe == 40                       # this random denoiser's drafts all fail: one token a pass
+    if threshold == 0.0:
+        assert sum(len(r) for e in steps for r in e.rejected) > 0
+
+
+@pytest.mark.parametrize("guards", [{}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}])
+def test_good_drafts_are_committed_and_bad_ones_corrected(model, prompts, monkeypatch, guards):
+    c = dict(max_new_tokens=40, block_size=8, steps=8, stop_at_eos=False, **guards)
+    _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
+    oracle_drafter(monkeypatch, model, prompts, ar.token_ids, wrong_every=5)
+    steps, done = run(diffusion_generate(model, prompts, SamplerConfig(remasking="verify", threshold=0.9, **c)))
+    assert done.token_ids == ar.token_ids
+    assert done.nfe < 30                        # several tokens a pass where the drafts hold
+    rejected = sum(len(r) for e in steps for r in e.rejected)
+    assert rejected > 0
+    for e in steps:                             # drafts sit right after the committed text
+        for row, drafts in zip(e.tokens, e.drafts):
+            d = [j for j, tok in enumerate(drafts) if tok >= 0]
+            if d:
+                assert d == list(range(d[0], d[-1] + 1)) and all(t != MASK_ID for t in row[:d[0]])
+                assert all(t == MASK_ID for t in row[d[0]:])
+
+
+def test_the_same_drafts_unchecked_change_the_text(model, prompts, monkeypatch):
+    """The exactness above is the check's doing: the leftmost order commits the same drafts
+    unchecked, and the wrong ones stay in the text."""
+    c = dict(max_new_tokens=24, block_size=8, steps=8, stop_at_eos=False)
+    _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
+    oracle_drafter(monkeypatch, model, prompts, ar.token_ids, wrong_every=5)
+    checked = run(diffusion_generate(model, prompts, SamplerConfig(remasking="verify", threshold=0.9, **c)))[1]
+    unchecked = run(diffusion_generate(model, prompts, SamplerConfig(remasking="leftmost", threshold=0.9, **c)))[1]
+    assert checked.token_ids == ar.token_ids != unchecked.token_ids
+
+
+def test_verify_needs_a_clean_as_ar_denoiser(prompts):
+    with pytest.raises(ValueError, match="verify order .* needs a clean_as_ar denoiser"):
+        next(diffusion_generate(tiny_twotower(), prompts, SamplerConfig(remasking="verify")))
+
+
+def test_verify_with_one_step_left_commits_everything(model, prompts):
+    steps, done = run(diffusion_generate(model, prompts, SamplerConfig(
+        remasking="verify", threshold=0.0, max_new_tokens=8, block_size=8, steps=2, stop_at_eos=False)))
+    assert len(steps) == 2 and all(len(r) == 8 for r in done.token_ids)
+    assert all(d == -1 for row in steps[-1].drafts for d in row)
+
+
+def test_speculative_acceptance_draws_from_the_target_distribution():
+    """One draft per row, drawn from q; the committed token must follow p, not q."""
+    rows, V = 40000, 5                                              # id 3 is [MASK]: never drawn
+    p = torch.tensor([0.5, 0.3, 0.15, 0.0, 0.05])
+    q = torch.tensor([0.1, 0.6, 0.1, 0.0, 0.2])
+    g = torch.Generator().manual_seed(3)
+    drafts = torch.full((rows, 2), MASK_ID)
+    drafts[:, 1] = torch.multinomial(q, rows, replacement=True, generator=g)
+    x = torch.full((rows, 2), MASK_ID)
+    x[:, 0] = 0                                                     # position 0 committed
+    logits = p.log().expand(rows, 2, V).clone()
+    draft_probs = q.expand(rows, 2, V).clone()
+    open_ = x == MASK_ID
+    cfg = SamplerConfig(remasking="verify", temperature=1.0)
+    v = verify_step(logits, x, drafts, draft_probs, open_, 4, cfg, g, MASK_ID)
+    assert v.commit[:, 1].all()
+    freq = torch.bincount(v.x[:, 1], minlength=V).float() / rows
+    assert (freq - p).abs().max() < 0.01, freq
+    accepted = (v.x[:, 1] == drafts[:, 1]).float().mean()
+    assert abs(accepted - torch.minimum(p, q).sum()) < 0.01       # the acceptance rate of speculative sampling
+
+
+def test_sampled_verify_is_reproducible_and_differs_by_seed(model, prompts):
+    c = dict(remasking="verify", threshold=0.0, temperature=1.0, max_new_tokens=16, block_size=8, steps=8)
+    a = run(diffusion_generate(model, prompts, SamplerConfig(seed=1, **c)))[1]
+    b = run(diffusion_generate(model, prompts, SamplerConfig(seed=1, **c)))[1]
+    other = run(diffusion_generate(model, prompts, SamplerConfig(seed=2, **c)))[1]
+    assert a.token_ids == b.token_ids != other.token_ids
