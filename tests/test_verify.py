@@ -139,3 +139,22 @@ def test_sampled_verify_is_reproducible_and_differs_by_seed(model, prompts):
     b = run(diffusion_generate(model, prompts, SamplerConfig(seed=1, **c)))[1]
     other = run(diffusion_generate(model, prompts, SamplerConfig(seed=2, **c)))[1]
     assert a.token_ids == b.token_ids != other.token_ids
+
+
+def test_the_guards_at_drafts_are_the_ar_models_guards_there():
+    """RepeatGuard.prefix at block position j = the AR guard after history + block[:j]."""
+    from twotower.sampling import RepeatGuard, history_tensor
+    g = torch.Generator().manual_seed(4)
+    cfg = SamplerConfig(repetition_penalty=1.4, no_repeat_ngram_size=3)
+    history = [[5, 6, 7, 5, 6, 9], [8, 8, 4]]
+    x = torch.tensor([[10, 6, 11, 10, 11, MASK_ID], [4, 11, 11, 4, MASK_ID, MASK_ID]])
+    logits = torch.randn(2, 6, 12, generator=g)
+    at = x != MASK_ID
+    got = RepeatGuard(cfg, history_tensor(history, "cpu")).prefix(logits.clone(), x, MASK_ID, at)
+    for b in range(2):
+        for j in range(6):
+            if not at[b, j]:
+                assert torch.equal(got[b, j], logits[b, j])
+                continue
+            ar = RepeatGuard(cfg, history_tensor([history[b] + x[b, :j].tolist()], "cpu"))
+            assert torch.equal(got[b, j], ar.token(logits[b, j][None].clone())[0]), (b, j)

@@ -141,20 +141,27 @@ def penalise_repeats_(logits: torch.Tensor, written: torch.Tensor, penalty: floa
 def penalise_prefix_repeats_(logits: torch.Tensor, history: torch.Tensor, x: torch.Tensor, mask_id: int,
                               penalty: float, at: torch.Tensor) -> torch.Tensor:
     """The repetition penalty at written block positions `at`, as the AR model met it when it
-    wrote there: over the history and the block's tokens before each position. In place.
+    wrote there: over the history and the block's tokens before each position. In place,
+    reading and writing only the written ids' columns.
 
     logits: (B, S, V); history: (B, H) left-padded with -1; x: (B, S), mask_id where not written;
     at: (B, S) bool.
     """
     if penalty == 1.0:
         return logits
-    seen = torch.zeros(logits.shape[0], logits.shape[-1], device=logits.device)          # (B, V)
-    seen.scatter_add_(1, history.clamp_min(0), (history >= 0).float())
-    block = torch.zeros(logits.shape, device=logits.device)                                # (B, S, V)
-    block.scatter_add_(2, x.unsqueeze(-1), (x != mask_id).float().unsqueeze(-1))
-    before = seen.unsqueeze(1) + block.cumsum(1) - block                                  # written before j
-    apply = (before > 0) & at.unsqueeze(-1)
-    return logits.copy_(torch.where(apply, torch.where(logits > 0, logits / penalty, logits * penalty), logits))
+    seq = torch.cat([history, x], 1)                                              # (B, L)
+    written = (seq >= 0) & (seq != mask_id)
+    ids = torch.where(written, seq, mask_id)                      # unwritten entries read [MASK], never penalised
+    L, H = seq.shape[1], history.shape[1]
+    index = torch.arange(L, device=seq.device)
+    same = (ids[:, :, None] == ids[:, None, :]) & written[:, None, :]            # (B, L, L)
+    first = torch.where(same, index, L).amin(-1)                  # (B, L) first place each id was written
+    before = first[:, None, :] < (H + torch.arange(x.shape[1], device=seq.device))[None, :, None]   # (B, S, L)
+    apply = before & written[:, None, :] & at[..., None]          # equal for every copy of an id
+    ids = ids[:, None, :].expand(-1, x.shape[1], -1)
+    score = logits.gather(-1, ids)
+    penalised = torch.where(score > 0, score / penalty, score * penalty)
+    return logits.scatter_(-1, ids, torch.where(apply, penalised, score))
 
 
 def ban_repeated_ngrams_(logits: torch.Tensor, history: torch.Tensor, x: torch.Tensor, mask_id: int,
