@@ -59,7 +59,7 @@ def test_the_ui_starts_from_the_models_recommended_settings(model, monkeypatch):
     set_model(None)                                                    # not loaded yet: read from its twotower.json
     try:
         monkeypatch.delenv(state.MODEL_ENV, raising=False)
-        assert state.recommended_config().remasking == "prefix"      # the shipped default model's
+        assert state.recommended_config().remasking == "verify"      # the shipped default model's
     finally:
         set_model(model)
 

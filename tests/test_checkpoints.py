@@ -85,11 +85,11 @@ def test_recommended_sampler_settings_travel_with_the_checkpoint(ar_dir, tmp_pat
     assert checkpoints.recommended_settings(str(ar_dir)) == {}          # a plain AR model recommends nothing
 
 
-def test_the_shipped_default_recommends_prefix_and_repeat_guards_and_reads_clean_as_ar():
-    """Read from assets/default_model/twotower.json alone (README 'Commit order prefix',
+def test_the_shipped_default_recommends_verify_and_repeat_guards_and_reads_clean_as_ar():
+    """Read from assets/default_model/twotower.json alone (README 'Commit order verify',
     'Repeat guards', 'Clean positions read as the AR model')."""
-    assert checkpoints.recommended_settings(None) == {"remasking": "prefix", "repetition_penalty": 1.05,
-                                                      "no_repeat_ngram_size": 4}
+    assert checkpoints.recommended_settings(None) == {"remasking": "verify", "threshold": 0.2,
+                                                      "repetition_penalty": 1.05, "no_repeat_ngram_size": 4}
     assert json.loads((checkpoints.DEFAULT_DIR / "twotower.json").read_text())["clean_as_ar"] is True
 
 

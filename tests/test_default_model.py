@@ -73,3 +73,16 @@ def test_its_next_token_is_the_ar_models(model):
         got = model.denoise(x, model.block_inputs(ctx, 16))[0, :len(answer[0]) + 1]
         ar = model.context_lm(input_ids=torch.tensor([prompt + answer[0]])).logits[0, len(prompt) - 1:]
     torch.testing.assert_close(got, ar, atol=2e-3, rtol=1e-3)
+
+
+def test_at_its_recommended_settings_it_writes_the_ar_models_text_in_fewer_passes(model):
+    """The verify order: drafts that are not the AR model's own token are dropped, so the text
+    equals greedy AR under the same guards; the drafts that hold save passes."""
+    from twotower.sampler import ar_generate
+    assert model.sampler_defaults["remasking"] == "verify"
+    cfg = SamplerConfig.recommended(model.sampler_defaults, max_new_tokens=48)
+    prompt = encode_prompt(model, STORY)
+    ar = list(ar_generate(model, [prompt], cfg))[-1]
+    done = list(diffusion_generate(model, [prompt], cfg))[-1]
+    assert done.token_ids == ar.token_ids
+    assert done.nfe < len(done.token_ids[0])
