@@ -158,3 +158,21 @@ def test_the_guards_at_drafts_are_the_ar_models_guards_there():
                 continue
             ar = RepeatGuard(cfg, history_tensor([history[b] + x[b, :j].tolist()], "cpu"))
             assert torch.equal(got[b, j], ar.token(logits[b, j][None].clone())[0]), (b, j)
+
+
+def test_a_verify_run_forked_mid_block_goes_on_to_the_ar_text(model, prompts, monkeypatch):
+    """A fork keeps the committed tokens (drafts are not state): the continuation drafts again
+    and still writes the AR text."""
+    from twotower.fork import fork_point
+    from twotower.runner import run as record
+    c = dict(max_new_tokens=24, block_size=8, steps=8, stop_at_eos=False)
+    _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
+    oracle_drafter(monkeypatch, model, prompts, ar.token_ids, wrong_every=5)
+    cfg = SamplerConfig(remasking="verify", threshold=0.9, **c)
+    trace, events = record(model, prompts, cfg, "diffusion")
+    list(events)
+    drafted = next(e for e in trace.steps() if e.block == 1 and any(d >= 0 for row in e.drafts for d in row))
+    point = fork_point(trace, drafted.block, drafted.step)
+    assert all(t == MASK_ID for row in point.tokens for t in row[-2:])        # drafts are not carried over
+    _, forked = run(diffusion_generate(model, prompts, cfg, resume=point))
+    assert forked.token_ids == ar.token_ids

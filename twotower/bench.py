@@ -613,7 +613,7 @@ def step_work(model, cfg: SamplerConfig, batch: int, iters: int = 20) -> dict:
     the decision (token choice, commit rule) and the event payload (top candidates + host copies).
     Timed alone, synchronised, so it shows what per-step work and host syncs cost on this device."""
     from .sampler import _top
-    from .sampling import decide_step
+    from .sampling import decide_step, verify_step
 
     device, vocab, size = model.device, model.denoiser_lm.config.vocab_size, cfg.block_size
     gen = torch.Generator(device=device).manual_seed(0)
@@ -622,6 +622,9 @@ def step_work(model, cfg: SamplerConfig, batch: int, iters: int = 20) -> dict:
     x = torch.full((batch, size), model.mask_token_id, device=device)
 
     def decide():
+        if cfg.remasking == "verify":      # a first pass of a block: nothing drafted yet
+            v = verify_step(logits, x, x, None, masked, cfg.steps, cfg, gen, model.mask_token_id)
+            return v.pred, v.probs, v.confidence, v.proposed, v.commit
         return decide_step(logits, masked, cfg.steps, cfg, gen)
 
     def payload(pred, probs, conf, planned, commit):

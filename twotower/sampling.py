@@ -298,6 +298,8 @@ def remasking_score(probs: torch.Tensor, confidence: torch.Tensor, strategy: str
         if strategy == "prefix":    # left to right
             return -position.expand_as(confidence)
         return torch.where(confidence > threshold, 1.0 + confidence, -position)   # over the threshold first
+    if strategy == "verify":
+        raise ValueError("the verify order has no score: its passes are decided by verify_step")
     raise ValueError(f"unknown remasking strategy {strategy!r}; expected one of {REMASKING}")
 
 
