@@ -624,7 +624,7 @@ def step_work(model, cfg: SamplerConfig, batch: int, iters: int = 20) -> dict:
     def decide():
         if cfg.remasking == "verify":      # a first pass of a block: nothing drafted yet
             v = verify_step(logits, x, x, None, masked, cfg.steps, cfg, gen, model.mask_token_id)
-            return v.pred, v.probs, v.confidence, v.proposed, v.commit
+            return v.pred, v.probs, v.confidence, v.planned, v.commit
         return decide_step(logits, masked, cfg.steps, cfg, gen)
 
     def payload(pred, probs, conf, planned, commit):

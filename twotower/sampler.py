@@ -15,8 +15,7 @@ from .attention import AttentionCapture
 from .events import BlockCommitted, BlockStart, Done, Event, Prefill, Step, Token
 from .fork import ForkPoint
 from .model import TwoTower
-from .sampling import (RepeatGuard, SamplerConfig, choose_tokens, decide_step, history_tensor, settled_rows,
-                       verify_step)
+from .sampling import RepeatGuard, SamplerConfig, choose_tokens, decide_pass, history_tensor, settled_rows
 
 
 def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -> None:
@@ -163,25 +162,20 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
                 logits = guard.prefix(logits, seen, mask_id, drafts != mask_id)   # AR's guards at the drafts
             logits[..., mask_id] = float("-inf")                   # never predict [MASK]
             open_ = (x == mask_id) & ~settled[:, None]             # settled rows commit nothing more
-            if verify:
-                v = verify_step(logits, x, drafts, draft_probs, open_, budget - step, cfg, gen, mask_id)
-                x, drafts, draft_probs = v.x, v.drafts, v.draft_probs
-                pred, probs, conf, planned, commit, rejected = v.pred, v.probs, v.confidence, v.proposed, v.commit, v.rejected
-            else:
-                pred, probs, conf, planned, commit = decide_step(logits, open_, budget - step, cfg, gen)
-                x, rejected = torch.where(commit, pred, x), commit[:, :0]  # carry-over: committed stay
+            d = decide_pass(logits, x, drafts, draft_probs, open_, budget - step, cfg, gen, mask_id)
+            x, drafts, draft_probs = d.x, d.drafts, d.draft_probs
             active, settled = open_.any(-1), settled | settled_rows(x, mask_id, eos_ids)
             nfe, used = nfe + 1, step + 1
-            top_ids, top_probs = _top(probs, cfg.top_candidates)
+            top_ids, top_probs = _top(d.probs, cfg.top_candidates)
             h_t, h_x, h_commit, h_planned, h_conf, h_ids, h_probs, h_active, h_settled, h_drafts, h_rejected = _to_host(
-                t, x, commit, planned, conf, top_ids, top_probs, active, settled, drafts, rejected)   # the step's one sync
-            event = Step(block=block, step=step, t=h_t.tolist(), tokens=h_x.long().tolist(),
+                t, x, d.commit, d.planned, d.confidence, top_ids, top_probs, active, settled, drafts, d.rejected)
+            event = Step(block=block, step=step, t=h_t.tolist(), tokens=h_x.long().tolist(),   # (the step's one sync)
                          committed=_positions(h_commit), planned=h_planned.long().tolist(), confidence=h_conf.tolist(),
                          top_ids=h_ids.long().tolist(), top_probs=h_probs.tolist(),
                          elapsed=time.perf_counter() - start, nfe=nfe,
                          attention={i: p.tolist() for i, p in capture.probs.items()} if capture else None,
                          anchor=int(model.anchor), active=h_active.bool().tolist(),
-                         drafts=[[-1 if d == mask_id else d for d in row] for row in h_drafts.long().tolist()]
+                         drafts=[[-1 if tok == mask_id else tok for tok in row] for row in h_drafts.long().tolist()]
                          if verify else None,
                          rejected=_positions(h_rejected) if verify else None)
             if first_token is None and all(row[0] != mask_id for row in event.tokens):

@@ -359,22 +359,22 @@ def decide_step(logits: torch.Tensor, masked: torch.Tensor, steps_left: int, cfg
     return pred, probs, conf, planned, select_commits(score, masked, k)
 
 
-class Verified(NamedTuple):
-    """One `verify` pass: the block after it and what the views show of it."""
+class Decision(NamedTuple):
+    """One pass's decision: the block after it and what the views show of it."""
     x: torch.Tensor            # (B, S) committed ids, mask id elsewhere
     drafts: torch.Tensor       # (B, S) the next pass's drafts, mask id where none
     draft_probs: torch.Tensor | None   # (B, S, V) what each draft was drawn from (temperature > 0)
     pred: torch.Tensor         # (B, S) the pass's token per position
     probs: torch.Tensor        # (B, S, V) unscaled distribution per position
     confidence: torch.Tensor   # (B, S) p(pred)
-    proposed: torch.Tensor     # (B,) new drafts
+    planned: torch.Tensor      # (B,) commits the threshold asked for (verify: new drafts)
     commit: torch.Tensor       # (B, S) bool, committed at this pass
     rejected: torch.Tensor     # (B, S) bool, drafts this pass dropped
 
 
 def verify_step(logits: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
                 open_: torch.Tensor, steps_left: int, cfg: SamplerConfig, generator: torch.Generator | None,
-                mask_id: int) -> Verified:
+                mask_id: int) -> Decision:
     """The `verify` order: the denoiser drafts, its clean_as_ar reading of the drafts checks them
     (speculative decoding, the denoiser as its own drafter).
 
@@ -418,5 +418,17 @@ def verify_step(logits: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, dra
     if steps_left == 1:
         run = torch.zeros_like(run)
     new = torch.where(run, pred, torch.full_like(pred, mask_id))
-    return Verified(x, new, None if greedy else p, token, probs, conf, run.sum(-1), commit,
+    return Decision(x, new, None if greedy else p, token, probs, conf, run.sum(-1), commit,
                     drafted & ~accepted)
+
+
+def decide_pass(logits: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
+                open_: torch.Tensor, steps_left: int, cfg: SamplerConfig, generator: torch.Generator | None,
+                mask_id: int) -> Decision:
+    """One denoiser pass's decision under any commit order (arguments as `verify_step`; outside
+    the verify order there are no drafts)."""
+    if cfg.remasking == "verify":
+        return verify_step(logits, x, drafts, draft_probs, open_, steps_left, cfg, generator, mask_id)
+    pred, probs, conf, planned, commit = decide_step(logits, open_, steps_left, cfg, generator)
+    return Decision(torch.where(commit, pred, x), drafts, None, pred, probs, conf, planned, commit,
+                    torch.zeros_like(commit))                       # carry-over: committed stay
