@@ -15,10 +15,12 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 INTRO = """# TwoTower: watch a diffusion language model write
 A frozen AR **context tower** reads the prompt and every finished block; a **denoiser tower** fills
-each new block of masked tokens over a few steps, sure tokens first."""
+each new block of masked tokens over a few passes; the commit order (sampler settings) decides which
+tokens a pass writes."""
 
 GRID_HELP = """Each row is a block (AR runs: 16 tokens a row). Masked cells show the denoiser's current
-best guess (faint), the bar under every cell its probability; orange = committed at this step. The line
+best guess (faint), the bar under every cell its probability; orange = committed at this step; blue dashed
+= a draft (the *verify* order: the next pass keeps it only if it is the AR model's own token). The line
 under the step counter spells out the commit rule for that step. Scrub with the slider, ◀ / ▶ or the
 arrow keys; click a token to inspect it (candidates per step, flips, the AR model's choice);
 **⋔ fork from this step** continues the run from there with other settings."""

@@ -160,8 +160,10 @@ function verifyRule(f, steps, threshold) {
     : `<b>${held}</b> of ${checked} drafts held; the next one was not the AR model's token, so it and the ` +
       `${rejected.length - 1} after it were dropped`;
   const next = last ? "last step of the block: every position left is committed"
+    : rejected.length ? "no new drafts: this pass read a wrong one, so its guesses past it are not trusted"
     : `<b>${planned}</b> masked position${planned === 1 ? "" : "s"} in a row with p &gt; ${gamma} became the next drafts`;
-  return `Verify: ${check} → committed <b>${fresh.length}</b> (the held drafts and the AR model's next token) · ${next}.`;
+  const what = last ? "" : held > 0 ? " (the held drafts and the AR model's next token)" : " (the AR model's next token)";
+  return `Verify: ${check} → committed <b>${fresh.length}</b>${what} · ${next}.`;
 }
 
 const LEGEND = `<div class="ttg-legend">

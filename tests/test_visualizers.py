@@ -358,3 +358,23 @@ def test_compare_names_a_run_by_its_settings(diffusion_trace):
     guarded = Trace.from_dict(json.loads(json.dumps(diffusion_trace.to_dict())))
     guarded.settings = {**diffusion_trace.settings, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
     assert compare.name(guarded).endswith(" · repetition penalty 1.2 · no repeated 3-grams")
+
+
+def test_verify_frames_carry_drafts_and_the_plot_counts_dropped_ones():
+    """The verify order: step 0 commits 'The' and drafts two; step 1 keeps one, drops the other
+    and commits the AR model's token in its place."""
+    first = step(0, 0, [10, MASK, MASK, MASK], [0], [0.95, 0.6, 0.5, 0.1], 0.05, 1, planned=2)
+    first.drafts, first.rejected = [[-1, 11, 14, -1]], [[]]
+    second = step(0, 1, [10, 11, 12, MASK], [1, 2], [0.95, 0.9, 0.8, 0.1], 0.10, 2, planned=0)
+    second.drafts, second.rejected = [[-1, -1, -1, -1]], [[2]]
+    events = [Prefill(prompt_tokens=[3], seconds=0.01), BlockStart(block=0, start=0, size=4, steps=4), first, second]
+    trace = Trace(mode="diffusion", settings={"threshold": 0.2, "remasking": "verify"},
+                  model={"mask_token_id": MASK, "eos_token_ids": [EOS]}, prompts=["Hi there"],
+                  prompt_ids=[[20, 21, 13]], tokens=dict(PIECES), events=events)
+    frames, _ = trajectory.frames(trace)
+    assert frames[0][10:] == [[-1, 11, 14, -1], []] and frames[1][10:] == [[-1, -1, -1, -1], [2]]
+    assert trajectory.payload(trace)["remasking"] == "verify"
+    fig = plots.commits_per_step(trace)
+    assert [t.name for t in fig.data] == ["new drafts over γ (checked by the next pass)",
+                                          "committed (held drafts + the AR token)", "drafts dropped"]
+    assert list(fig.data[2].y) == [0, 1]
