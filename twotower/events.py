@@ -39,10 +39,11 @@ class Step(Event):
     """One denoiser pass (one NFE) over the active block."""
     block: int
     step: int
-    t: list[float]                  # per row: masked fraction before this step
+    t: list[float]                  # per row: masked fraction the pass read (verify: drafts count as written)
     tokens: list[list[int]]         # (B, S) block tokens after this step; mask id where masked
     committed: list[list[int]]      # per row: block positions committed at this step
-    planned: list[int]              # per row: commits the threshold rule asked for (before the floor)
+    planned: list[int]              # per row: commits the threshold rule asked for (before the floor);
+                                    # verify order: the new drafts
     confidence: list[list[float]]   # (B, S) p(argmax) at every position, this step
     top_ids: list[list[list[int]]]  # (B, S, k) top-k candidate ids
     top_probs: list[list[list[float]]]  # (B, S, k) their probabilities
