@@ -176,3 +176,20 @@ def test_a_verify_run_forked_mid_block_goes_on_to_the_ar_text(model, prompts, mo
     assert all(t == MASK_ID for row in point.tokens for t in row[-2:])        # drafts are not carried over
     _, forked = run(diffusion_generate(model, prompts, cfg, resume=point))
     assert forked.token_ids == ar.token_ids
+
+
+def test_eval_counts_the_drafts_kept_and_dropped(model, prompts, monkeypatch):
+    from twotower import evaluate
+    c = dict(max_new_tokens=24, block_size=8, steps=8, stop_at_eos=False)
+    prompts = sorted(prompts, key=len)                 # the order eval batches them in: one batch
+    _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
+    oracle_drafter(monkeypatch, model, prompts, ar.token_ids, wrong_every=5)
+    gen = evaluate.generate(model, prompts, SamplerConfig(remasking="verify", threshold=0.9, **c), "diffusion", 3)
+    assert gen.ids == ar.token_ids and gen.drafts_held > 0 and gen.drafts_dropped > 0
+    # a pass commits its kept drafts and, unless they reach the block's end, one AR token
+    assert gen.tokens <= gen.drafts_held + sum(gen.nfe) and gen.drafts_held < gen.tokens
+    speed = evaluate.speed_of(gen)
+    assert speed["drafts_checked"] == gen.drafts_held + gen.drafts_dropped
+    assert 0 < speed["draft_acceptance"] < 1
+    assert "draft_acceptance" not in evaluate.speed_of(evaluate.generate(
+        model, prompts, SamplerConfig(remasking="prefix", **c), "diffusion", 3))

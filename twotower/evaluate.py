@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from . import metrics
-from .events import BlockCommitted, Done, Step, Token
+from .events import BlockCommitted, BlockStart, Done, Step, Token
 from .generate_cmd import tuned
 from .sampler import ar_generate, diffusion_generate
 from .sampling import REMASKING, SamplerConfig
@@ -96,6 +96,8 @@ class Generation:
     ids: list[list[int]] = field(default_factory=list)
     nfe: list[int] = field(default_factory=list)      # per reply, as if decoded alone
     seconds: float = 0.0                                # wall time of the batched runs
+    drafts_held: int = 0                                # verify order: drafts the AR model's reading kept
+    drafts_dropped: int = 0                             # ... and dropped
 
     @property
     def tokens(self) -> int:
@@ -129,18 +131,38 @@ class RowNFE:
                     self.ended[b] = self.stop and tok in self.eos
 
 
+class RowDrafts:
+    """The verify order's drafts, per row: how many the next pass kept (committed) and dropped."""
+
+    def __init__(self, batch: int):
+        self.held, self.dropped = [0] * batch, [0] * batch
+        self.pending: list[set[int]] = [set() for _ in range(batch)]   # positions drafted by the last pass
+
+    def update(self, event) -> None:
+        if isinstance(event, BlockStart):
+            self.pending = [set() for _ in self.pending]
+        elif isinstance(event, Step) and event.drafts is not None:
+            for b, drafts in enumerate(event.drafts):
+                self.held[b] += len(self.pending[b] & set(event.committed[b]))
+                self.dropped[b] += len(event.rejected[b])
+                self.pending[b] = {j for j, d in enumerate(drafts) if d >= 0}
+
+
 def sampler_for(mode: str):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return ar_generate if mode == "ar" else diffusion_generate
 
 
-def run_batch(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str) -> tuple[Done, list[int]]:
-    """Decode one batch; returns the Done event and the per-row NFE."""
+def run_batch(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str,
+              drafts: RowDrafts | None = None) -> tuple[Done, list[int]]:
+    """Decode one batch; returns the Done event and the per-row NFE (drafts: counted into)."""
     counter = RowNFE(len(prompt_ids), model.eos_token_ids, cfg.stop_at_eos)
     done = None
     for event in sampler_for(mode)(model, prompt_ids, cfg):
         counter.update(event)
+        if drafts is not None:
+            drafts.update(event)
         done = event if isinstance(event, Done) else done
     return done, counter.nfe
 
@@ -152,16 +174,17 @@ def generate(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str, 
 
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     rows: dict[int, tuple[str, list[int], int]] = {}
-    seconds = 0.0
+    seconds, held, dropped = 0.0, 0, 0
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc=desc or mode, unit="batch", leave=False, file=sys.stderr):
         idx = order[s: s + batch_size]
-        done, nfe = run_batch(model, [prompt_ids[i] for i in idx], cfg, mode)
-        seconds += done.seconds
+        drafts = RowDrafts(len(idx))
+        done, nfe = run_batch(model, [prompt_ids[i] for i in idx], cfg, mode, drafts)
+        seconds, held, dropped = seconds + done.seconds, held + sum(drafts.held), dropped + sum(drafts.dropped)
         for j, i in enumerate(idx):
             rows[i] = (done.texts[j], done.token_ids[j], nfe[j])
     texts, ids, nfes = zip(*(rows[i] for i in range(len(prompt_ids)))) if rows else ((), (), ())
-    return Generation(list(texts), list(ids), list(nfes), seconds)
+    return Generation(list(texts), list(ids), list(nfes), seconds, held, dropped)
 
 
 def measure_speed(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str) -> dict:
@@ -233,8 +256,12 @@ def score_open(model, prompt_ids: list[list[int]], gen: Generation, batch_size: 
 def speed_of(gen: Generation) -> dict:
     """Tokens per NFE (per-reply accounting) and batched throughput of a generation."""
     nfe = sum(gen.nfe)
-    return {"tokens_per_nfe": gen.tokens / nfe if nfe else math.nan,
-            "batched_tokens_per_second": gen.tokens / gen.seconds if gen.seconds > 0 else math.nan}
+    out = {"tokens_per_nfe": gen.tokens / nfe if nfe else math.nan,
+           "batched_tokens_per_second": gen.tokens / gen.seconds if gen.seconds > 0 else math.nan}
+    checked = gen.drafts_held + gen.drafts_dropped
+    if checked:                                        # the verify order: how its drafts fared
+        out.update(drafts_checked=checked, draft_acceptance=gen.drafts_held / checked)
+    return out
 
 
 def mean_agreement(a: Generation, b: Generation, n: int) -> float:
@@ -360,6 +387,10 @@ def summary_table(res: dict) -> str:
              *([f"- quality retention on the QA items not in its training corpus: {fmt(cmp['qa_retention_unseen'])} "
                 f"({len(seen)} items were: {', '.join(seen)})"] if seen else []),
              f"- agreement with AR on the first {agree_n} tokens: {fmt(cmp['agreement'])}"]
+    drafts = diff["speed"]["open"]
+    if "draft_acceptance" in drafts:
+        lines.append(f"- verify order, open prompts: {drafts['drafts_checked']} drafts checked, "
+                     f"{fmt(drafts['draft_acceptance'])} of them kept (the AR model's own token)")
     if "speedup_tokens_per_second" in cmp:
         lines.append(f"- wall-clock speedup (batch 1): {fmt(cmp['speedup_tokens_per_second'], 2)}x")
     return table + "\n\n" + "\n".join(lines)

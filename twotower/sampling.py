@@ -419,7 +419,7 @@ def verify_step(logits: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, dra
         run = torch.zeros_like(run)
     new = torch.where(run, pred, torch.full_like(pred, mask_id))
     return Decision(x, new, None if greedy else p, token, probs, conf, run.sum(-1), commit,
-                    drafted & ~accepted)
+                    drafted & ~accepted & open_)                    # a settled row's drafts are not checked
 
 
 def decide_pass(logits: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
