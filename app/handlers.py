@@ -62,8 +62,9 @@ def status_line(trace: Trace, stopped: bool = False) -> str:
     s = trace.stats()
     if s:
         end = ENDINGS.get(s["stopped"], s["stopped"])
+        drafts = f" · drafts kept {s['drafts_kept']} of {s['drafts_checked']}" if "drafts_checked" in s else ""
         return (f"**Finished** ({trace.mode}) · {s['tokens']} tokens · {s['nfe']} forward passes · "
-                f"{s['tokens_per_nfe']:.2f} tokens/pass · {s['seconds']:.2f} s · "
+                f"{s['tokens_per_nfe']:.2f} tokens/pass{drafts} · {s['seconds']:.2f} s · "
                 f"{s['tokens_per_second']:.1f} tokens/s · first token {s['first_token_seconds']:.2f} s · {end}")
     p = trajectory.progress(trace)
     head = "**Stopped**" if stopped else "**Running…**"

@@ -193,3 +193,21 @@ def test_eval_counts_the_drafts_kept_and_dropped(model, prompts, monkeypatch):
     assert 0 < speed["draft_acceptance"] < 1
     assert "draft_acceptance" not in evaluate.speed_of(evaluate.generate(
         model, prompts, SamplerConfig(remasking="prefix", **c), "diffusion", 3))
+
+
+def test_a_verify_trace_counts_its_drafts(model, prompts, monkeypatch):
+    from app.handlers import status_line
+    from twotower.runner import run as record
+    c = dict(max_new_tokens=24, block_size=8, steps=8, stop_at_eos=False)
+    _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
+    oracle_drafter(monkeypatch, model, prompts, ar.token_ids, wrong_every=5)
+    trace, events = record(model, prompts, SamplerConfig(remasking="verify", threshold=0.9, **c), "diffusion")
+    list(events)
+    s = trace.stats()
+    assert 0 < s["drafts_kept"] < s["drafts_checked"]
+    assert f"drafts kept {s['drafts_kept']} of {s['drafts_checked']}" in status_line(trace)
+    from visualizers.export import stats_line
+    assert f"drafts kept {s['drafts_kept']} of {s['drafts_checked']}" in stats_line(trace)
+    plain, events = record(model, prompts, SamplerConfig(remasking="prefix", **c), "diffusion")
+    list(events)
+    assert "drafts_checked" not in plain.stats() and "drafts kept" not in status_line(plain)

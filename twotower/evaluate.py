@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 
 from . import metrics
-from .events import BlockCommitted, BlockStart, Done, Step, Token
+from .events import BlockCommitted, Done, Step, Token
 from .generate_cmd import tuned
 from .sampler import ar_generate, diffusion_generate
 from .sampling import REMASKING, SamplerConfig
+from .trace import DraftTally
 
 ROOT = Path(__file__).resolve().parent.parent
 QA_PATH = ROOT / "assets" / "eval" / "qa.jsonl"
@@ -131,23 +132,6 @@ class RowNFE:
                     self.ended[b] = self.stop and tok in self.eos
 
 
-class RowDrafts:
-    """The verify order's drafts, per row: how many the next pass kept (committed) and dropped."""
-
-    def __init__(self, batch: int):
-        self.held, self.dropped = [0] * batch, [0] * batch
-        self.pending: list[set[int]] = [set() for _ in range(batch)]   # positions drafted by the last pass
-
-    def update(self, event) -> None:
-        if isinstance(event, BlockStart):
-            self.pending = [set() for _ in self.pending]
-        elif isinstance(event, Step) and event.drafts is not None:
-            for b, drafts in enumerate(event.drafts):
-                self.held[b] += len(self.pending[b] & set(event.committed[b]))
-                self.dropped[b] += len(event.rejected[b])
-                self.pending[b] = {j for j, d in enumerate(drafts) if d >= 0}
-
-
 def sampler_for(mode: str):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -155,7 +139,7 @@ def sampler_for(mode: str):
 
 
 def run_batch(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str,
-              drafts: RowDrafts | None = None) -> tuple[Done, list[int]]:
+              drafts: DraftTally | None = None) -> tuple[Done, list[int]]:
     """Decode one batch; returns the Done event and the per-row NFE (drafts: counted into)."""
     counter = RowNFE(len(prompt_ids), model.eos_token_ids, cfg.stop_at_eos)
     done = None
@@ -178,7 +162,7 @@ def generate(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str, 
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc=desc or mode, unit="batch", leave=False, file=sys.stderr):
         idx = order[s: s + batch_size]
-        drafts = RowDrafts(len(idx))
+        drafts = DraftTally(len(idx))
         done, nfe = run_batch(model, [prompt_ids[i] for i in idx], cfg, mode, drafts)
         seconds, held, dropped = seconds + done.seconds, held + sum(drafts.held), dropped + sum(drafts.dropped)
         for j, i in enumerate(idx):

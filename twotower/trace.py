@@ -15,6 +15,24 @@ from .events import BlockStart, Done, Event, Step, Token, event_from_dict
 TRACE_VERSION = 1
 
 
+class DraftTally:
+    """The verify order's drafts, per row: how many the next pass kept (committed) and dropped.
+    Feed it a run's events in order."""
+
+    def __init__(self, batch: int):
+        self.held, self.dropped = [0] * batch, [0] * batch
+        self.pending: list[set[int]] = [set() for _ in range(batch)]   # positions drafted by the last pass
+
+    def update(self, event: Event) -> None:
+        if isinstance(event, BlockStart):
+            self.pending = [set() for _ in self.pending]
+        elif isinstance(event, Step) and event.drafts is not None:
+            for b, drafts in enumerate(event.drafts):
+                self.held[b] += len(self.pending[b] & set(event.committed[b]))
+                self.dropped[b] += len(event.rejected[b])
+                self.pending[b] = {j for j, d in enumerate(drafts) if d >= 0}
+
+
 @dataclass
 class Trace:
     mode: str                                   # "diffusion" | "ar"
@@ -64,7 +82,18 @@ class Trace:
             "tokens_per_second": n / done.seconds if done.seconds > 0 else 0.0,
             "first_token_seconds": done.first_token_seconds,
             "stopped": done.stopped,
+            **self.draft_stats(),
         }
+
+    def draft_stats(self) -> dict:
+        """Verify-order runs: drafts checked and kept, over all rows ({} for other runs)."""
+        steps = self.steps()
+        if not steps or steps[0].drafts is None:
+            return {}
+        tally = DraftTally(len(steps[0].drafts))
+        for event in self.events:
+            tally.update(event)
+        return {"drafts_checked": sum(tally.held) + sum(tally.dropped), "drafts_kept": sum(tally.held)}
 
     # ---- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -28,8 +28,9 @@ def stats_line(trace) -> str:
     s = trace.stats()
     if not s:
         return "An unfinished run."
+    drafts = f"drafts kept {s['drafts_kept']} of {s['drafts_checked']} · " if "drafts_checked" in s else ""
     return (f"{trace.mode} · {s['tokens']} tokens · {s['nfe']} forward passes · {s['tokens_per_nfe']:.2f} tokens/pass · "
-            f"{s['seconds']:.2f} s · {s['tokens_per_second']:.1f} tokens/s · ended by {s['stopped']}")
+            f"{drafts}{s['seconds']:.2f} s · {s['tokens_per_second']:.1f} tokens/s · ended by {s['stopped']}")
 
 
 def static_html(trace, title: str = "TwoTower run") -> str:
