@@ -1,4 +1,5 @@
-"""Per-step tensor maths: commit rule, remasking strategies, top-k/top-p, token choice, settings."""
+"""Per-step tensor maths: commit rule, remasking strategies, top-k/top-p, token choice, settings,
+repeat guards."""
 from __future__ import annotations
 
 import math
@@ -6,9 +7,9 @@ import math
 import pytest
 import torch
 
-from twotower.sampling import (REMASKING, decide_step, RepeatGuard, SamplerConfig, ban_repeated_ngrams_, choose_tokens,
-                               commit_counts, filter_logits, history_tensor, penalise_repeats_, remasking_score,
-                               select_commits, settled_rows)
+from twotower.guards import RepeatGuard, ban_repeated_ngrams_, history_tensor, penalise_repeats_
+from twotower.sampling import (REMASKING, SamplerConfig, choose_tokens, commit_counts, decide_step, filter_logits,
+                               remasking_score, select_commits, settled_rows)
 
 T = torch.tensor
 

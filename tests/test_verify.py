@@ -143,7 +143,7 @@ def test_sampled_verify_is_reproducible_and_differs_by_seed(model, prompts):
 
 def test_the_guards_at_drafts_are_the_ar_models_guards_there():
     """RepeatGuard.prefix at block position j = the AR guard after history + block[:j]."""
-    from twotower.sampling import RepeatGuard, history_tensor
+    from twotower.guards import RepeatGuard, history_tensor
     g = torch.Generator().manual_seed(4)
     cfg = SamplerConfig(repetition_penalty=1.4, no_repeat_ngram_size=3)
     history = [[5, 6, 7, 5, 6, 9], [8, 8, 4]]

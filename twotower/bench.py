@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 from .generate_cmd import tuned
-from .sampling import REMASKING, RepeatGuard, SamplerConfig
+from .guards import RepeatGuard
+from .sampling import REMASKING, SamplerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "bench" / "configs"
@@ -391,7 +392,7 @@ def hf_generation_config(model, cfg: SamplerConfig):
 
 
 class WrittenTokensGuard:
-    """Our repetition penalty and n-gram ban (twotower.sampling.RepeatGuard) as a generate()
+    """Our repetition penalty and n-gram ban (twotower.guards.RepeatGuard) as a generate()
     logits processor: over the tokens generated after the (left-padded) prompt, so that
     generate() picks the same tokens as our AR loop; transformers' own count the prompt too."""
 

@@ -15,7 +15,8 @@ from .attention import AttentionCapture
 from .events import BlockCommitted, BlockStart, Done, Event, Prefill, Step, Token
 from .fork import ForkPoint
 from .model import TwoTower
-from .sampling import RepeatGuard, SamplerConfig, choose_tokens, decide_pass, history_tensor, settled_rows
+from .guards import RepeatGuard, history_tensor
+from .sampling import SamplerConfig, choose_tokens, decide_pass, settled_rows
 
 
 def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -> None:
