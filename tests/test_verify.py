@@ -211,13 +211,3 @@ def test_a_verify_trace_counts_its_drafts(model, prompts, monkeypatch):
     plain, events = record(model, prompts, SamplerConfig(remasking="prefix", **c), "diffusion")
     list(events)
     assert "drafts_checked" not in plain.stats() and "drafts kept" not in status_line(plain)
-
-
-def test_with_fewer_steps_than_positions_the_floor_spreads_the_unchecked_commits(model, prompts):
-    """8 positions in 4 steps: every pass commits ceil(open / steps left) = 2, left to right
-    (one AR token + one unchecked guess), instead of leaving 5 for the last pass."""
-    steps, done = run(diffusion_generate(model, prompts, SamplerConfig(
-        remasking="verify", threshold=0.9, max_new_tokens=8, block_size=8, steps=4, stop_at_eos=False)))
-    assert [[len(c) for c in e.committed] for e in steps] == [[2, 2, 2]] * 4
-    for e in steps:
-        assert all(committed == [2 * e.step, 2 * e.step + 1] for committed in e.committed)

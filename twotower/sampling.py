@@ -244,9 +244,7 @@ def verify_step(logits: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, dra
     the drafts after it are dropped. When all hold, the first masked position takes the AR
     model's token and the masked run right after it with confidence over gamma becomes the
     next drafts. Every pass commits at least one token, and while steps are left the text is
-    the AR model's (greedy) or a draw from it. The release's floor still holds: a pass commits
-    at least ceil(open / steps left), so with fewer steps than positions some tokens go in
-    unchecked (`unchecked_floor`); with one step left, everything is committed.
+    the AR model's (greedy) or a draw from it. With one step left, everything is committed.
 
     logits: (B, S, V) guarded, [MASK] forbidden; x: (B, S) committed ids, mask_id elsewhere;
     drafts: (B, S) draft ids, mask_id where none; draft_probs: (B, S, V) or None (greedy);
@@ -270,28 +268,16 @@ def verify_step(logits: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, dra
     token = torch.where(accepted, drafts, pred)
     if not greedy:                                                  # a failed draft: draw from max(p - q, 0)
         token = torch.where(failed, draw((p - draft_probs).clamp_min(0), generator), token)
-    commit = open_ & (accepted | first | unchecked_floor(open_, done | first, accepted | first, steps_left))
+    commit = open_ & ((accepted | first) if steps_left > 1 else torch.ones_like(done))
     x = torch.where(commit, token, x)
-    # next drafts: only after a prefix that held up, over gamma, right after what was committed
+    # next drafts: only after a prefix that held up, over gamma, right after the first position
     over = (conf > cfg.threshold) & ~committed & ~drafted & open_
-    run = (over | done | commit).long().cumprod(-1).bool() & over & ~commit & ~failed.any(-1, keepdim=True)
+    run = (over | done | first).long().cumprod(-1).bool() & over & ~first & ~failed.any(-1, keepdim=True)
     if steps_left == 1:
         run = torch.zeros_like(run)
     new = torch.where(run, pred, torch.full_like(pred, mask_id))
     return Decision(x, new, None if greedy else p, token, probs, conf, run.sum(-1), commit,
                     drafted & ~accepted & open_)                    # a settled row's drafts are not checked
-
-
-def unchecked_floor(open_: torch.Tensor, checked: torch.Tensor, kept: torch.Tensor, steps_left: int) -> torch.Tensor:
-    """The release's floor under the verify order: when the positions a pass keeps (kept) fall
-    short of ceil(open / steps_left), the open positions right after the checked prefix make up
-    the rest, unchecked (with one step left: all of them). With steps >= block size the floor is
-    at most the one token every pass keeps, so nothing unchecked is ever committed.
-    open_, checked, kept: (B, S) bool. Returns (B, S) bool."""
-    floor = torch.div(open_.sum(-1) + steps_left - 1, steps_left, rounding_mode="floor")      # (B,)
-    short = (floor - (kept & open_).sum(-1)).clamp_min(0)
-    rest = open_ & ~checked
-    return rest & (rest.long().cumsum(-1) <= short[:, None])
 
 
 def decide_pass(logits: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
