@@ -244,7 +244,9 @@ def verify_step(logits: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, dra
     the drafts after it are dropped. When all hold, the first masked position takes the AR
     model's token and the masked run right after it with confidence over gamma becomes the
     next drafts. Every pass commits at least one token, and while steps are left the text is
-    the AR model's (greedy) or a draw from it. With one step left, everything is committed.
+    the AR model's (greedy) or a draw from it. With one step left, everything is committed,
+    unchecked (the release's floor is not applied before: spreading unchecked guesses over the
+    passes measured worse, README "Commit order verify").
 
     logits: (B, S, V) guarded, [MASK] forbidden; x: (B, S) committed ids, mask_id elsewhere;
     drafts: (B, S) draft ids, mask_id where none; draft_probs: (B, S, V) or None (greedy);
