@@ -48,8 +48,9 @@ def oracle_drafter(monkeypatch, model, prompts, truth: list[list[int]], wrong_ev
         for b, start in enumerate(where["start"]):
             for j in range(x.shape[1]):
                 index = start + j
-                if x[b, j - 1 if j else 0] == MASK_ID and j > 0 and index < len(truth[b]):
-                    tok = truth[b][index] if index % wrong_every else (truth[b][index] + 1) % VOCAB or 4
+                if j > 0 and x[b, j - 1] == MASK_ID and index < len(truth[b]):   # a lookahead position
+                    right = truth[b][index]
+                    tok = right if index % wrong_every else 4 + (right - 3) % (VOCAB - 4)   # never right, never [MASK]
                     logits[b, j] = -30.0
                     logits[b, j, tok] = 30.0
         return logits
