@@ -158,3 +158,38 @@ def test_exported_page_plays_back_offline(browser, server, tmp_path):
 
 def test_no_javascript_errors(page):
     assert page.errors == []
+
+
+def test_an_exported_verify_run_shows_its_drafts(browser, tmp_path, monkeypatch):
+    """The verify order in the grid: drafts as their own cells, the step line naming what held."""
+    from tests.test_verify import oracle_drafter
+    from tests.test_llama_family import clean_as_ar_model
+    from twotower.cli import main
+    from twotower.runner import run
+    from twotower.sampler import ar_generate
+    from twotower.sampling import SamplerConfig
+    model, prompt = clean_as_ar_model(), [[7, 30, 12, 55, 9]]
+    c = dict(max_new_tokens=16, block_size=8, steps=8, stop_at_eos=False)
+    truth = list(ar_generate(model, prompt, SamplerConfig(**c)))[-1].token_ids
+    oracle_drafter(monkeypatch, model, prompt, truth, wrong_every=5)
+    trace, events = run(model, prompt, SamplerConfig(remasking="verify", threshold=0.9, **c), "diffusion")
+    list(events)
+    src, out = tmp_path / "verify.json", tmp_path / "verify.html"
+    trace.save(src)
+    assert main(["export", str(src), "--html", str(out)]) == 0
+    context = browser.new_context()
+    pg = context.new_page()
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(out.as_uri())
+    pg.get_by_role("button", name="⇤").click()
+    expect(pg.locator(".ttg-rule")).to_contain_text("Verify: no drafts to check")
+    assert pg.locator(".ttg-cell.st-d").count() > 0                   # the first pass drafted
+    seen = set()
+    for _ in range(len(trace.steps())):
+        seen.add(pg.locator(".ttg-rule").inner_text())
+        pg.get_by_role("button", name="step ▶").click()
+    assert any("drafts held (each was the AR model's own next token)" in s for s in seen)
+    assert any("were dropped" in s for s in seen)
+    context.close()
+    assert errors == []
