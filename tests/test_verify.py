@@ -206,9 +206,19 @@ def test_a_verify_trace_counts_its_drafts(model, prompts, monkeypatch):
     list(events)
     s = trace.stats()
     assert 0 < s["drafts_kept"] < s["drafts_checked"]
+    # kept = committed with the drafted token (a dropped draft's position may be committed too, corrected)
+    kept = dropped = 0
+    for before, after in zip(trace.steps(), trace.steps()[1:]):
+        if before.block == after.block:
+            for b in range(len(prompts)):
+                kept += sum(before.drafts[b][j] == after.tokens[b][j] for j in after.committed[b])
+                dropped += len(after.rejected[b])
+    assert (s["drafts_kept"], s["drafts_checked"]) == (kept, kept + dropped)
     assert f"drafts kept {s['drafts_kept']} of {s['drafts_checked']}" in status_line(trace)
     from visualizers.export import stats_line
     assert f"drafts kept {s['drafts_kept']} of {s['drafts_checked']}" in stats_line(trace)
+    from twotower.generate_cmd import summary
+    assert f"drafts_kept={s['drafts_kept']}/{s['drafts_checked']} " in summary(s, "diffusion")
     plain, events = record(model, prompts, SamplerConfig(remasking="prefix", **c), "diffusion")
     list(events)
     assert "drafts_checked" not in plain.stats() and "drafts kept" not in status_line(plain)

@@ -67,8 +67,9 @@ def load_model(args):
 
 
 def summary(stats: dict, mode: str) -> str:
+    drafts = f"drafts_kept={stats['drafts_kept']}/{stats['drafts_checked']} " if "drafts_checked" in stats else ""
     return (f"[{mode}] tokens={stats['tokens']} nfe={stats['nfe']} tokens/nfe={stats['tokens_per_nfe']:.2f} "
-            f"seconds={stats['seconds']:.2f} tokens/s={stats['tokens_per_second']:.1f}")
+            f"{drafts}seconds={stats['seconds']:.2f} tokens/s={stats['tokens_per_second']:.1f}")
 
 
 def cmd_generate(args) -> int:

@@ -16,21 +16,22 @@ TRACE_VERSION = 1
 
 
 class DraftTally:
-    """The verify order's drafts, per row: how many the next pass kept (committed) and dropped.
-    Feed it a run's events in order."""
+    """The verify order's drafts, per row: how many the next pass kept (committed as drafted)
+    and dropped. Feed it a run's events in order."""
 
     def __init__(self, batch: int):
         self.held, self.dropped = [0] * batch, [0] * batch
-        self.pending: list[set[int]] = [set() for _ in range(batch)]   # positions drafted by the last pass
+        self.pending: list[dict[int, int]] = [{} for _ in range(batch)]   # the last pass's drafts: position -> id
 
     def update(self, event: Event) -> None:
         if isinstance(event, BlockStart):
-            self.pending = [set() for _ in self.pending]
+            self.pending = [{} for _ in self.pending]
         elif isinstance(event, Step) and event.drafts is not None:
             for b, drafts in enumerate(event.drafts):
-                self.held[b] += len(self.pending[b] & set(event.committed[b]))
+                tokens = event.tokens[b]
+                self.held[b] += sum(self.pending[b].get(j) == tokens[j] for j in event.committed[b])
                 self.dropped[b] += len(event.rejected[b])
-                self.pending[b] = {j for j, d in enumerate(drafts) if d >= 0}
+                self.pending[b] = {j: d for j, d in enumerate(drafts) if d >= 0}
 
 
 @dataclass
