@@ -614,7 +614,7 @@ def step_work(model, cfg: SamplerConfig, batch: int, iters: int = 20) -> dict:
     the decision (token choice, commit rule) and the event payload (top candidates + host copies).
     Timed alone, synchronised, so it shows what per-step work and host syncs cost on this device."""
     from .sampler import _top
-    from .sampling import decide_step, verify_step
+    from .sampling import decide_pass
 
     device, vocab, size = model.device, model.denoiser_lm.config.vocab_size, cfg.block_size
     gen = torch.Generator(device=device).manual_seed(0)
@@ -622,11 +622,9 @@ def step_work(model, cfg: SamplerConfig, batch: int, iters: int = 20) -> dict:
     masked = torch.ones(batch, size, dtype=torch.bool, device=device)
     x = torch.full((batch, size), model.mask_token_id, device=device)
 
-    def decide():
-        if cfg.remasking == "verify":      # a first pass of a block: nothing drafted yet
-            v = verify_step(logits, x, x, None, masked, cfg.steps, cfg, gen, model.mask_token_id)
-            return v.pred, v.probs, v.confidence, v.planned, v.commit
-        return decide_step(logits, masked, cfg.steps, cfg, gen)
+    def decide():                          # a block's first pass: nothing committed or drafted yet
+        d = decide_pass(logits, x, x, None, masked, cfg.steps, cfg, gen, model.mask_token_id)
+        return d.pred, d.probs, d.confidence, d.planned, d.commit
 
     def payload(pred, probs, conf, planned, commit):
         top_ids, top_probs = _top(probs, cfg.top_candidates)

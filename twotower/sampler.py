@@ -154,13 +154,14 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         for step in range(first, budget):
             if not unsettled:
                 break
-            seen = torch.where(drafts != mask_id, drafts, x)           # (B, S) what the pass reads
+            drafted = drafts != mask_id                            # (B, S) the verify order's drafts
+            seen = torch.where(drafted, drafts, x)                 # (B, S) what the pass reads
             t = (seen == mask_id).float().mean(-1)
             capture = AttentionCapture(capture_layers) if capture_layers else None
             logits = model.denoise(seen, inputs, t, capture)       # (B, S, V)
             logits = guard.block(logits.float(), seen, mask_id)    # repetition penalty, n-gram ban
             if verify:
-                logits = guard.prefix(logits, seen, mask_id, drafts != mask_id)   # AR's guards at the drafts
+                logits = guard.prefix(logits, seen, mask_id, drafted)   # AR's guards at the drafts
             logits[..., mask_id] = float("-inf")                   # never predict [MASK]
             open_ = (x == mask_id) & ~settled[:, None]             # settled rows commit nothing more
             d = decide_pass(logits, x, drafts, draft_probs, open_, budget - step, cfg, gen, mask_id)
