@@ -60,9 +60,9 @@ def force_denoiser(monkeypatch, model, token, at: dict[int, int]):
     """Make the denoiser strongly favour `token` at absolute position at[row] of each row."""
     orig = model.denoise
 
-    def denoise(x, inputs, t=None, capture=None):
-        logits = orig(x, inputs, t, capture)
-        pos = inputs["positions"][:, -x.shape[1]:]
+    def denoise(x, inputs, t=None, capture=None, start=0):
+        logits = orig(x, inputs, t, capture, start)                  # (B, S - start, V)
+        pos = inputs["positions"][:, -logits.shape[1]:]
         target = torch.tensor([at.get(b, -1) for b in range(x.shape[0])])[:, None]
         return boost(logits, pos == target, token)
     monkeypatch.setattr(model, "denoise", denoise)
@@ -241,8 +241,8 @@ def test_max_new_tokens_not_a_multiple_of_the_block(model, n):
 def test_mask_is_never_predicted(model, monkeypatch):
     orig = model.denoise
     monkeypatch.setattr(model, "denoise",
-                        lambda x, inputs, t=None, capture=None: boost(orig(x, inputs, t, capture),
-                                                                     torch.ones_like(x, dtype=torch.bool), MASK_ID))
+                        lambda x, inputs, t=None, capture=None, start=0: boost(
+                            orig(x, inputs, t, capture, start), torch.ones_like(x[:, start:], dtype=torch.bool), MASK_ID))
     events = events_of(diffusion_generate(model, [PROMPT], cfg(threshold=0.0, max_new_tokens=8)))
     done = done_of(events)
     assert len(done.token_ids[0]) == 8 and MASK_ID not in done.token_ids[0]

@@ -43,16 +43,16 @@ def oracle_drafter(monkeypatch, model, prompts, truth: list[list[int]], wrong_ev
         where["start"] = [int(n) - len(p) for n, p in zip(ctx.lengths, prompts)]
         return real_inputs(ctx, size, **kw)
 
-    def denoise(x, inputs, t=None, capture=None):
-        logits = real_denoise(x, inputs, t, capture)
-        for b, start in enumerate(where["start"]):
-            for j in range(x.shape[1]):
-                index = start + j
+    def denoise(x, inputs, t=None, capture=None, start=0):
+        logits = real_denoise(x, inputs, t, capture, start)         # (B, S - start, V)
+        for b, first in enumerate(where["start"]):
+            for j in range(start, x.shape[1]):
+                index = first + j
                 if j > 0 and x[b, j - 1] == MASK_ID and index < len(truth[b]):   # a lookahead position
                     right = truth[b][index]
                     tok = right if index % wrong_every else 4 + (right - 3) % (VOCAB - 4)   # never right, never [MASK]
-                    logits[b, j] = -30.0
-                    logits[b, j, tok] = 30.0
+                    logits[b, j - start] = -30.0
+                    logits[b, j - start, tok] = 30.0
         return logits
 
     monkeypatch.setattr(model, "block_inputs", block_inputs)

@@ -46,11 +46,16 @@ class ContextView:
     gets the concatenation back. With `inplace` (inference) the block K/V is written into a
     preallocated buffer, so the context part is never copied per step; without it (training)
     torch.cat keeps autograd intact.
+
+    `start` (inplace only): the pass computes block slots start.. and reuses the K/V that
+    earlier passes of the block left in slots ..start-1 (a clean_as_ar denoiser's committed
+    prefix, `TwoTower.denoise(start=...)`).
     """
 
     def __init__(self, layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  inplace: bool = True):
         self.inplace = inplace
+        self.start = 0
         self.context_len = next(iter(layer_kv.values()))[0].shape[-2] if layer_kv else 0
         self.kv = {}
         for i, (k, v) in layer_kv.items():
@@ -67,10 +72,10 @@ class ContextView:
         k, v = self.kv[layer_idx]
         if not self.inplace:
             return torch.cat([k, key], dim=-2), torch.cat([v, value], dim=-2)
-        L = self.context_len
-        k[..., L: L + key.shape[-2], :] = key
-        v[..., L: L + value.shape[-2], :] = value
-        return k[..., : L + key.shape[-2], :], v[..., : L + value.shape[-2], :]
+        first, end = self.context_len + self.start, self.context_len + self.start + key.shape[-2]
+        k[..., first:end, :] = key
+        v[..., first:end, :] = value
+        return k[..., :end, :], v[..., :end, :]
 
 
 def pad_mask(mask: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -175,45 +175,66 @@ class TwoTower(nn.Module):
             h = torch.where((x == self.mask_token_id).unsqueeze(-1), self.mask_embedding.to(h.dtype), h)
         return h
 
-    def denoise(self, x: torch.Tensor, inputs: dict, t: torch.Tensor | None = None, capture=None) -> torch.Tensor:
-        """One denoiser pass. x: (B, S) block ids with mask ids -> logits (B, S, V).
+    def denoise(self, x: torch.Tensor, inputs: dict, t: torch.Tensor | None = None, capture=None,
+                start: int = 0) -> torch.Tensor:
+        """One denoiser pass. x: (B, S) block ids with mask ids -> logits (B, S - start, V).
 
         t defaults to the masked fraction of each row. An anchored denoiser (our small
         default model) also reads the last clean token before the block, and its output at
         input i predicts block token i, as the AR model it starts from does; the release's
         denoiser reads the block alone and predicts token j at position j.
+
+        start: compute block positions start.. only, reusing what earlier passes of this block
+        left in `inputs`' view for the positions before (`can_reuse_prefix`); the logits are
+        those of block tokens start..S-1. The caller keeps track of which inputs are still valid
+        (twotower.sampler.PrefixReuse).
         """
         if t is None:
             t = (x == self.mask_token_id).float().mean(-1)
         static = inputs.get("static", False)
+        if start and not self.can_reuse_prefix(inputs, capturing=capture is not None):
+            raise ValueError("only a clean_as_ar denoiser on a growing cache, capturing no attention, "
+                             "can reuse a block's committed prefix (start > 0)")
         if capture is not None and static:
             capture.static_slots = inputs["context_slots"]
         fast = self.compiled and capture is None and static
-        return (self._compiled_denoise if fast else self._denoise)(x, inputs, t.to(self.device), capture)
+        if fast:
+            return self._compiled_denoise(x, inputs, t.to(self.device), capture)
+        return self._denoise(x, inputs, t.to(self.device), capture, start)
 
-    def _denoise(self, x: torch.Tensor, inputs: dict, t: torch.Tensor, capture=None) -> torch.Tensor:
+    def can_reuse_prefix(self, inputs: dict, capturing: bool = False) -> bool:
+        """Whether passes over this block may start past its committed prefix. A clean_as_ar
+        denoiser reads that prefix causally, as the AR model does, so its K/V and predictions
+        do not change between passes; the growing cache's view keeps them in place (a static
+        cache's passes keep one shape instead, and captured attention covers every position)."""
+        return self.clean_as_ar and not inputs.get("static", False) and not capturing
+
+    def _denoise(self, x: torch.Tensor, inputs: dict, t: torch.Tensor, capture=None, start: int = 0) -> torch.Tensor:
         ids = torch.cat([inputs["anchor"], x], 1) if self.anchor else x
-        with self.reading_clean_as_ar(ids, inputs) as inputs:
-            h = self.family.denoiser_hidden(self.embed_block(ids), inputs, self.time, self.time(t), capture)
+        with self.reading_clean_as_ar(ids, inputs, start) as inputs:
+            h = self.family.denoiser_hidden(self.embed_block(ids[:, start:]), inputs, self.time, self.time(t), capture)
         logits = self.denoiser_lm.get_output_embeddings()(h)
         return logits[:, :-1] if self.anchor else logits
 
     @contextlib.contextmanager
-    def reading_clean_as_ar(self, ids: torch.Tensor, inputs: dict):
+    def reading_clean_as_ar(self, ids: torch.Tensor, inputs: dict, start: int = 0):
         """Yields the inputs of one denoiser pass over ids (B, S); for a clean_as_ar denoiser,
         clean positions attend causally to clean keys only, and the adapter and the time
         conditioning leave them alone. A clean prefix of the block then computes exactly what the
         AR model computes for it, so the prediction after it (the token `leftmost` and `prefix`
         commit next) is the AR model's; only the masked positions are the denoiser's own. (A clean
-        token committed past a gap reads the clean text around the gap, not the AR model's.)"""
+        token committed past a gap reads the clean text around the gap, not the AR model's.)
+        With `start`, the pass's queries are inputs start.. of ids (`denoise`)."""
         if not self.clean_as_ar:
             yield inputs
             return
         masked = ids == self.mask_token_id                              # (B, S)
-        active = masked.unsqueeze(-1)                                   # (B, S, 1)
+        active = masked[:, start:].unsqueeze(-1)                        # (B, S - start, 1)
+        mask = clean_reads_as_ar(inputs["mask"], masked)[:, :, start:]  # (B, 1, S - start, L + S)
+        inputs["view"].start = start                                    # K/V of inputs ..start-1 stay
         gate = self.adapter_gate(active) if self.adapter_gate is not None else contextlib.nullcontext()
         with gate:
-            yield dict(inputs, mask=clean_reads_as_ar(inputs["mask"], masked), active=active)
+            yield dict(inputs, mask=mask, active=active, positions=inputs["positions"][:, start:])
 
     def block_inputs(self, ctx: ContextState, size: int, causal: bool = False) -> dict:
         """The denoiser's view of the context for one block (built once per block)."""

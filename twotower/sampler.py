@@ -15,6 +15,7 @@ from .attention import AttentionCapture
 from .events import BlockCommitted, BlockStart, Done, Event, Prefill, Step, Token
 from .fork import ForkPoint
 from .model import TwoTower
+from .prefix_reuse import PrefixReuse
 from .guards import RepeatGuard, history_tensor
 from .sampling import SamplerConfig, choose_tokens, decide_pass, settled_rows
 
@@ -151,6 +152,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         settled = torch.tensor(ended, device=model.device) | settled_rows(x, mask_id, eos_ids)   # (B,)
         used, unsettled = first, not bool(settled.all())
         drafts, draft_probs = torch.full_like(x, mask_id), None    # the verify order's proposals
+        reuse = PrefixReuse(model.can_reuse_prefix(inputs, capturing=bool(capture_layers)), x.tolist(), mask_id)
         for step in range(first, budget):
             if not unsettled:
                 break
@@ -158,7 +160,8 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             seen = torch.where(drafted, drafts, x)                 # (B, S) what the pass reads
             t = (seen == mask_id).float().mean(-1)
             capture = AttentionCapture(capture_layers) if capture_layers else None
-            logits = model.denoise(seen, inputs, t, capture)       # (B, S, V)
+            begin = reuse.start()                                  # inputs before it: kept from earlier passes
+            logits = reuse.logits_of_pass(model.denoise(seen, inputs, t, capture, begin), begin)   # (B, S, V)
             logits = guard.block(logits.float(), seen, mask_id)    # repetition penalty, n-gram ban
             if verify:
                 logits = guard.prefix(logits, seen, mask_id, drafted)   # AR's guards at the drafts
@@ -180,6 +183,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
                          drafts=[[-1 if tok == mask_id else tok for tok in row] for row in h_drafts.long().tolist()]
                          if verify else None,
                          rejected=_positions(h_rejected) if verify else None)
+            reuse.record(begin, event.tokens, event.drafts)
             if first_token is None and all(row[0] != mask_id for row in event.tokens):
                 first_token = event.elapsed                        # the text's first token is readable
             unsettled = not bool(h_settled.all())
