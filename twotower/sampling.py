@@ -106,35 +106,39 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def choose_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator | None):
+def choose_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator | None,
+                  scaled: torch.Tensor | None = None):
     """Pick a token per position and score it.
 
     logits: (..., V), float. Returns pred (...,), probs (..., V) of the UNSCALED distribution
-    (the release's confidence), confidence p(pred) (...,).
+    (the release's confidence), confidence p(pred) (...,). At temperature > 0 the token is drawn
+    from `sampling_logits(logits, cfg)`, which a caller that needs them too passes as `scaled`.
     """
     logits = logits.float()
     probs = logits.softmax(-1)
     if cfg.temperature == 0.0:
         pred = logits.argmax(-1)
     else:
-        scaled = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-        u = torch.rand(scaled.shape, generator=generator, device=scaled.device)
-        gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
-        pred = (scaled + gumbel).argmax(-1)
+        pred = gumbel_argmax(sampling_logits(logits, cfg) if scaled is None else scaled, generator)
     confidence = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
     return pred, probs, confidence
 
 
-def sampling_probs(logits: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
-    """(..., V): the distribution `choose_tokens` draws from at temperature > 0
-    (softmax of the tempered, top-k / top-p filtered logits)."""
-    return filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+def sampling_logits(logits: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
+    """(..., V): the logits `choose_tokens` draws from at temperature > 0 (tempered, then
+    top-k / top-p filtered); their softmax is the sampling distribution."""
+    return filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)
+
+
+def gumbel_argmax(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A draw from softmax(scores) (..., V) per row, by the Gumbel-max trick."""
+    u = torch.rand(scores.shape, generator=generator, device=scores.device)
+    return (scores - torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))).argmax(-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of probs (..., V), by Gumbel-max on log probs."""
-    u = torch.rand(probs.shape, generator=generator, device=probs.device)
-    return (probs.log() - torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))).argmax(-1)
+    """One token per row of probs (..., V)."""
+    return gumbel_argmax(probs.log(), generator)
 
 
 def remasking_score(probs: torch.Tensor, confidence: torch.Tensor, strategy: str,
@@ -253,8 +257,9 @@ def verify_step(logits: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, dra
     open_: (B, S) bool, unwritten positions of rows that still go on.
     """
     greedy = cfg.temperature == 0.0
-    pred, probs, conf = choose_tokens(logits, cfg, generator)
-    p = None if greedy else sampling_probs(logits, cfg)
+    scaled = None if greedy else sampling_logits(logits, cfg)     # one filter pass for the draw and p
+    pred, probs, conf = choose_tokens(logits, cfg, generator, scaled)
+    p = None if greedy else scaled.softmax(-1)
     committed, drafted = x != mask_id, drafts != mask_id
     if greedy:
         holds = pred == drafts
