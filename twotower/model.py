@@ -187,7 +187,7 @@ class TwoTower(nn.Module):
         start: compute block positions start.. only, reusing what earlier passes of this block
         left in `inputs`' view for the positions before (`can_reuse_prefix`); the logits are
         those of block tokens start..S-1. The caller keeps track of which inputs are still valid
-        (twotower.sampler.PrefixReuse).
+        (twotower.prefix_reuse.PrefixReuse).
         """
         if t is None:
             t = (x == self.mask_token_id).float().mean(-1)
