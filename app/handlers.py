@@ -170,7 +170,7 @@ def generate(prompt, mode, max_new_tokens, block_size, steps, threshold, tempera
     ids, cfg, layers = prepare(prompt, mode, settings, capture, layers)
     stream = compute(prompt, ids, cfg, mode, layers)
     trace = next(stream)
-    session.begin(trace)
+    session.begin_new(trace)
     throttle = Throttle(OPTIONS.stream_interval)
     try:
         with user_errors():
@@ -251,7 +251,8 @@ def export_files(session: Session):
     json_path = folder / f"twotower-{trace.mode}-{stamp}.json"
     html_path = folder / f"twotower-{trace.mode}-{stamp}.html"
     json_path.write_text(export.trace_json(trace))
-    html_path.write_text(export.static_html(trace, title=f"TwoTower {trace.mode} run"))
+    kind = "fork of a run" if trace.fork else "run"              # the grid may show a fork (Fork tab)
+    html_path.write_text(export.static_html(trace, title=f"TwoTower {trace.mode} {kind}"))
     return [str(json_path), str(html_path)]
 
 
@@ -263,5 +264,6 @@ def import_trace(path, session: Session):
         trace = Trace.load(path)
     except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
         raise gr.Error(f"Cannot open this trace: {e}") from None
-    session.begin(trace, state="done")
-    return grid_value(trace, live=False), partial_text(trace), "**Opened a saved trace** · " + status_line(trace)
+    session.begin_new(trace, state="done")
+    return (grid_value(trace, live=False), partial_text(trace),
+            "**Opened a saved trace** · " + status_line(trace, stopped=trace.done is None))

@@ -60,7 +60,9 @@ raise the repetition penalty or set no repeated n-grams."""
 RACE_HELP = """The same prompt, seed, settings and context tower, run once as plain AR (one token per forward
 pass) and once as TwoTower diffusion (a block per few passes). A short untimed warm-up runs first;
 then each run is timed on its own, never interleaved, and both are replayed here on one clock at true
-speed. NFE counts passes of the decoding network; diffusion also makes one context-tower pass per block."""
+speed. NFE counts passes of the decoding network; diffusion also makes one context-tower pass per block.
+Under the *verify* commit order diffusion writes exactly the AR model's text, so the race compares
+speed alone; how far diffusion gets ahead depends on how many drafts hold (tokens per pass)."""
 
 
 @dataclass
@@ -144,10 +146,11 @@ def recommends(d: SamplerConfig, name: str) -> str:
 
 def remasking_info(d: SamplerConfig) -> str:
     """The commit-order dropdown's explanation, naming the model's recommended order."""
-    return ("which masked tokens a step commits beyond those over γ: the most confident (the paper), "
-            "or leftmost first; prefix: only the run over γ right after the written text, never past a gap; "
-            "verify: that run becomes drafts, and the next pass keeps each only if it is the AR model's own "
-            "next token (the text is then the AR model's; needs a clean_as_ar denoiser)."
+    return ("Which masked tokens a pass writes. confidence: every one with p > γ, else the surest (the paper's "
+            "order; margin, entropy, random score the choice differently). leftmost: the same, but the "
+            "leftmost first. prefix: left to right, only the unbroken run with p > γ. verify: that run is "
+            "only a draft; the next pass keeps a draft only where the AR model would write the same token, so "
+            "the text equals AR's and the denoiser decides only the speed (needs a denoiser trained for it)."
             + recommends(d, "remasking"))
 
 
@@ -155,15 +158,15 @@ def sampler_inputs() -> list:
     """Sampler settings, starting from the model's recommended ones (else the release's)."""
     d = recommended_config()
     max_new = gr.Slider(1, OPTIONS.max_new_tokens, value=64, step=1, label="Max new tokens",
-                        elem_id="max-new-tokens")
+                        info="the reply stops here, or earlier at end-of-text", elem_id="max-new-tokens")
     with gr.Row():
         block = gr.Slider(1, 64, value=d.block_size, step=1, label="Block size S", elem_id="block-size",
-                          info="trained at 16", min_width=140)
+                          info="tokens written together (trained at 16)", min_width=140)
         steps = gr.Slider(1, 64, value=d.steps, step=1, label="Steps per block T", elem_id="steps",
-                          info="passes allowed", min_width=140)
+                          info="most passes a block may take", min_width=140)
     threshold = gr.Slider(0.0, 1.0, value=d.threshold, step=0.01, label="Confidence threshold γ",
-                          elem_id="threshold", info="commit every masked token with p > γ")
-    remasking = gr.Dropdown(list(REMASKING), value=d.remasking, label="Commit order (remasking)",
+                          elem_id="threshold", info="a pass writes every masked token with p > γ (verify: drafts it)")
+    remasking = gr.Dropdown(list(REMASKING), value=d.remasking, label="Commit order",
                             info=remasking_info(d), elem_id="remasking")
     with gr.Row():
         penalty = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty",
@@ -174,11 +177,15 @@ def sampler_inputs() -> list:
                                + recommends(d, "no_repeat_ngram_size"), elem_id="no-repeat-ngram", min_width=140)
     with gr.Row():
         temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature",
-                                info="0 = greedy", min_width=140)
-        top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="Top-p", info="1 = off", min_width=140)
+                                info="0 = always the likeliest token; higher = more random", min_width=140)
+        top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="Top-p",
+                          info="sample only from the likeliest tokens holding this much probability (1 = off)",
+                          min_width=140)
     with gr.Row():
-        top_k = gr.Number(value=d.top_k, precision=0, label="Top-k (0 = off)", minimum=0, min_width=90)
-        seed = gr.Number(value=d.seed, precision=0, label="Seed", min_width=90)
+        top_k = gr.Number(value=d.top_k, precision=0, label="Top-k (0 = off)", minimum=0, min_width=90,
+                          info="sample only from the k likeliest tokens")
+        seed = gr.Number(value=d.seed, precision=0, label="Seed", min_width=90,
+                         info="same seed, same text (matters when temperature > 0)")
     stop_eos = gr.Checkbox(value=d.stop_at_eos, label="Stop at end-of-text")
     return [max_new, block, steps, threshold, temperature, top_k, top_p, penalty, ngram, remasking, seed, stop_eos]
 
@@ -270,8 +277,10 @@ def fork_tab() -> dict:
     gr.Markdown(FORK_HELP, elem_classes=["help"])
     d = recommended_config()
     with gr.Row():
-        fork_block = gr.Number(value=0, precision=0, minimum=0, label="Block", elem_id="fork-block", min_width=90)
-        fork_step = gr.Number(value=0, precision=0, minimum=0, label="After step", elem_id="fork-step", min_width=90)
+        fork_block = gr.Number(value=0, precision=0, minimum=0, label="Block", elem_id="fork-block", min_width=90,
+                               info="from 0, as B0, B1… in the grid")
+        fork_step = gr.Number(value=0, precision=0, minimum=0, label="After step", elem_id="fork-step", min_width=90,
+                              info="from 0; kept: that step and the ones before")
         fork_threshold = gr.Slider(0.0, 1.0, value=d.threshold, step=0.01, label="Confidence threshold γ",
                                    elem_id="fork-threshold", min_width=180)
         fork_remasking = gr.Dropdown(list(REMASKING), value=d.remasking, label="Commit order", min_width=140)

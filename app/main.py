@@ -24,6 +24,8 @@ def wire(ui: UI, demo: gr.Blocks) -> None:
                 outputs=run_outputs, api_name="generate", concurrency_id=COMPUTE,
                 show_progress="minimal")
     gen.then(handlers.settle, views_in, run_outputs + views_out, api_visibility="private")
+    fork_tab = [ui.fork_block, ui.fork_step, *ui.fork_settings, ui.fork_status, ui.compare_view]
+    gen.then(study.fork_defaults, ui.session, fork_tab, api_visibility="private")
 
     racing = ui.race_run.click(race.race, inputs=[ui.prompt, *sampler, ui.session],
                                outputs=[ui.race_view, ui.race_table, ui.race_plot, ui.race_status],
@@ -35,18 +37,18 @@ def wire(ui: UI, demo: gr.Blocks) -> None:
                                 show_progress="minimal", api_visibility="private")
     forking.then(study.fork_settle, ui.session, ui.fork_status, api_visibility="private")
 
-    for button in (ui.stop, ui.race_stop, ui.fork_stop):   # cancelling ends the generator: compute stops
-        button.click(handlers.request_stop, ui.session, None, cancels=[gen, racing, forking], queue=False,
-                     api_visibility="private")
-
     # the grid's own buttons: "fork from this step" (select) and the inspector's AR view (submit)
     ui.grid.select(study.pick_fork, ui.session, [ui.fork_block, ui.fork_step, *ui.fork_settings, ui.fork_status,
                                                  ui.tabs], api_visibility="private")
-    ui.grid.submit(study.ar_view, ui.session, ui.grid, concurrency_id=COMPUTE, api_visibility="private")
+    asking = ui.grid.submit(study.ar_view, ui.session, ui.grid, concurrency_id=COMPUTE, api_visibility="private")
     ui.fork_open.click(study.open_fork, ui.session, run_outputs + [ui.tabs], api_visibility="private").success(
         handlers.settle, views_in, run_outputs + views_out, api_visibility="private")
     ui.compare_run.click(study.compare_files, [ui.compare_a, ui.compare_b], [ui.compare_view, ui.fork_status],
                          api_visibility="private")
+
+    for button in (ui.stop, ui.race_stop, ui.fork_stop):   # cancelling ends the generator: compute stops
+        button.click(handlers.request_stop, ui.session, None, cancels=[gen, racing, forking, asking], queue=False,
+                     api_visibility="private")
 
     for control in ui.attention_controls:
         control.input(handlers.attention_view, views_in, ui.att_plot, api_visibility="private")
@@ -54,7 +56,9 @@ def wire(ui: UI, demo: gr.Blocks) -> None:
     ui.export.click(handlers.export_files, ui.session, ui.export_files, api_visibility="private")
     ui.import_file.upload(handlers.import_trace, [ui.import_file, ui.session], run_outputs,
                           api_visibility="private").success(handlers.settle, views_in,
-                                                            run_outputs + views_out, api_visibility="private")
+                                                            run_outputs + views_out, api_visibility="private"
+                                                            ).then(study.fork_defaults, ui.session, fork_tab,
+                                                                   api_visibility="private")
 
 
 def build_demo(model=None, stream_interval: float | None = None) -> gr.Blocks:

@@ -16,6 +16,7 @@ from visualizers import race as race_view
 
 from .gpu import gpu
 from .handlers import prepare
+from .settings import user_errors
 from .state import Session, StopFlag, get_model
 
 
@@ -62,11 +63,15 @@ def race(prompt, max_new_tokens, block_size, steps, threshold, temperature, top_
     ids, cfg, _ = prepare(prompt, "diffusion", settings, False, "")
     session.race_state, session.stop = "running", StopFlag()
     try:
-        for item in compute(prompt, ids, cfg, session.stop):
-            if isinstance(item, str):
-                yield gr.skip(), gr.skip(), gr.skip(), item
+        with user_errors():
+            for item in compute(prompt, ids, cfg, session.stop):
+                if isinstance(item, str):
+                    yield gr.skip(), gr.skip(), gr.skip(), item
     except Stopped:
         return                                    # race_settle reports it
+    except Exception:
+        session.race_state = "failed"             # not a stop: the error itself is shown
+        raise
     ar, diffusion = item
     session.race, session.race_state = (ar, diffusion), "done"
     payload = json.dumps(race_view.payload(ar, diffusion), separators=(",", ":"))
@@ -79,4 +84,6 @@ def race_settle(session: Session):
     if session.race_state == "running":
         session.race_state = "stopped"
         return "**Race stopped.** Nothing was timed to the end; press Race to run it again."
+    if session.race_state == "failed":
+        return "**The race failed** (see the error message). Nothing was timed to the end."
     return gr.skip()

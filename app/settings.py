@@ -40,6 +40,15 @@ def whole(name: str, value) -> int:
     return int(value)
 
 
+def ngram_size(value) -> int:
+    """The "No repeated n-grams" setting: 0 (off) or n >= 2 (n = 1 would ban every written token)."""
+    n = whole("no repeated n-grams", value)
+    if n == 1:
+        raise ValueError("No repeated n-grams: 1 would forbid every token already written; "
+                         "use 0 (off) or 2 and above")
+    return n
+
+
 def sampler_config(max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
                    repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos) -> SamplerConfig:
     """A validated SamplerConfig (the model's context limit is checked when the run starts)."""
@@ -48,7 +57,7 @@ def sampler_config(max_new_tokens, block_size, steps, threshold, temperature, to
         threshold=number("threshold", threshold), temperature=number("temperature", temperature),
         top_k=whole("top-k", top_k), top_p=number("top-p", top_p),
         repetition_penalty=number("repetition penalty", repetition_penalty),
-        no_repeat_ngram_size=whole("no repeated n-grams", no_repeat_ngram_size), remasking=str(remasking),
+        no_repeat_ngram_size=ngram_size(no_repeat_ngram_size), remasking=str(remasking),
         max_new_tokens=whole("max new tokens", max_new_tokens), stop_at_eos=bool(stop_at_eos),
         seed=whole("seed", seed))
     if cfg.max_new_tokens > OPTIONS.max_new_tokens:

@@ -92,6 +92,12 @@ class Session:
     fork: object | None = None     # the last fork (spliced: inherited steps + its own)
     fork_parent: object | None = None
     fork_state: str = "done"
+    fork_tab_for: object | None = None   # the trace whose settings the Fork tab was last filled with
 
     def begin(self, trace, state: str = "running") -> None:
         self.trace, self.state, self.settled = trace, state, False
+
+    def begin_new(self, trace, state: str = "running") -> None:
+        """A new run or an opened trace: the last fork belonged to the run before it."""
+        self.begin(trace, state)
+        self.fork, self.fork_parent, self.fork_state = None, None, "done"

@@ -25,7 +25,7 @@ from visualizers.commits import commit_table
 
 from .gpu import gpu
 from .handlers import Throttle, compute, grid_key, grid_value, partial_text, record, status_line
-from .settings import number, user_errors, whole
+from .settings import ngram_size, number, user_errors, whole
 from .state import OPTIONS, Session, get_model
 
 AR_CANDIDATES = 5
@@ -76,8 +76,8 @@ def ar_view(session: Session, evt: gr.EventData):
     if session.ar is None or session.ar[0] is not trace:
         try:
             session.ar = (trace, ar_table(trace))
-        except ValueError as e:
-            session.ar = (trace, {"error": str(e)})
+        except ValueError as e:                   # sent, not kept: asking again tries again
+            return gr.HTML(ar=json.dumps({"error": str(e), "key": grid_key(trace), "sent": time.time()}))
     return gr.HTML(ar=json.dumps({**session.ar[1], "key": grid_key(trace), "sent": time.time()},
                                  separators=(",", ":")))
 
@@ -100,9 +100,22 @@ def pick_fork(session: Session, evt: gr.EventData):
             raise ValueError("run a prompt (or open a trace) first")
         block, step = int(evt.block), int(evt.step)
         note = fork_note(trace, block, step)
+    session.fork_tab_for = trace
     s = SamplerConfig.from_dict(trace.settings or {})
     return (block, step, s.threshold, s.remasking, s.temperature, s.steps, s.repetition_penalty,
             s.no_repeat_ngram_size, note, gr.Tabs(selected="fork"))
+
+
+def fork_defaults(session: Session):
+    """After a run or an opened trace: the Fork tab starts from that run's own settings at its
+    first step, without the last comparison, so a fork changes only what is edited there."""
+    trace = session.trace
+    if trace is None or trace is session.fork_tab_for:
+        return (gr.skip(),) * 10
+    session.fork_tab_for = trace
+    s = SamplerConfig.from_dict(trace.settings or {})
+    return (0, 0, s.threshold, s.remasking, s.temperature, s.steps, s.repetition_penalty,
+            s.no_repeat_ngram_size, "", "")
 
 
 def fork_config(parent: Trace, threshold, remasking, temperature, steps, repetition_penalty,
@@ -110,7 +123,7 @@ def fork_config(parent: Trace, threshold, remasking, temperature, steps, repetit
     changed = dict(threshold=number("threshold", threshold), remasking=str(remasking),
                    temperature=number("temperature", temperature), steps=whole("steps", steps),
                    repetition_penalty=number("repetition penalty", repetition_penalty),
-                   no_repeat_ngram_size=whole("no repeated n-grams", no_repeat_ngram_size))
+                   no_repeat_ngram_size=ngram_size(no_repeat_ngram_size))
     return SamplerConfig.from_dict({**(parent.settings or {}), **changed}).validate()
 
 

@@ -108,7 +108,8 @@ function info(s) {
   const fork = !data.fork ? "" : frame < data.fork.frame
     ? ` · <span class="ttg-inh-note">inherited from the original run</span>`
     : ` · <span class="ttg-fork-note">fork: ${esc(changes())}</span>`;
-  return `Block <b>${block + 1}</b>/${nb} · step <b>${step + 1}</b>/${steps} · NFE ${nfe} · ${t} s · committed <b>${fresh.length}</b> this step${fork}` +
+  // blocks and steps count from 0 everywhere (row labels B0.., the inspector, the Fork tab)
+  return `Block <b>${block}</b> (of 0–${nb - 1}) · step <b>${step}</b> (of 0–${steps - 1}) · NFE ${nfe} · ${t} s · committed <b>${fresh.length}</b> this step${fork}` +
     `<div class="ttg-rule">${rule(s.frame, steps, gammaAt(frame))}</div>`;
 }
 
@@ -169,7 +170,7 @@ function verifyRule(f, steps, threshold) {
 const LEGEND = `<div class="ttg-legend">
   <span class="ttg-cell st-c"><span class="ttg-t">word</span><span class="ttg-bar" style="width:80%"></span></span> committed earlier
   <span class="ttg-cell st-n"><span class="ttg-t">word</span><span class="ttg-bar" style="width:60%"></span></span> committed this step
-  <span class="ttg-cell st-m"><span class="ttg-t">guess</span><span class="ttg-bar" style="width:30%"></span></span> masked (faint: current best guess)
+  <span class="ttg-cell st-m ttg-diffusion-only"><span class="ttg-t">guess</span><span class="ttg-bar" style="width:30%"></span></span><span class="ttg-diffusion-only">masked (faint: current best guess)</span>
   <span class="ttg-cell st-d ttg-verify-only"><span class="ttg-t">draft</span><span class="ttg-bar" style="width:95%"></span></span><span class="ttg-verify-only">draft, checked by the next pass (verify order)</span>
   <span class="ttg-cell st-c special"><span class="ttg-t">&lt;eos&gt;</span></span> special / end-of-text
   <span class="ttg-cell st-c after"><span class="ttg-t">word</span></span> after end-of-text (not in the output)
@@ -300,7 +301,9 @@ function update() {
   root.querySelectorAll(".ttg-controls button, .ttg-controls input, .ttg-controls select").forEach((c) => { c.disabled = data.live; });
   root.querySelector(".ttg-live").style.display = data.live ? "" : "none";
   root.querySelectorAll(".ttg-fork-only").forEach((e) => { e.style.display = data.fork ? "" : "none"; });
-  root.querySelectorAll(".ttg-verify-only").forEach((e) => { e.style.display = data.remasking === "verify" ? "" : "none"; });
+  const diffusion = data.mode === "diffusion";
+  root.querySelectorAll(".ttg-diffusion-only").forEach((e) => { e.style.display = diffusion ? "" : "none"; });
+  root.querySelectorAll(".ttg-verify-only").forEach((e) => { e.style.display = diffusion && data.remasking === "verify" ? "" : "none"; });
 }
 
 // ---- interaction -------------------------------------------------------------------------

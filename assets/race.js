@@ -36,6 +36,7 @@ function lane(run, t) {
   const s = laneAt(run, t), end = endMs(run), done = t >= end;
   const cells = s.tok.map((id, p) => {
     if (id === undefined) return "";
+    if (id < 0 && run.n_out !== null && p > run.n_out) return "";   // past end-of-text: never written
     if (id < 0) return `<span class="ttr-cell masked">▢</span>`;
     const after = run.n_out !== null && p >= run.n_out;
     const special = run.special.includes(id);

@@ -242,3 +242,59 @@ def test_a_compiled_model_serves_the_app(model):
         assert [run_to_end(Session(), capture=c)[1] for c in (False, True)] == expected
     finally:
         set_model(model)
+
+
+# ---- fixes from the session-13 review ---------------------------------------------------------------
+def test_the_fork_tab_follows_each_new_run_and_forgets_the_old_fork():
+    from app import study
+    session = Session()
+    run_to_end(session)
+    filled = study.fork_defaults(session)                          # after the run: its own settings
+    assert filled[:8] == (0, 0, 0.5, "confidence", 0.0, 4, 1.0, 0) and filled[8:] == ("", "")
+    assert study.fork_defaults(session) == (gr.skip(),) * 10      # same run: the user's edits stay
+    list(study.run_fork(1, 0, 0.0, "confidence", 0.0, 4, 1.0, 0, session))
+    assert session.fork is not None
+    run_to_end(session)                                            # a new run: the old fork is gone
+    assert session.fork is None and session.fork_parent is None
+    with pytest.raises(gr.Error, match="Run a fork first"):
+        study.open_fork(session)
+    assert study.fork_defaults(session)[0] == 0
+
+
+def test_a_saved_trace_without_its_end_opens_as_stopped(tmp_path):
+    from twotower.trace import Trace
+    session = Session()
+    run_to_end(session)
+    cut = Trace.from_dict({**session.trace.to_dict(), "events": session.trace.to_dict()["events"][:4]})
+    path = tmp_path / "stopped.json"
+    cut.save(path)
+    status = handlers.import_trace(str(path), Session())[2]
+    assert "**Stopped**" in status and "Running" not in status
+
+
+def test_one_as_no_repeated_ngrams_is_refused_in_the_uis_words():
+    with pytest.raises(ValueError, match="No repeated n-grams: 1 would forbid"):
+        settings.sampler_config(16, 16, 4, 0.9, 0, 0, 1, 1, 1, "confidence", 0, True)
+
+
+def test_a_race_that_fails_says_so_instead_of_stopped(monkeypatch):
+    from app import race
+
+    def broken(*args, **kwargs):
+        yield "Warming up (untimed)…"
+        raise ValueError("the model broke")
+    monkeypatch.setattr(race, "compute", broken)
+    session = Session()
+    with pytest.raises(gr.Error, match="the model broke"):
+        list(race.race("Hello", *SETTINGS, session))
+    assert "failed" in race.race_settle(session)
+
+
+def test_ar_view_errors_are_not_kept(monkeypatch):
+    from app import study
+    session = Session()
+    run_to_end(session)
+    session.trace.model["name"] = "someone-else"
+    assert "error" in json.loads(study.ar_view(session, Event(pos=0)).props["ar"])
+    session.trace.model["name"] = handlers.get_model().name        # the cause is gone: asking again works
+    assert "top" in json.loads(study.ar_view(session, Event(pos=0)).props["ar"])

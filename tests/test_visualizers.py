@@ -299,6 +299,7 @@ def test_ar_traces_have_no_flips_or_floods(ar_trace):
 def test_tokens_per_step_per_block(diffusion_trace, ar_trace):
     fig = plots.tokens_per_step(diffusion_trace)
     assert [list(r) for r in fig.data[0].z] == [[2, 2], [4, None]]   # block 1 was full after one step
+    assert [list(r) for r in fig.data[0].text] == [["2", "2"], ["4", ""]]   # blank, not "null"
     assert list(fig.data[0].y) == ["block 0", "block 1"]
     assert "AR" in plots.tokens_per_step(ar_trace).layout.annotations[0].text
 

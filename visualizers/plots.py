@@ -53,7 +53,8 @@ def unmasking_map(trace, row: int = 0) -> go.Figure:
         hovertemplate="position %{x}<br>'%{customdata[0]}'<br>block %{customdata[1]}, step %{y}"
                       "<br>p=%{customdata[2]:.3f}<extra></extra>"))
     _block_lines(fig, trace)
-    fig.update_yaxes(autorange="reversed", dtick=1 if max(c.step for c in commits) < 20 else None)
+    last = max(c.step for c in commits)
+    fig.update_yaxes(range=[last + 0.6, -0.6], dtick=1 if last < 20 else None)   # step 0 on top
     return _layout(fig, "Unmasking order: the step at which each position was committed",
                    "generated position", "step within block")
 
@@ -132,7 +133,8 @@ def tokens_per_step(trace, row: int = 0) -> go.Figure:
             "new drafts)" if e.drafts is not None else "above the threshold)")
     most = max(b.size for b in trace.blocks()) if trace.blocks() else None
     fig = go.Figure(go.Heatmap(z=z, x=list(range(depth)), y=[f"block {b}" for b in blocks], colorscale=SCALE,
-                               zmin=0, zmax=most, text=z, texttemplate="%{text}", customdata=hover, xgap=2, ygap=2,
+                               zmin=0, zmax=most, text=[["" if v is None else str(v) for v in r] for r in z],
+                               texttemplate="%{text}", customdata=hover, xgap=2, ygap=2,
                                colorbar=dict(title="tokens", thickness=12),
                                hovertemplate="%{y}, step %{x}: %{customdata}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")
