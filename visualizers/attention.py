@@ -98,9 +98,12 @@ def _title(block: int, layer: int, head, sink: int, renormalise: bool) -> str:
     return ", ".join(parts)
 
 
+KEY_LABEL_ROOM = 140     # px below the plot for the slanted key labels and the axis title
+
+
 def _step_slider(steps) -> dict:
     """A plotly slider that shows one heatmap trace per denoiser step (no frames needed)."""
-    return dict(active=0, currentvalue=dict(prefix="step "), pad=dict(t=40),
+    return dict(active=0, currentvalue=dict(prefix="step "), pad=dict(t=KEY_LABEL_ROOM),   # under the key labels
                 steps=[dict(label=str(s.step), method="update",
                             args=[{"visible": [i == k for i in range(len(steps))]}])
                        for k, s in enumerate(steps)])
@@ -133,8 +136,8 @@ def figure(trace, block: int, layer: int, head=MEAN, sink: int = 0, renormalise:
             hovertemplate="query %{y} (now '%{customdata}')<br>key %{x}<br>%{z:.3f}<extra></extra>"))
     fig.update_layout(
         title=dict(text=_title(block, layer, head, sink, renormalise), x=0.01, font=dict(size=15)),
-        sliders=[_step_slider(steps)], height=max(380, 22 * size + 200), template="plotly_white",
-        margin=dict(l=110, r=20, t=50, b=60),
+        sliders=[_step_slider(steps)], height=max(380, 22 * size + 200) + KEY_LABEL_ROOM, template="plotly_white",
+        margin=dict(l=110, r=20, t=50, b=KEY_LABEL_ROOM + 70),
         xaxis=dict(title="context keys", tickangle=-60, type="category"),
         yaxis=dict(title="block queries (final token)", autorange="reversed", type="category"))
     return fig
