@@ -109,7 +109,7 @@ function info(s) {
     ? ` · <span class="ttg-inh-note">inherited from the original run</span>`
     : ` · <span class="ttg-fork-note">fork: ${esc(changes())}</span>`;
   // blocks and steps count from 0 everywhere (row labels B0.., the inspector, the Fork tab)
-  return `Block <b>${block}</b> (of 0–${nb - 1}) · step <b>${step}</b> (of 0–${steps - 1}) · NFE ${nfe} · ${t} s · committed <b>${fresh.length}</b> this step${fork}` +
+  return `Block <b>B${block}</b> (${nb} in all) · step <b>${step}</b> (${steps} allowed, counted from 0) · NFE ${nfe} · ${t} s · committed <b>${fresh.length}</b> this step${fork}` +
     `<div class="ttg-rule">${rule(s.frame, steps, gammaAt(frame))}</div>`;
 }
 
