@@ -124,6 +124,9 @@ def warn_about(cfg, mode: str, capture: bool) -> None:
     if mode == "diffusion" and cfg.block_size > TRAINED_BLOCK:
         gr.Warning(f"Block size {cfg.block_size} is above the trained {TRAINED_BLOCK}: "
                    "quality usually collapses.")
+    if mode == "diffusion" and cfg.block_size == 1:
+        gr.Warning("Block size 1 writes one token per block: each pass denoises a single position, "
+                   "so there is nothing to write in parallel.")
     if capture and mode == "ar":
         gr.Warning("Cross-attention exists only in diffusion mode; this AR run captures none.")
     if capture and mode == "diffusion" and cfg.max_new_tokens > LARGE_CAPTURE:

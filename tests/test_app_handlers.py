@@ -298,3 +298,12 @@ def test_ar_view_errors_are_not_kept(monkeypatch):
     assert "error" in json.loads(study.ar_view(session, Event(pos=0)).props["ar"])
     session.trace.model["name"] = handlers.get_model().name        # the cause is gone: asking again works
     assert "top" in json.loads(study.ar_view(session, Event(pos=0)).props["ar"])
+
+
+def test_misleading_block_sizes_are_warned_about(monkeypatch):
+    from twotower.sampling import SamplerConfig
+    said = []
+    monkeypatch.setattr(handlers.gr, "Warning", said.append)
+    for size in (1, 16, 32):
+        handlers.warn_about(SamplerConfig(block_size=size), "diffusion", False)
+    assert len(said) == 2 and "Block size 1" in said[0] and "above the trained 16" in said[1]
