@@ -140,19 +140,19 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         first_token = time.perf_counter() - start                  # the text's first token is already there
     while produced < cfg.max_new_tokens and not all(ended):
         if resume and block == resume.block:                       # the forked block, from its recorded state
-            x = torch.tensor(resume.tokens, dtype=torch.long, device=model.device)
-            size, first, budget = x.shape[1], resume.step + 1, max(cfg.steps, resume.step + 2)
+            rows = [list(row) for row in resume.tokens]
+            first, budget = resume.step + 1, max(cfg.steps, resume.step + 2)
         else:
-            size = min(cfg.block_size, cfg.max_new_tokens - produced)
-            x = torch.full((batch, size), mask_id, dtype=torch.long, device=model.device)
+            rows = [[mask_id] * min(cfg.block_size, cfg.max_new_tokens - produced) for _ in range(batch)]
             first, budget = 0, cfg.steps
+        x, size = torch.tensor(rows, dtype=torch.long, device=model.device), len(rows[0])   # (B, S)
         yield BlockStart(block=block, start=produced, size=size, steps=budget)
         inputs = model.block_inputs(ctx, size)                     # context view: once per block
         guard = _guard(model, out, cfg)                            # over the text so far: once per block
         settled = torch.tensor(ended, device=model.device) | settled_rows(x, mask_id, eos_ids)   # (B,)
         used, unsettled = first, not bool(settled.all())
         drafts, draft_probs = torch.full_like(x, mask_id), None    # the verify order's proposals
-        reuse = PrefixReuse(model.can_reuse_prefix(inputs, capturing=bool(capture_layers)), x.tolist(), mask_id)
+        reuse = PrefixReuse(model.can_reuse_prefix(inputs, capturing=bool(capture_layers)), rows, mask_id)
         for step in range(first, budget):
             if not unsettled:
                 break
