@@ -101,9 +101,13 @@ def pick_fork(session: Session, evt: gr.EventData):
         block, step = int(evt.block), int(evt.step)
         note = fork_note(trace, block, step)
     session.fork_tab_for = trace
+    return (block, step, *fork_settings_of(trace), note, gr.Tabs(selected="fork"))
+
+
+def fork_settings_of(trace: Trace) -> tuple:
+    """The run's own values of the settings a fork may change (the Fork tab's, in run_fork's order)."""
     s = SamplerConfig.from_dict(trace.settings or {})
-    return (block, step, s.threshold, s.remasking, s.temperature, s.steps, s.repetition_penalty,
-            s.no_repeat_ngram_size, note, gr.Tabs(selected="fork"))
+    return s.threshold, s.remasking, s.temperature, s.steps, s.repetition_penalty, s.no_repeat_ngram_size
 
 
 def fork_defaults(session: Session):
@@ -113,9 +117,7 @@ def fork_defaults(session: Session):
     if trace is None or trace is session.fork_tab_for:
         return (gr.skip(),) * 10
     session.fork_tab_for = trace
-    s = SamplerConfig.from_dict(trace.settings or {})
-    return (0, 0, s.threshold, s.remasking, s.temperature, s.steps, s.repetition_penalty,
-            s.no_repeat_ngram_size, "", "")
+    return (0, 0, *fork_settings_of(trace), "", "")
 
 
 def fork_config(parent: Trace, threshold, remasking, temperature, steps, repetition_penalty,
