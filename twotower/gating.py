@@ -2,12 +2,18 @@
 
 With it, a denoiser built as base + adapter computes the base model exactly at the positions
 the gate closes (the clean tokens of a `clean_as_ar` denoiser) and the adapted model elsewhere,
-in one pass. It hooks the output of every `lora_B` layer of peft's LoRA layers; with no gate set the
-adapter runs as usual.
+in one pass. While a gate is set, every peft LoRA linear layer computes
+
+    y = base(x) + B(A(x) * gate * scaling)
+
+with the gate and the scaling folded into the rank-r activations once per layer, and without
+autograd the product with B added in place (one fused multiply-add), so the gated adapter costs
+two small products and one multiply per layer. With no gate set, peft's own forward runs.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -16,21 +22,40 @@ from torch import nn
 class AdapterGate:
     def __init__(self, model: nn.Module):
         self.gate: torch.Tensor | None = None                      # (B, S, 1) while set
-        from peft.tuners.lora import LoraLayer
-        self.layers = [b for m in model.modules() if isinstance(m, LoraLayer) for b in m.lora_B.values()]
+        self._scaled: dict = {}                                     # (scaling, dtype) -> gate * scaling
+        from peft.tuners.lora import Linear
+        self.layers = [m for m in model.modules() if isinstance(m, Linear)]
         if not self.layers:
             raise ValueError("no LoRA adapter layers to gate (a clean_as_ar denoiser needs an unmerged adapter)")
         for layer in self.layers:
-            layer.register_forward_hook(self._scale)
+            layer.forward = functools.partial(self._forward, layer, layer.forward)
 
-    def _scale(self, module, args, out: torch.Tensor) -> torch.Tensor:
-        return out if self.gate is None else out * self.gate.to(out.dtype)
+    def _forward(self, layer, peft_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """One LoRA linear layer under the gate (x: (B, S, in) -> (B, S, out))."""
+        if self.gate is None or args or kwargs or layer.disable_adapters or layer.merged:
+            return peft_forward(x, *args, **kwargs)
+        (name,) = layer.active_adapters
+        y = layer.base_layer(x)                                                  # (B, S, out)
+        h = layer.lora_A[name](layer.lora_dropout[name](x))                      # (B, S, r)
+        h = h * self._gate(layer.scaling[name], h.dtype)
+        if torch.is_grad_enabled():
+            return y + layer.lora_B[name](h)
+        flat = y.view(-1, y.shape[-1])
+        flat.addmm_(h.reshape(-1, h.shape[-1]), layer.lora_B[name].weight.t())   # y += h B^T in place
+        return y
+
+    def _gate(self, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        """gate * scaling in dtype, made once per pass."""
+        key = (scaling, dtype)
+        if key not in self._scaled:
+            self._scaled[key] = self.gate.to(dtype) * scaling
+        return self._scaled[key]
 
     @contextlib.contextmanager
     def __call__(self, gate: torch.Tensor):
         """Gate the adapter's update per token (gate: (B, S, 1), 1 = adapted) inside the block."""
-        self.gate = gate
+        self.gate, self._scaled = gate, {}
         try:
             yield
         finally:
-            self.gate = None
+            self.gate, self._scaled = None, {}
