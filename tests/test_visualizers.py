@@ -180,8 +180,18 @@ def test_race_payload_table_and_curve(ar_trace, diffusion_trace):
     xs, ys = race.curve(diffusion_trace)
     assert ys[-1] == 5 and xs == sorted(xs)            # after-EOS positions do not count
     table = race.table(ar_trace, diffusion_trace)
-    assert "tokens per pass" in table and "×" in table
+    assert "tokens per pass" in table and "ms per pass" in table and "took" in table
     assert len(race.tokens_over_time(ar_trace, diffusion_trace).data) == 2
+
+
+def test_race_explains_its_ratio_as_tokens_per_pass_over_pass_cost():
+    ar = {"tokens_per_second": 10.0, "tokens_per_nfe": 1.0, "seconds": 2.0, "nfe": 20}        # 100 ms a pass
+    diffusion = {"tokens_per_second": 5.0, "tokens_per_nfe": 1.25, "seconds": 4.0, "nfe": 16}  # 250 ms a pass
+    text = race.why(ar, diffusion)
+    assert "**0.50×**" in text and "1.25× the tokens" in text and "2.50× its time" in text
+    assert "more than 2.5 tokens each" in text          # 2.5x the cost needs 2.5 tokens a pass
+    ahead = race.why(ar, {**diffusion, "tokens_per_second": 20.0, "tokens_per_nfe": 4.0, "nfe": 10, "seconds": 2.0})
+    assert "**2.00×**" in ahead and "would get ahead" not in ahead
 
 
 # ---- failures --------------------------------------------------------------------------------------
