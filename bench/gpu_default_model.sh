@@ -9,7 +9,7 @@ mkdir -p /root/g
 case $stage in
 prep)
   cp .gpu/a/part_00 /root/g/
-  nvidia-smi --query-gpu=name,memory.total --format=csv
+  nvidia-smi --query-gpu=name,memory.total --format=csv || echo "no GPU here (a rehearsal)"
   python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" ;;
 train)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/*.whl
@@ -68,6 +68,10 @@ esac
 # model"): its next token IS the AR model's (next-token 1.000), so NEXT_WEIGHT no longer matters
 # and what training can raise is the lookahead (agree-with-AR, tokens per NFE). CLEAN_AS_AR=false
 # trains the paper's block (every position adapted) from the same weights instead.
+# Rehearsal on a CPU (no GPU needed; it checks the stages end to end in a few minutes, with
+# OUT set to a scratch folder): DEVICE=cpu PROMPTS=16 BATCH=16 CORPUS_S=60 TRAIN_MIN=0.5
+# TRAIN_SET="device=cpu batch_size=2 seq_len=128 eval_every=5 save_every=5 eval_batches=2"
+# bash bench/gpu_default_model.sh {prep,train3,more3}, after pack.
 case $stage in
 pack)
   rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a .gpu/b
@@ -87,18 +91,18 @@ train3)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/*.whl
   export PYTHONPATH=/tmp/site
   cat /root/g/part_00 .gpu/b/part_01 > /root/g/smollm2.gguf && md5sum /root/g/smollm2.gguf
-  python3 -m twotower corpus --out /root/corpus --device cuda --prompts ${PROMPTS:-24000} --batch ${BATCH:-768} \
+  python3 -m twotower corpus --out /root/corpus --device ${DEVICE:-cuda} --prompts ${PROMPTS:-24000} --batch ${BATCH:-768} \
       --max-new-tokens 256 --text-dir .gpu/b --max-seconds ${CORPUS_S:-330} ${GREEDY:+--greedy-only} \
       --question-share ${QUESTIONS:-0.12} --opening-share ${OPENINGS:-0} 2>&1 | grep -E "^\{|budget"
   python3 -m twotower train --config ${CONFIG:-configs/greedy_distill.toml} --set corpus=/root/corpus/tokens.safetensors \
       init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} next_weight=${NEXT_WEIGHT:-1} clean_as_ar=${CLEAN_AS_AR:-true} out=/root/run max_minutes=${TRAIN_MIN:-3} steps=100000 \
-      warmup=30 eval_every=200 save_every=200 2>&1 | tr '\r' '\n' | grep -E "\[train\]|tok_s" | tail -12
+      warmup=30 eval_every=200 save_every=200 ${TRAIN_SET:-} 2>&1 | tr '\r' '\n' | grep -E "\[train\]|tok_s" | tail -12
   cp /root/corpus/meta.json $OUT/corpus_meta.json ;;
 more3)
   export PYTHONPATH=/tmp/site
   python3 -m twotower train --config ${CONFIG:-configs/greedy_distill.toml} --set corpus=/root/corpus/tokens.safetensors \
       init=assets/default_model compile=${COMPILE:-false} prefix_share=${PREFIX:-0} next_weight=${NEXT_WEIGHT:-1} clean_as_ar=${CLEAN_AS_AR:-true} out=/root/run max_minutes=${TRAIN_MIN:-8.5} steps=100000 \
-      warmup=30 eval_every=400 save_every=400 --resume 2>&1 | tr '\r' '\n' | grep -E "\[train\]" | tail -20
+      warmup=30 eval_every=400 save_every=400 ${TRAIN_SET:-} --resume 2>&1 | tr '\r' '\n' | grep -E "\[train\]" | tail -20
   cp /root/run/final/twotower.json /root/run/last/train_state.json $OUT/
   split -n 2 -d /root/run/final/denoiser.safetensors $OUT/denoiser.part_ ;;
 esac
