@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.tiny import LORA, MASK_ID, VOCAB, random_lora
+from tests.tiny import LORA, MASK_ID, VOCAB, random_lora, tiny_llama
 from twotower import checkpoints
 from twotower.checkpoints import SpecError, build, load, load_ar, read_safetensors, save
 
@@ -308,3 +308,20 @@ def test_devices_and_dtypes():
     assert checkpoints.default_dtype("cpu") == torch.float32
     assert checkpoints.default_dtype("cuda:0") == torch.bfloat16
     assert checkpoints.default_device() in ("cpu", "cuda")
+
+
+def test_head_for_one_row_keeps_the_logits_and_unties_the_head():
+    from twotower.checkpoints import head_for_one_row
+    lm = tiny_llama(seed=7)
+    ids = torch.tensor([[5, 9, 2, 40]])
+    with torch.no_grad():
+        before = lm(ids).logits
+    embedding = lm.get_input_embeddings().weight
+    head_for_one_row(lm)
+    w = lm.get_output_embeddings().weight
+    assert w.stride() == (1, w.shape[0])                         # (V, H) read from a contiguous (H, V)
+    assert lm.get_input_embeddings().weight is embedding and embedding.is_contiguous()
+    with torch.no_grad():
+        assert torch.allclose(lm(ids).logits, before, atol=1e-5)
+    head_for_one_row(lm)                                         # a second call changes nothing
+    assert lm.get_output_embeddings().weight is w

@@ -251,11 +251,29 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
     adapter unmerged (less memory, a little slower); by default the adapter is merged into a
     copy of the backbone.
     """
+    model = _load(spec, device, dtype, share_base)
+    head_for_one_row(model.context_lm)
+    return model
+
+
+def head_for_one_row(lm) -> None:
+    """On the CPU in float32, keep the AR head's weight (V, H) as the transpose of a contiguous
+    (H, V) matrix: MKL multiplies one row by it in half the time (SmolLM2's head, 2 threads:
+    5.8 against 10.1 ms; 58.5 against 63.4 ms per AR step), and from 4 rows on both layouts cost
+    the same. A tied input embedding keeps its own copy (V x H more floats)."""
+    head = lm.get_output_embeddings()
+    w = head.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32 or w.stride(0) == 1:
+        return
+    head.weight = torch.nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+
+
+def _load(spec: str | None, device: str | None, dtype: torch.dtype | None, share_base: bool) -> TwoTower:
     device = check_device(device or default_device())
     dtype = dtype or default_dtype(device)
     if spec in (None, "", "default"):
         if not (DEFAULT_DIR / "twotower.json").is_file():
-            return load("smollm2", device, dtype)
+            return _load("smollm2", device, dtype, False)
         spec = str(DEFAULT_DIR)
     if share_base and not (Path(spec) / "twotower.json").is_file():
         raise SpecError(f"share_base works for LoRA checkpoints in our format; {spec!r} is not one")
