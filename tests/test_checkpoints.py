@@ -310,18 +310,26 @@ def test_devices_and_dtypes():
     assert checkpoints.default_device() in ("cpu", "cuda")
 
 
-def test_head_for_one_row_keeps_the_logits_and_unties_the_head():
+def test_head_for_one_row_keeps_the_logits_and_the_tie():
     from twotower.checkpoints import head_for_one_row
-    lm = tiny_llama(seed=7)
+    lm = tiny_llama(seed=7)                                      # tied input embedding and head
     ids = torch.tensor([[5, 9, 2, 40]])
     with torch.no_grad():
         before = lm(ids).logits
-    embedding = lm.get_input_embeddings().weight
     head_for_one_row(lm)
     w = lm.get_output_embeddings().weight
     assert w.stride() == (1, w.shape[0])                         # (V, H) read from a contiguous (H, V)
-    assert lm.get_input_embeddings().weight is embedding and embedding.is_contiguous()
+    assert lm.get_input_embeddings().weight is w                 # still one matrix
     with torch.no_grad():
         assert torch.allclose(lm(ids).logits, before, atol=1e-5)
     head_for_one_row(lm)                                         # a second call changes nothing
     assert lm.get_output_embeddings().weight is w
+
+
+def test_head_for_one_row_leaves_an_untied_embedding_alone():
+    from twotower.checkpoints import head_for_one_row
+    lm = tiny_llama(seed=7, tie_word_embeddings=False)
+    embedding = lm.get_input_embeddings().weight
+    head_for_one_row(lm)
+    assert lm.get_input_embeddings().weight is embedding and embedding.is_contiguous()
+    assert lm.get_output_embeddings().weight.stride(0) == 1
