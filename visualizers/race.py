@@ -110,5 +110,6 @@ def why(a: dict, d: dict) -> str:
     return (f"\nDiffusion throughput is **{ratio:.2f}×** the AR baseline's on this prompt: each diffusion "
             f"pass wrote {more:.2f}× the tokens of an AR pass and took {cost:.2f}× its time "
             f"({more:.2f} / {cost:.2f} = {ratio:.2f}).{verdict} A pass reads the weights once, as an AR step "
-            "does, but computes every position of the block, which costs more where arithmetic rather "
-            "than memory bandwidth is the limit (a CPU, large batches).")
+            "does, but also computes every position of the block and its scores over the whole "
+            "vocabulary; where that work is not free (a small CPU, large batches) a pass costs more "
+            "than an AR step.")
