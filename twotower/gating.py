@@ -24,10 +24,10 @@ class AdapterGate:
         self.gate: torch.Tensor | None = None                      # (B, S, 1) while set
         self._scaled: dict = {}                                     # (scaling, dtype) -> gate * scaling
         from peft.tuners.lora import Linear
-        self.layers = [m for m in model.modules() if isinstance(m, Linear)]
-        if not self.layers:
+        layers = [m for m in model.modules() if isinstance(m, Linear)]
+        if not layers:
             raise ValueError("no LoRA adapter layers to gate (a clean_as_ar denoiser needs an unmerged adapter)")
-        for layer in self.layers:
+        for layer in layers:
             layer.forward = functools.partial(self._forward, layer, layer.forward)
 
     def _forward(self, layer, peft_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
