@@ -63,6 +63,8 @@ def status_line(trace: Trace, stopped: bool = False) -> str:
     if s:
         end = ENDINGS.get(s["stopped"], s["stopped"])
         drafts = f" · drafts kept {s['drafts_kept']} of {s['drafts_checked']}" if "drafts_checked" in s else ""
+        if "rows_per_pass" in s:
+            drafts += f" · draft trees: {s['rows_per_pass']:.1f} block rows per pass"
         return (f"**Finished** ({trace.mode}) · {s['tokens']} tokens · {s['nfe']} forward passes · "
                 f"{s['tokens_per_nfe']:.2f} tokens/pass{drafts} · {s['seconds']:.2f} s · "
                 f"{s['tokens_per_second']:.1f} tokens/s · first token {s['first_token_seconds']:.2f} s · {end}")
@@ -162,14 +164,14 @@ def record(stream, trace: Trace):
 
 def generate(prompt, mode, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
              repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos, capture, layers,
-             session: Session):
+             draft_width, session: Session):
     """Stream a run: (grid payload JSON, text, status) a few times per second, then the full trace.
 
     The sampling loop runs inside this generator (no thread): Stop cancels the event, which
     closes the generator and with it the computation, after the step in flight.
     """
     settings = (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, repetition_penalty,
-                no_repeat_ngram_size, remasking, seed, stop_at_eos)
+                no_repeat_ngram_size, remasking, seed, stop_at_eos, draft_width)
     ids, cfg, layers = prepare(prompt, mode, settings, capture, layers)
     stream = compute(prompt, ids, cfg, mode, layers)
     trace = next(stream)

@@ -24,7 +24,7 @@ def model():
 
 
 def run_to_end(session: Session, capture=False, mode="diffusion"):
-    outputs = list(handlers.generate("Hello", mode, *SETTINGS, capture, "first, last", session))
+    outputs = list(handlers.generate("Hello", mode, *SETTINGS, capture, "first, last", 0, session))
     return outputs[-1]
 
 
@@ -75,7 +75,7 @@ def test_capture_layers_parses_names_and_indices():
 
 def test_bad_input_is_a_ui_error():
     with pytest.raises(gr.Error, match="empty"):
-        next(handlers.generate("  ", "diffusion", *SETTINGS, False, "", Session()))
+        next(handlers.generate("  ", "diffusion", *SETTINGS, False, "", 0, Session()))
 
 
 def test_a_finished_run_settles_into_views():
@@ -93,7 +93,7 @@ def test_a_finished_run_settles_into_views():
 
 def test_a_cancelled_run_settles_as_stopped():
     session = Session()
-    stream = handlers.generate("Hello", "diffusion", *SETTINGS, False, "", session)
+    stream = handlers.generate("Hello", "diffusion", *SETTINGS, False, "", 0, session)
     next(stream)
     next(stream)
     stream.close()                                             # what Stop's cancel does
@@ -121,12 +121,12 @@ def test_export_then_import_without_the_model(tmp_path):
 def test_race_runs_both_and_stops_on_request():
     from app import race
     session = Session()
-    *progress, final = race.race("Hello", *SETTINGS, session)
+    *progress, final = race.race("Hello", *SETTINGS, 0, session)
     assert [p[3] for p in progress][-1].startswith("Running diffusion")
     runs = json.loads(final[0])["runs"]
     assert [r["mode"] for r in runs] == ["ar", "diffusion"] and session.race_state == "done"
     assert race.race_settle(session) == gr.skip()
-    stream = race.race("Hello", *SETTINGS, session)
+    stream = race.race("Hello", *SETTINGS, 0, session)
     assert "Warming up" in next(stream)[3]
     handlers.request_stop(session)                   # Stop pressed during the untimed warm-up
     assert list(stream) == []
@@ -208,7 +208,7 @@ def test_compare_two_saved_traces(tmp_path):
     for threshold in (0.5, 0.9):
         session = Session()
         outputs = list(handlers.generate("Hello", "diffusion", 24, 8, 4, threshold, 0.0, 0, 1.0, 1.0, 0, "confidence",
-                                         0, False, False, "", session))
+                                         0, False, False, "", 0, session))
         path = tmp_path / f"run-{threshold}.json"
         session.trace.save(path)
         paths.append(str(path))
@@ -286,7 +286,7 @@ def test_a_race_that_fails_says_so_instead_of_stopped(monkeypatch):
     monkeypatch.setattr(race, "compute", broken)
     session = Session()
     with pytest.raises(gr.Error, match="the model broke"):
-        list(race.race("Hello", *SETTINGS, session))
+        list(race.race("Hello", *SETTINGS, 0, session))
     assert "failed" in race.race_settle(session)
 
 
@@ -307,3 +307,29 @@ def test_misleading_block_sizes_are_warned_about(monkeypatch):
     for size in (1, 16, 32):
         handlers.warn_about(SamplerConfig(block_size=size), "diffusion", False)
     assert len(said) == 2 and "Block size 1" in said[0] and "above the trained 16" in said[1]
+
+
+def test_a_draft_tree_run_writes_the_ar_text_and_counts_its_rows(model):
+    from tests.test_llama_family import clean_as_ar_model
+    from tests.tiny_app import char_tokenizer
+    verifier = clean_as_ar_model()
+    verifier.tokenizer = char_tokenizer()
+    set_model(verifier)
+    try:
+        greedy = (24, 8, 8, 0.0, 0.0, 0, 1.0, 1.0, 0, "verify", 0, False, False, "")
+        tree = list(handlers.generate("Hello", "diffusion", *greedy, 3, Session()))[-1]
+        ar = list(handlers.generate("Hello", "ar", *greedy, 0, Session()))[-1]
+        assert tree[1] == ar[1]
+        assert "block rows per pass" in tree[2] and "block rows per pass" not in ar[2]
+    finally:
+        set_model(model)
+
+
+def test_a_fork_to_another_order_drops_the_draft_tree():
+    from types import SimpleNamespace
+
+    from app import study
+    parent = SimpleNamespace(settings={"remasking": "verify", "threshold": 0.2, "draft_width": 3})
+    assert study.fork_config(parent, 0.2, "verify", 0.0, 16, 1.0, 0).draft_width == 3
+    assert study.fork_config(parent, 0.9, "leftmost", 0.0, 16, 1.0, 0).draft_width == 0
+    assert study.fork_config(parent, 0.2, "verify", 0.8, 16, 1.0, 0).draft_width == 0

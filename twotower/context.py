@@ -68,6 +68,19 @@ class ContextView:
             else:
                 self.kv[i] = (k, v)
 
+    def rows(self, index: torch.Tensor) -> "ContextView":
+        """A copy whose row r is row index[r] of this view (a draft tree's rows, `twotower.draft_tree`)."""
+        view = ContextView({}, 0, self.inplace)
+        view.context_len, view.kv = self.context_len, {i: (k[index], v[index]) for i, (k, v) in self.kv.items()}
+        return view
+
+    def keep(self, rows: "ContextView", index: torch.Tensor) -> None:
+        """Take the block K/V of rows index (B,) of `rows` (a copy made by `rows()`) as this view's own."""
+        for i, (k, v) in self.kv.items():
+            rk, rv = rows.kv[i]
+            k[..., self.context_len:, :] = rk[index, ..., self.context_len:, :]
+            v[..., self.context_len:, :] = rv[index, ..., self.context_len:, :]
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.kv[layer_idx]
         if not self.inplace:

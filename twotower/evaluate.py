@@ -99,6 +99,7 @@ class Generation:
     seconds: float = 0.0                                # wall time of the batched runs
     drafts_held: int = 0                                # verify order: drafts the AR model's reading kept
     drafts_dropped: int = 0                             # ... and dropped
+    tree_rows: int = 0                                  # draft trees: block rows the passes ran (as if alone)
 
     @property
     def tokens(self) -> int:
@@ -158,17 +159,18 @@ def generate(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str, 
 
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     rows: dict[int, tuple[str, list[int], int]] = {}
-    seconds, held, dropped = 0.0, 0, 0
+    seconds, held, dropped, tree_rows = 0.0, 0, 0, 0
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc=desc or mode, unit="batch", leave=False, file=sys.stderr):
         idx = order[s: s + batch_size]
         drafts = DraftTally(len(idx))
         done, nfe = run_batch(model, [prompt_ids[i] for i in idx], cfg, mode, drafts)
         seconds, held, dropped = seconds + done.seconds, held + sum(drafts.held), dropped + sum(drafts.dropped)
+        tree_rows += sum(drafts.rows)
         for j, i in enumerate(idx):
             rows[i] = (done.texts[j], done.token_ids[j], nfe[j])
     texts, ids, nfes = zip(*(rows[i] for i in range(len(prompt_ids)))) if rows else ((), (), ())
-    return Generation(list(texts), list(ids), list(nfes), seconds, held, dropped)
+    return Generation(list(texts), list(ids), list(nfes), seconds, held, dropped, tree_rows)
 
 
 def measure_speed(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str) -> dict:
@@ -245,6 +247,8 @@ def speed_of(gen: Generation) -> dict:
     checked = gen.drafts_held + gen.drafts_dropped
     if checked:                                        # the verify order: how its drafts fared
         out.update(drafts_checked=checked, draft_acceptance=gen.drafts_held / checked)
+    if gen.tree_rows:                                  # draft trees: what a pass costs, in block rows
+        out["rows_per_pass"] = gen.tree_rows / nfe
     return out
 
 
@@ -497,7 +501,8 @@ def configs(args, model_defaults: dict | None = None) -> tuple[SamplerConfig, Sa
     base = SamplerConfig.recommended(model_defaults, block_size=args.block_size, steps=args.steps,
                                      threshold=args.threshold, remasking=args.remasking, seed=args.seed,
                                      repetition_penalty=args.repetition_penalty,
-                                     no_repeat_ngram_size=args.no_repeat_ngram_size)
+                                     no_repeat_ngram_size=args.no_repeat_ngram_size,
+                                     draft_width=args.draft_width)
     base = replace(base, temperature=0.0, top_k=0, top_p=1.0)
     return (replace(base, max_new_tokens=args.answer_tokens).validate(),
             replace(base, max_new_tokens=args.max_new_tokens).validate())
@@ -580,6 +585,9 @@ def add_parser(sub) -> None:
                    help=f"> 1 lowers the scores of tokens already written, in both modes {tuned(d.repetition_penalty)}")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
                    help=f"do not write an N-gram already written, in both modes {tuned(d.no_repeat_ngram_size)}")
+    p.add_argument("--draft-width", type=int, default=None, metavar="K",
+                   help=f"verify order: K candidates for the first drafted token, checked in one pass over a "
+                        f"block row per draft-tree node (0 = off) {tuned(d.draft_width)}")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--speed-prompts", type=int, default=8,

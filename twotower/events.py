@@ -56,6 +56,8 @@ class Step(Event):
                                     # False once it settled (ended, or end-of-text after a filled prefix)
     drafts: list[list[int]] | None = None   # verify order: (B, S) draft ids the next pass checks, -1 where none
     rejected: list[list[int]] | None = None  # verify order: per row, positions whose drafts this pass dropped
+    rows: list[int] | None = None   # verify with draft trees: per row, the block rows this pass ran (one per
+                                    # tree node: its cost in positions is rows x S); None without a tree
 
 
 @dataclass

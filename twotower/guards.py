@@ -122,6 +122,13 @@ class RepeatGuard:
         self.history = torch.nn.functional.pad(history, (short, 0), value=-1)
         self.blank = torch.full((history.shape[0], 1), -1, dtype=torch.long, device=history.device)   # AR's next
 
+    def rows(self, index: torch.Tensor) -> "RepeatGuard":
+        """The same guard for rows index (N,) of this one's (a draft tree's rows)."""
+        guard = object.__new__(RepeatGuard)
+        guard.on, guard.penalty, guard.n = self.on, self.penalty, self.n
+        guard.history, guard.blank = self.history[index], self.blank[index]
+        return guard
+
     def block(self, logits: torch.Tensor, x: torch.Tensor, mask_id: int) -> torch.Tensor:
         """logits: (B, S, V) of block x: (B, S), changed in place; the block's written tokens
         count too, and the scores of its written positions stay as they are (views show them)."""

@@ -16,6 +16,7 @@ from .events import BlockCommitted, BlockStart, Done, Event, Prefill, Step, Toke
 from .fork import ForkPoint
 from .model import TwoTower
 from .prefix_reuse import PrefixReuse
+from .draft_tree import DraftTrees
 from .guards import RepeatGuard, history_tensor
 from .sampling import SamplerConfig, choose_tokens, decide_pass, settled_rows
 
@@ -26,6 +27,9 @@ def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig)
     if cfg.remasking == "verify" and not model.clean_as_ar:
         raise ValueError(f"the verify order checks drafts with the AR model's reading of them, which needs a "
                          f"clean_as_ar denoiser; {model.name} is not one: choose another commit order")
+    if cfg.draft_width and model.static_cache:
+        raise ValueError("draft trees (draft_width > 0) run a different number of rows each pass; a static or "
+                         "compiled model keeps one shape: set draft_width 0 or use the growing cache")
     if not prompts:
         raise ValueError("no prompt given")
     for p in prompts:
@@ -152,22 +156,28 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         settled = torch.tensor(ended, device=model.device) | settled_rows(x, mask_id, eos_ids)   # (B,)
         used, unsettled = first, not bool(settled.all())
         drafts, draft_probs = torch.full_like(x, mask_id), None    # the verify order's proposals
-        reuse = PrefixReuse(model.can_reuse_prefix(inputs, capturing=bool(capture_layers)), rows, mask_id)
+        reusable = model.can_reuse_prefix(inputs, capturing=bool(capture_layers))
+        trees = DraftTrees(batch, reusable) if cfg.draft_width else None   # verify with draft trees
+        reuse = PrefixReuse(reusable and trees is None, rows, mask_id)
         for step in range(first, budget):
             if not unsettled:
                 break
-            drafted = drafts != mask_id                            # (B, S) the verify order's drafts
-            seen = torch.where(drafted, drafts, x)                 # (B, S) what the pass reads
-            t = (seen == mask_id).float().mean(-1)
-            capture = AttentionCapture(capture_layers) if capture_layers else None
-            begin = reuse.start()                                  # inputs before it: kept from earlier passes
-            logits = reuse.logits_of_pass(model.denoise(seen, inputs, t, capture, begin), begin)   # (B, S, V)
-            logits = guard.block(logits.float(), seen, mask_id)    # repetition penalty, n-gram ban
-            if verify:
-                logits = guard.prefix(logits, seen, mask_id, drafted)   # AR's guards at the drafts
-            logits[..., mask_id] = float("-inf")                   # never predict [MASK]
             open_ = (x == mask_id) & ~settled[:, None]             # settled rows commit nothing more
-            d = decide_pass(logits, x, drafts, draft_probs, open_, budget - step, cfg, gen, mask_id)
+            capture = AttentionCapture(capture_layers) if capture_layers else None
+            begin, n_rows = 0, None
+            if trees is not None:                                  # a row per node of each draft tree
+                d, t, n_rows = trees.step(model, x, drafts, inputs, guard, capture, open_, budget - step, cfg)
+            else:
+                drafted = drafts != mask_id                        # (B, S) the verify order's drafts
+                seen = torch.where(drafted, drafts, x)             # (B, S) what the pass reads
+                t = (seen == mask_id).float().mean(-1)
+                begin = reuse.start()                              # inputs before it: kept from earlier passes
+                logits = reuse.logits_of_pass(model.denoise(seen, inputs, t, capture, begin), begin)   # (B, S, V)
+                logits = guard.block(logits.float(), seen, mask_id)   # repetition penalty, n-gram ban
+                if verify:
+                    logits = guard.prefix(logits, seen, mask_id, drafted)   # AR's guards at the drafts
+                logits[..., mask_id] = float("-inf")               # never predict [MASK]
+                d = decide_pass(logits, x, drafts, draft_probs, open_, budget - step, cfg, gen, mask_id)
             x, drafts, draft_probs = d.x, d.drafts, d.draft_probs
             active, settled = open_.any(-1), settled | settled_rows(x, mask_id, eos_ids)
             nfe, used = nfe + 1, step + 1
@@ -182,7 +192,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
                          anchor=int(model.anchor), active=h_active.bool().tolist(),
                          drafts=[[-1 if tok == mask_id else tok for tok in row] for row in h_drafts.long().tolist()]
                          if verify else None,
-                         rejected=_positions(h_rejected) if verify else None)
+                         rejected=_positions(h_rejected) if verify else None, rows=n_rows)
             reuse.record(begin, event.tokens, event.drafts)
             if first_token is None and all(row[0] != mask_id for row in event.tokens):
                 first_token = event.elapsed                        # the text's first token is readable

@@ -21,6 +21,7 @@ class DraftTally:
 
     def __init__(self, batch: int):
         self.held, self.dropped = [0] * batch, [0] * batch
+        self.rows = [0] * batch                   # draft trees: block rows the passes for each row ran
         self.pending: list[dict[int, int]] = [{} for _ in range(batch)]   # the last pass's drafts: position -> id
 
     def update(self, event: Event) -> None:
@@ -32,6 +33,8 @@ class DraftTally:
                 self.held[b] += sum(self.pending[b].get(j) == tokens[j] for j in event.committed[b])
                 self.dropped[b] += len(event.rejected[b])
                 self.pending[b] = {j: d for j, d in enumerate(drafts) if d >= 0}
+                if event.rows is not None and (event.active is None or event.active[b]):
+                    self.rows[b] += event.rows[b]
 
 
 @dataclass
@@ -94,7 +97,11 @@ class Trace:
         tally = DraftTally(len(steps[0].drafts))
         for event in self.events:
             tally.update(event)
-        return {"drafts_checked": sum(tally.held) + sum(tally.dropped), "drafts_kept": sum(tally.held)}
+        stats = {"drafts_checked": sum(tally.held) + sum(tally.dropped), "drafts_kept": sum(tally.held)}
+        passes = sum(1 for s in steps for b in range(len(s.tokens)) if s.rows is not None and (s.active is None or s.active[b]))
+        if passes:                                # draft trees: rows per pass, the cost of a pass in rows
+            stats["rows_per_pass"] = sum(tally.rows) / passes
+        return stats
 
     # ---- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict:

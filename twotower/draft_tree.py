@@ -1,0 +1,196 @@
+"""Draft trees for the `verify` order: several candidates for the first drafted token, all
+checked in one pass (greedy decoding; `SamplerConfig.draft_width`).
+
+The plain `verify` order drafts one run (the denoiser's likeliest token at each position over
+gamma) and one pass checks it. Its weak spot is the first drafted token: the denoiser guesses it
+without the token before it, which the AR model writes in the same pass. On the default model's
+QA answers its top guess there is the AR model's token 49% of the time, one of its top 3 86%
+of the time. And a failed draft costs the next pass its drafts (they were read after it).
+
+A draft tree fixes both. The first drafted position gets up to `width` candidates (the
+denoiser's top ones with probability over FLOOR, or over gamma when it is lower), each followed
+by the same run over gamma.
+Every node of that tree, and the empty path, becomes one row of the next pass: the block as it
+would stand with that path written after the committed text. Each row is an ordinary verify pass
+over that block: it reads its path as the AR model does (so it checks it) and predicts past it as
+the denoiser does. The longest path the AR model agrees with is kept, the AR model's token after
+it is committed, and that path's row drafts the next tree. The text is the AR model's greedy
+text, token for token, as with one row; a pass costs `rows` times the positions.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .prefix_reuse import MIN_INPUTS
+from .sampling import Decision, SamplerConfig
+
+FLOOR = 0.05   # a first-token candidate beyond the likeliest needs this probability
+
+
+class Rows(NamedTuple):
+    """One pass's rows: a block per tree node of every prompt."""
+    ids: torch.Tensor            # (N, S) block ids with the node's path written, mask id elsewhere
+    owner: torch.Tensor          # (N,) the prompt of each row
+    paths: list[list[int]]       # per row: the path it writes at its prompt's first open position
+
+
+def candidate_paths(ids: list[list[int]], probs: list[list[float]], start: int, gamma: float,
+                    width: int) -> list[list[int]]:
+    """Paths of drafts for positions start.. of one prompt's block, from one pass's top
+    candidates there (ids, probs: S lists of the best first): the `width` likeliest first tokens
+    with probability over min(gamma, FLOOR), each followed by the run of likeliest tokens over
+    gamma after it (the same for all). width 1: the run alone, as the plain order drafts it."""
+    if start >= len(ids):
+        return []
+    run = []
+    for q in range(start + 1, len(ids)):
+        if probs[q][0] <= gamma:
+            break
+        run.append(ids[q][0])
+    if width == 1:
+        return [[ids[start][0]] + run] if probs[start][0] > gamma else []
+    floor = min(gamma, FLOOR)
+    firsts = [ids[start][i] for i in range(min(width, len(ids[start]))) if probs[start][i] > floor]
+    return [[first] + run for first in firsts]
+
+
+def tree_nodes(paths: list[list[int]]) -> list[list[int]]:
+    """Every prefix of the paths, the empty one first, each once, shorter first."""
+    nodes = {(): []}
+    for path in paths:
+        for end in range(1, len(path) + 1):
+            nodes.setdefault(tuple(path[:end]), path[:end])
+    return sorted(nodes.values(), key=len)
+
+
+def first_open(row: list[int], mask_id: int) -> int:
+    """The first position of a block row still masked (its length when none)."""
+    return next((j for j, tok in enumerate(row) if tok == mask_id), len(row))
+
+
+def build_rows(x: torch.Tensor, trees: list[list[list[int]]], mask_id: int) -> Rows:
+    """x: (B, S) committed ids; trees: per prompt, its candidate paths (starting at its first
+    open position). Returns the rows of the next pass: one per node of each tree."""
+    ids, owner, paths = [], [], []
+    for b, (row, tree) in enumerate(zip(x.tolist(), trees)):
+        start = first_open(row, mask_id)
+        for node in tree_nodes(tree):
+            ids.append(row[:start] + node + row[start + len(node):])
+            owner.append(b)
+            paths.append(node)
+    return Rows(torch.tensor(ids, device=x.device), torch.tensor(owner, device=x.device), paths)
+
+
+def row_inputs(inputs: dict, owner: torch.Tensor) -> dict:
+    """A block's inputs (`TwoTower.block_inputs`) with every prompt's row repeated for its tree nodes."""
+    out = dict(inputs, view=inputs["view"].rows(owner), positions=inputs["positions"][owner])
+    if inputs.get("mask") is not None and inputs["mask"].shape[0] > 1:
+        out["mask"] = inputs["mask"][owner]
+    if "anchor" in inputs:
+        out["anchor"] = inputs["anchor"][owner]
+    return out
+
+
+def keep_rows(pred: list[list[int]], rows: Rows, starts: list[int]) -> list[int]:
+    """Per prompt, the row whose whole path the AR model agrees with, the longest. A row's
+    prediction at each position of its path is the AR model's token after the committed text
+    and the path before it; the empty path always agrees. pred: (N, S) as lists; starts: per
+    prompt, its first open position."""
+    best: list[int] = [-1] * len(starts)
+    for r, (path, b) in enumerate(zip(rows.paths, rows.owner.tolist())):
+        start = starts[b]
+        if pred[r][start:start + len(path)] == path and (best[b] < 0 or len(path) > len(rows.paths[best[b]])):
+            best[b] = r
+    return best
+
+
+def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.Tensor, open_: torch.Tensor,
+                steps_left: int, cfg: SamplerConfig, mask_id: int) -> tuple[Decision, list[list[list[int]]], list[int]]:
+    """One tree pass's decision (greedy). logits: (N, S, V) of the rows, guarded, [MASK]
+    forbidden; x: (B, S) committed ids; shown: (B, S) the drafts the last Step event showed (the
+    likeliest path), mask id where none; open_: (B, S) unwritten positions of prompts that go on.
+
+    Per prompt, the row kept is the longest path the AR model agrees with: its path and the AR
+    model's token after it are committed (with one step left, every open position, unchecked),
+    and its predictions after that token make the next tree. Returns the Decision (what each
+    prompt's kept row predicted), the next trees and the kept row of each prompt. The tree is
+    decided on the host: one copy of the rows' predictions and top candidates per pass."""
+    probs = logits.float().softmax(-1)
+    conf, pred = probs.max(-1)                                            # (N, S)
+    top = probs.topk(max(cfg.draft_width, 1), dim=-1)
+    x_rows, open_rows = x.tolist(), open_.tolist()
+    starts = [first_open(row, mask_id) for row in x_rows]
+    kept = keep_rows(pred.tolist(), rows, starts)
+    pred, probs, conf = pred[kept], probs[kept], conf[kept]               # (B, S[, V])
+    top_ids, top_probs = top.indices[kept].tolist(), top.values[kept].tolist()
+    commit = [[False] * len(row) for row in x_rows]
+    trees: list[list[list[int]]] = []
+    for b, row in enumerate(x_rows):
+        end = starts[b] + len(rows.paths[kept[b]])                       # the AR model's token goes here
+        span = range(len(row)) if steps_left == 1 else range(starts[b], min(end + 1, len(row)))
+        for j in span:
+            commit[b][j] = open_rows[b][j]
+        more = steps_left > 1 and any(open_rows[b]) and end + 1 < len(row)
+        trees.append(candidate_paths(top_ids[b], top_probs[b], end + 1, cfg.threshold, cfg.draft_width)
+                     if more else [])
+    commit = torch.tensor(commit, device=x.device)
+    new_x = torch.where(commit, pred, x)
+    drafts = torch.full_like(x, mask_id)                                  # what the views show: the likeliest path
+    for b, tree in enumerate(trees):
+        if tree:
+            start = starts[b] + len(rows.paths[kept[b]]) + 1
+            drafts[b, start:start + len(tree[0])] = torch.tensor(tree[0], dtype=drafts.dtype)
+    rejected = (shown != mask_id) & ~(commit & (pred == shown)) & open_
+    planned = (drafts != mask_id).sum(-1)
+    return Decision(new_x, drafts, None, pred, probs, conf, planned, commit, rejected), trees, kept
+
+
+
+class DraftTrees:
+    """The draft trees of one block's prompts, passed from pass to pass.
+
+    With `reuse` (a clean_as_ar denoiser on a growing cache, as `TwoTower.can_reuse_prefix`), a
+    pass starts at the first open position of its prompts, as a plain verify pass does: every
+    row of a prompt shares its committed text, whose keys/values the kept rows write back into
+    the block's view after each pass, and whose logits they keep.
+    """
+
+    def __init__(self, batch: int, reuse: bool):
+        self.trees: list[list[list[int]]] = [[] for _ in range(batch)]
+        self.reuse = reuse
+        self.logits: torch.Tensor | None = None          # (B, S, V) the kept rows' latest logits, unguarded
+
+    def start(self, x: torch.Tensor, mask_id: int) -> int:
+        """The first block position the next pass computes (0: all)."""
+        if not self.reuse or self.logits is None:
+            return 0
+        first = min(first_open(row, mask_id) for row in x.tolist())
+        return min(first, x.shape[1] + 1 - MIN_INPUTS)  # inputs: the anchor + S tokens
+
+    def step(self, model, x: torch.Tensor, shown: torch.Tensor, inputs: dict, guard, capture,
+             open_: torch.Tensor, steps_left: int, cfg: SamplerConfig):
+        """One denoiser pass over the rows of every prompt's tree (`build_rows`), decided by
+        `decide_tree`. guard: the block's RepeatGuard; capture: an AttentionCapture or None (it
+        keeps the kept rows). Returns (Decision, t (B,) of the kept rows, rows per prompt)."""
+        mask_id = model.mask_token_id
+        rows, start = build_rows(x, self.trees, mask_id), self.start(x, mask_id)
+        view = row_inputs(inputs, rows.owner)
+        t = (rows.ids == mask_id).float().mean(-1)                      # (N,) as a plain pass over each row
+        raw = model.denoise(rows.ids, view, t, capture, start).float()   # (N, S - start, V)
+        if start:
+            raw = torch.cat([self.logits[rows.owner, :start], raw], 1)  # (N, S, V)
+        guard = guard.rows(rows.owner)
+        logits = guard.block(raw.clone(), rows.ids, mask_id)            # repetition penalty, n-gram ban
+        paths = (rows.ids != mask_id) & (x[rows.owner] == mask_id)      # (N, S) the written paths
+        logits = guard.prefix(logits, rows.ids, mask_id, paths)         # AR's guards along the paths
+        logits[..., mask_id] = float("-inf")                            # never predict [MASK]
+        decision, self.trees, kept = decide_tree(logits, rows, x, shown, open_, steps_left, cfg, mask_id)
+        kept = torch.tensor(kept, device=x.device)
+        self.logits = raw[kept]
+        if self.reuse:
+            inputs["view"].keep(view["view"], kept)
+        if capture is not None:
+            capture.probs = {layer: p[kept] for layer, p in capture.probs.items()}
+        return decision, t[kept], rows.owner.bincount(minlength=x.shape[0]).tolist()
