@@ -9,6 +9,8 @@ revealed and the rest masked, as `leftmost` commits leave a block, and predicts:
 - d = 0, the next token (what greedy `leftmost` decoding writes next; its misses are where the
   quality goes), and d = 1, 2 tokens further on (what lets a pass commit more than one token;
   their confidence is what the threshold is compared with);
+- in_top_k: how often the AR model's token is among the denoiser's k likeliest (k = 1..3) at
+  d = 0, 1, 2 (what a draft tree of width k can check in one pass, `twotower.draft_tree`);
 - the next token again with the block cut right after it (no masked rest) and with the masked
   fraction t forced to 1/16: do the masked positions or t cause the next-token misses?
 
@@ -31,15 +33,16 @@ from twotower.checkpoints import load  # noqa: E402
 from twotower.evaluate import device_name, encode_all, generate, load_qa  # noqa: E402
 from twotower.sampling import SamplerConfig  # noqa: E402
 
-BLOCK, AHEAD = 16, 3
+BLOCK, AHEAD, TOP = 16, 3, 3
 
 
 def predict(model, x: torch.Tensor, inputs: dict, t: torch.Tensor | None = None):
-    """Argmax and its probability at every block position; x: (1, S). [MASK] is never predicted."""
+    """Argmax and its probability at every block position, and the top TOP candidates (S, TOP);
+    x: (1, S). [MASK] is never predicted."""
     logits = model.denoise(x, inputs, t)[0].float()                  # (S, V)
     logits[:, model.mask_token_id] = float("-inf")
     conf, arg = logits.softmax(-1).max(-1)
-    return arg, conf
+    return arg, conf, logits.topk(TOP, -1).indices
 
 
 def measure(spec: str, items: int, device: str) -> dict:
@@ -48,6 +51,7 @@ def measure(spec: str, items: int, device: str) -> dict:
     data = encode_all(model, load_qa()[:items], [])
     answers = generate(model, data.qa_ids, SamplerConfig(max_new_tokens=BLOCK, stop_at_eos=False), "ar", 8, "AR")
     hits, conf, count = torch.zeros(AHEAD), torch.zeros(AHEAD), torch.zeros(AHEAD)
+    in_top = torch.zeros(AHEAD, TOP)                                 # [d, k]: AR's token among the top k + 1
     cut_hits = small_t_hits = 0
     with torch.no_grad():
         for prompt, answer in zip(data.qa_ids, answers.ids):
@@ -56,19 +60,21 @@ def measure(spec: str, items: int, device: str) -> dict:
             ref = torch.tensor(answer[:BLOCK])
             for j in range(len(ref)):
                 x = torch.tensor([answer[:j] + [mask] * (BLOCK - j)], device=model.device)
-                arg, p = predict(model, x, inputs)
+                arg, p, top = predict(model, x, inputs)
                 for d in range(min(AHEAD, len(ref) - j)):
                     hits[d] += int(arg[j + d] == ref[j + d])
                     conf[d] += p[j + d].item()
+                    in_top[d] += (top[j + d] == ref[j + d]).long().cumsum(0).float()
                     count[d] += 1
-                cut, _ = predict(model, x[:, :j + 1], model.block_inputs(ctx, j + 1))
-                small_t, _ = predict(model, x, inputs, torch.tensor([1 / BLOCK], device=model.device))
+                cut, _, _ = predict(model, x[:, :j + 1], model.block_inputs(ctx, j + 1))
+                small_t, _, _ = predict(model, x, inputs, torch.tensor([1 / BLOCK], device=model.device))
                 cut_hits += int(cut[j] == ref[j])
                 small_t_hits += int(small_t[j] == ref[j])
     rnd = lambda v: round(float(v), 3)  # noqa: E731
     return {"model": spec, "qa_items": items, "positions": int(count[0]),
             "agree": {f"d{d}": rnd(hits[d] / count[d]) for d in range(AHEAD)},
             "confidence": {f"d{d}": rnd(conf[d] / count[d]) for d in range(AHEAD)},
+            "in_top_k": {f"d{d}": [rnd(in_top[d, k] / count[d]) for k in range(TOP)] for d in range(AHEAD)},
             "next_token_block_cut": rnd(cut_hits / count[0]), "next_token_t_small": rnd(small_t_hits / count[0])}
 
 

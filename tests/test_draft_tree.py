@@ -8,29 +8,11 @@ import torch
 
 import twotower.draft_tree as draft_tree
 from tests.test_llama_family import clean_as_ar_model
+from tests.test_verify import model, prompts, run  # noqa: F401 (the same fixtures: a clean_as_ar tiny model, 3 prompts)
 from tests.tiny import MASK_ID, VOCAB
 from twotower.draft_tree import candidate_paths, keep_rows, tree_nodes
-from twotower.events import Done, Step
 from twotower.sampler import ar_generate, diffusion_generate
 from twotower.sampling import SamplerConfig
-
-PROMPT_LENGTHS = (5, 9, 3)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return clean_as_ar_model()
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
-
-
-def run(gen) -> tuple[list[Step], Done]:
-    events = list(gen)
-    return [e for e in events if isinstance(e, Step)], events[-1]
 
 
 def second_best_drafter(monkeypatch, model, prompts, truth: list[list[int]]):
@@ -163,3 +145,21 @@ def test_the_longest_path_the_ar_model_agrees_with_is_kept():
             [1, 2, 7, 3, 0, 0],                  # row 2 read 7, 8: its 8 is not the AR model's (3)
             [4, 0, 0, 0, 0, 0]]
     assert keep_rows(pred, rows, [2, 0]) == [1, 3]
+
+
+def test_a_tree_run_forked_from_a_block_with_gaps_keeps_its_commits(model, prompts):
+    """A fork of a `confidence` run into the tree order: the block holds commits after masked
+    positions; trees must stay within the open runs and leave those commits as they are."""
+    from twotower.fork import fork_point
+    from twotower.runner import run as record
+    c = dict(max_new_tokens=16, block_size=8, steps=8, stop_at_eos=False)
+    trace, events = record(model, prompts, SamplerConfig(remasking="random", threshold=1.0, **c), "diffusion")
+    list(events)
+    point = fork_point(trace, 1, 2)
+    kept = [[(j, t) for j, t in enumerate(row) if t != MASK_ID] for row in point.tokens]
+    assert any(row and row[-1][0] > len(row) - 1 for row in kept)            # a commit after a gap
+    steps, done = run(diffusion_generate(model, prompts, SamplerConfig(remasking="verify", threshold=0.0,
+                                                                       draft_width=3, **c), resume=point))
+    for row, committed in zip(done.token_ids, kept):
+        assert all(row[8 + j] == t for j, t in committed)
+    assert all(MASK_ID not in row for row in done.token_ids)

@@ -116,7 +116,7 @@ def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.
     model's token after it are committed (with one step left, every open position, unchecked),
     and its predictions after that token make the next tree. Returns the Decision (what each
     prompt's kept row predicted), the next trees and the kept row of each prompt. The tree is
-    decided on the host: one copy of the rows' predictions and top candidates per pass."""
+    decided on the host, from a few small copies per pass (ids and top candidates, no logits)."""
     probs = logits.float().softmax(-1)
     conf, pred = probs.max(-1)                                            # (N, S)
     top = probs.topk(max(cfg.draft_width, 1), dim=-1)
@@ -133,8 +133,10 @@ def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.
         for j in span:
             commit[b][j] = open_rows[b][j]
         more = steps_left > 1 and any(open_rows[b]) and end + 1 < len(row)
-        trees.append(candidate_paths(top_ids[b], top_probs[b], end + 1, cfg.threshold, cfg.draft_width)
-                     if more else [])
+        # a path stays within the open run after the AR token (a forked block may hold later commits)
+        stop = next((q for q in range(end + 1, len(row)) if not open_rows[b][q]), len(row))
+        trees.append(candidate_paths(top_ids[b][:stop], top_probs[b][:stop], end + 1, cfg.threshold,
+                                     cfg.draft_width) if more else [])
     commit = torch.tensor(commit, device=x.device)
     new_x = torch.where(commit, pred, x)
     drafts = torch.full_like(x, mask_id)                                  # what the views show: the likeliest path
@@ -145,7 +147,6 @@ def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.
     rejected = (shown != mask_id) & ~(commit & (pred == shown)) & open_
     planned = (drafts != mask_id).sum(-1)
     return Decision(new_x, drafts, None, pred, probs, conf, planned, commit, rejected), trees, kept
-
 
 
 class DraftTrees:
