@@ -163,3 +163,17 @@ def test_a_tree_run_forked_from_a_block_with_gaps_keeps_its_commits(model, promp
     for row, committed in zip(done.token_ids, kept):
         assert all(row[8 + j] == t for j, t in committed)
     assert all(MASK_ID not in row for row in done.token_ids)
+
+
+def test_a_tree_trace_reports_rows_per_pass(model, prompts):
+    from twotower.generate_cmd import summary
+    from twotower.runner import run as record
+    c = dict(max_new_tokens=16, block_size=8, steps=8, stop_at_eos=False, remasking="verify", threshold=0.0)
+    trace, events = record(model, prompts[:1], SamplerConfig(draft_width=2, **c), "diffusion")
+    list(events)
+    rows = [s.rows[0] for s in trace.steps()]
+    assert trace.stats()["rows_per_pass"] == pytest.approx(sum(rows) / len(rows)) and max(rows) > 1
+    assert "rows/pass=" in summary(trace.stats(), "diffusion")
+    plain, events = record(model, prompts[:1], SamplerConfig(**c), "diffusion")
+    list(events)
+    assert "rows_per_pass" not in plain.stats() and "rows/pass" not in summary(plain.stats(), "diffusion")

@@ -71,13 +71,16 @@ def load_model(args):
 
 def summary(stats: dict, mode: str) -> str:
     drafts = f"drafts_kept={stats['drafts_kept']}/{stats['drafts_checked']} " if "drafts_checked" in stats else ""
+    if "rows_per_pass" in stats:                     # draft trees: block rows per pass
+        drafts += f"rows/pass={stats['rows_per_pass']:.1f} "
     return (f"[{mode}] tokens={stats['tokens']} nfe={stats['nfe']} tokens/nfe={stats['tokens_per_nfe']:.2f} "
             f"{drafts}seconds={stats['seconds']:.2f} tokens/s={stats['tokens_per_second']:.1f}")
 
 
 def cmd_generate(args) -> int:
     from .runner import encode_prompt, parse_ids, run
-    sampler_config(args)          # bad settings fail before the model loads
+    from .checkpoints import recommended_settings
+    sampler_config(args, recommended_settings(args.model))   # bad settings fail before the model loads
     if sum(x is not None for x in (args.prompt, args.prompt_ids, args.prompts)) != 1:
         raise ValueError("give exactly one of PROMPT, --prompt-ids or --prompts FILE")
     model = load_model(args)
