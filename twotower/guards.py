@@ -6,6 +6,7 @@ or once per run (AR).
 """
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -124,8 +125,7 @@ class RepeatGuard:
 
     def rows(self, index: torch.Tensor) -> "RepeatGuard":
         """The same guard for rows index (N,) of this one's (a draft tree's rows)."""
-        guard = object.__new__(RepeatGuard)
-        guard.on, guard.penalty, guard.n = self.on, self.penalty, self.n
+        guard = copy.copy(self)
         guard.history, guard.blank = self.history[index], self.blank[index]
         return guard
 
