@@ -164,7 +164,19 @@ function verifyRule(f, steps, threshold) {
     : rejected.length ? "no new drafts: this pass read a wrong one, so its guesses past it are not trusted"
     : `<b>${planned}</b> masked position${planned === 1 ? "" : "s"} in a row with p &gt; ${gamma} became the next drafts`;
   const what = last ? "" : held > 0 ? " (the held drafts and the AR model's next token)" : " (the AR model's next token)";
+  if (data.draft_width > 0) return treeRule(fresh, planned, last, gamma);
   return `Verify: ${check} → committed <b>${fresh.length}</b>${what} · ${next}.`;
+}
+
+// The verify order with draft trees: every path of the tree was a block row of this pass.
+function treeRule(fresh, planned, last, gamma) {
+  const kept = last ? "last step of the block: every position left is committed"
+    : "the longest path of the draft tree (one block row per path) that the AR model agrees with was kept";
+  const next = last ? "" : planned
+    ? ` · the next tree: up to ${data.draft_width} first tokens, then <b>${planned - 1}</b> more with p &gt; ${gamma} ` +
+      "(its likeliest path is shown dashed)"
+    : " · no new drafts (none likely enough, or the block is full)";
+  return `Verify, draft tree: ${kept} → committed <b>${fresh.length}</b>${last ? "" : " (that path and the AR model's next token)"}${next}.`;
 }
 
 const LEGEND = `<div class="ttg-legend">

@@ -177,3 +177,13 @@ def test_a_tree_trace_reports_rows_per_pass(model, prompts):
     plain, events = record(model, prompts[:1], SamplerConfig(**c), "diffusion")
     list(events)
     assert "rows_per_pass" not in plain.stats() and "rows/pass" not in summary(plain.stats(), "diffusion")
+
+
+def test_the_grid_payload_says_a_run_used_draft_trees(model, prompts):
+    from twotower.runner import run as record
+    from visualizers.trajectory import payload
+    c = dict(max_new_tokens=8, block_size=8, steps=8, stop_at_eos=False, remasking="verify", threshold=0.0)
+    for width in (0, 2):
+        trace, events = record(model, prompts[:1], SamplerConfig(draft_width=width, **c), "diffusion")
+        list(events)
+        assert payload(trace)["draft_width"] == width

@@ -143,6 +143,7 @@ def payload(trace, live: bool = False, row: int = 0) -> dict:
         "n_out": output_length(trace, row),
         "threshold": settings.get("threshold"),
         "remasking": settings.get("remasking"),
+        "draft_width": settings.get("draft_width", 0),
         "progress": progress(trace),
         "stats": trace.stats(),
         "findings": [] if live else findings(trace, row),
