@@ -182,11 +182,8 @@ class DraftTrees:
         raw = model.denoise(rows.ids, view, t, capture, start).float()   # (N, S - start, V)
         if start:
             raw = torch.cat([self.logits[rows.owner, :start], raw], 1)  # (N, S, V)
-        guard = guard.rows(rows.owner)
-        logits = guard.block(raw.clone(), rows.ids, mask_id)            # repetition penalty, n-gram ban
         paths = (rows.ids != mask_id) & (x[rows.owner] == mask_id)      # (N, S) the written paths
-        logits = guard.prefix(logits, rows.ids, mask_id, paths)         # AR's guards along the paths
-        logits[..., mask_id] = float("-inf")                            # never predict [MASK]
+        logits = guard.rows(rows.owner).denoiser_pass(raw.clone(), rows.ids, mask_id, paths)
         decision, self.trees, kept = decide_tree(logits, rows, x, shown, open_, steps_left, cfg, mask_id)
         kept = torch.tensor(kept, device=x.device)
         self.logits = raw[kept]

@@ -142,6 +142,17 @@ class RepeatGuard:
             logits = ban_repeated_ngrams_(logits, self.history, x, mask_id, self.n)
         return logits
 
+    def denoiser_pass(self, logits: torch.Tensor, x: torch.Tensor, mask_id: int,
+                      drafted: torch.Tensor | None = None) -> torch.Tensor:
+        """A denoiser pass's logits (B, S, V) over block x (B, S), as the sampler decides from
+        them, changed in place: the guards over the block, the AR model's guards at the written
+        drafts `drafted` (B, S) (the verify order), and [MASK] never predicted."""
+        logits = self.block(logits, x, mask_id)                        # repetition penalty, n-gram ban
+        if drafted is not None:
+            logits = self.prefix(logits, x, mask_id, drafted)          # AR's guards at the drafts
+        logits[..., mask_id] = float("-inf")
+        return logits
+
     def prefix(self, logits: torch.Tensor, x: torch.Tensor, mask_id: int, at: torch.Tensor) -> torch.Tensor:
         """The AR model's guards at written block positions `at` (B, S) (the `verify` order's
         drafts): over the text before each position only. logits: (B, S, V), changed in place."""

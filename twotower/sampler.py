@@ -173,10 +173,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
                 t = (seen == mask_id).float().mean(-1)
                 begin = reuse.start()                              # inputs before it: kept from earlier passes
                 logits = reuse.logits_of_pass(model.denoise(seen, inputs, t, capture, begin), begin)   # (B, S, V)
-                logits = guard.block(logits.float(), seen, mask_id)   # repetition penalty, n-gram ban
-                if verify:
-                    logits = guard.prefix(logits, seen, mask_id, drafted)   # AR's guards at the drafts
-                logits[..., mask_id] = float("-inf")               # never predict [MASK]
+                logits = guard.denoiser_pass(logits.float(), seen, mask_id, drafted if verify else None)
                 d = decide_pass(logits, x, drafts, draft_probs, open_, budget - step, cfg, gen, mask_id)
             x, drafts, draft_probs = d.x, d.drafts, d.draft_probs
             active, settled = open_.any(-1), settled | settled_rows(x, mask_id, eos_ids)
