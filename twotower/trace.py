@@ -22,6 +22,7 @@ class DraftTally:
     def __init__(self, batch: int):
         self.held, self.dropped = [0] * batch, [0] * batch
         self.rows = [0] * batch                   # draft trees: block rows the passes for each row ran
+        self.tree_passes = [0] * batch            # ... and those passes
         self.pending: list[dict[int, int]] = [{} for _ in range(batch)]   # the last pass's drafts: position -> id
 
     def update(self, event: Event) -> None:
@@ -35,6 +36,7 @@ class DraftTally:
                 self.pending[b] = {j: d for j, d in enumerate(drafts) if d >= 0}
                 if event.rows is not None and (event.active is None or event.active[b]):
                     self.rows[b] += event.rows[b]
+                    self.tree_passes[b] += 1
 
 
 @dataclass
@@ -98,9 +100,8 @@ class Trace:
         for event in self.events:
             tally.update(event)
         stats = {"drafts_checked": sum(tally.held) + sum(tally.dropped), "drafts_kept": sum(tally.held)}
-        passes = sum(1 for s in steps for b in range(len(s.tokens)) if s.rows is not None and (s.active is None or s.active[b]))
-        if passes:                                # draft trees: rows per pass, the cost of a pass in rows
-            stats["rows_per_pass"] = sum(tally.rows) / passes
+        if sum(tally.tree_passes):                # draft trees: rows per pass, the cost of a pass in rows
+            stats["rows_per_pass"] = sum(tally.rows) / sum(tally.tree_passes)
         return stats
 
     # ---- JSON --------------------------------------------------------------------------
