@@ -1,6 +1,7 @@
 """What the denoiser sees of the context tower: its cache plus the clean-token bookkeeping."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +71,8 @@ class ContextView:
 
     def rows(self, index: torch.Tensor) -> "ContextView":
         """A copy whose row r is row index[r] of this view (a draft tree's rows, `twotower.draft_tree`)."""
-        view = ContextView({}, 0, self.inplace)
-        view.context_len, view.kv = self.context_len, {i: (k[index], v[index]) for i, (k, v) in self.kv.items()}
+        view = copy.copy(self)
+        view.kv = {i: (k[index], v[index]) for i, (k, v) in self.kv.items()}
         return view
 
     def keep(self, rows: "ContextView", index: torch.Tensor) -> None:
