@@ -8,8 +8,9 @@ import torch
 
 import twotower.draft_tree as draft_tree
 from tests.test_llama_family import clean_as_ar_model
+from tests.test_verify import lookahead_drafter, wrong_token
 from tests.test_verify import model, prompts, run  # noqa: F401 (the same fixtures: a clean_as_ar tiny model, 3 prompts)
-from tests.tiny import MASK_ID, VOCAB
+from tests.tiny import MASK_ID
 from twotower.draft_tree import candidate_paths, keep_rows, tree_nodes
 from twotower.sampler import ar_generate, diffusion_generate
 from twotower.sampling import SamplerConfig
@@ -18,36 +19,8 @@ from twotower.sampling import SamplerConfig
 def second_best_drafter(monkeypatch, model, prompts, truth: list[list[int]]):
     """The denoiser's masked predictions made confident and second best: at every lookahead
     position the AR model's next token gets probability ~0.27 and a wrong one ~0.73, so one run of
-    drafts always fails there and a tree of width 2 holds the right token. Clean positions (the
-    verifying reads) are left as they are. Rows of a tree are mapped to their prompts."""
-    real_denoise, real_inputs, real_rows, where = model.denoise, model.block_inputs, draft_tree.build_rows, {}
-
-    def block_inputs(ctx, size, **kw):
-        where["start"] = [int(n) - len(p) for n, p in zip(ctx.lengths, prompts)]
-        where["owner"] = list(range(len(prompts)))
-        return real_inputs(ctx, size, **kw)
-
-    def build_rows(x, trees, mask_id):
-        rows = real_rows(x, trees, mask_id)
-        where["owner"] = rows.owner.tolist()
-        return rows
-
-    def denoise(x, inputs, t=None, capture=None, start=0):
-        logits = real_denoise(x, inputs, t, capture, start)         # (N, S - start, V)
-        for r, b in enumerate(where["owner"]):                       # the prompt of each row
-            first = where["start"][b]
-            for j in range(max(start, 1), x.shape[1]):
-                index = first + j
-                if x[r, j - 1] == MASK_ID and index < len(truth[b]):   # a lookahead position
-                    right = truth[b][index]
-                    wrong = 4 + (right - 3) % (VOCAB - 4)              # never right, never [MASK]
-                    logits[r, j - start] = -30.0
-                    logits[r, j - start, wrong], logits[r, j - start, right] = 31.0, 30.0
-        return logits
-
-    monkeypatch.setattr(model, "block_inputs", block_inputs)
-    monkeypatch.setattr(model, "denoise", denoise)
-    monkeypatch.setattr(draft_tree, "build_rows", build_rows)
+    drafts always fails there and a tree of width 2 holds the right token."""
+    lookahead_drafter(monkeypatch, model, prompts, truth, lambda index, right: {wrong_token(right): 31.0, right: 30.0})
 
 
 @pytest.mark.parametrize("guards", [{}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import twotower.draft_tree as draft_tree
 from tests.test_llama_family import clean_as_ar_model
 from tests.tiny import MASK_ID, VOCAB, tiny_twotower
 from twotower.events import Done, Step
@@ -33,30 +34,49 @@ def run(gen) -> tuple[list[Step], Done]:
     return [e for e in events if isinstance(e, Step)], events[-1]
 
 
-def oracle_drafter(monkeypatch, model, prompts, truth: list[list[int]], wrong_every: int):
-    """Make the denoiser's masked predictions confident: the AR model's own next tokens
-    (`truth`), except every `wrong_every`-th generated position, which gets a wrong token.
-    Clean positions (the verifying reads) are left as they are."""
-    real_denoise, real_inputs, where = model.denoise, model.block_inputs, {}
+def wrong_token(right: int) -> int:
+    """A token that is never `right` and never [MASK]."""
+    return 4 + (right - 3) % (VOCAB - 4)
+
+
+def lookahead_drafter(monkeypatch, model, prompts, truth: list[list[int]], scores):
+    """Set the denoiser's predictions at every lookahead position (masked, after a masked one):
+    logits -30 except scores(index, right) -> {token: logit}, where index is the generated
+    position and right the AR model's token there (`truth`). Clean positions (the verifying reads)
+    are left as they are. The rows of a draft tree are mapped to their prompts."""
+    real_denoise, real_inputs, real_rows, where = model.denoise, model.block_inputs, draft_tree.build_rows, {}
 
     def block_inputs(ctx, size, **kw):
         where["start"] = [int(n) - len(p) for n, p in zip(ctx.lengths, prompts)]
+        where["owner"] = list(range(len(prompts)))
         return real_inputs(ctx, size, **kw)
 
+    def build_rows(x, trees, mask_id):
+        rows = real_rows(x, trees, mask_id)
+        where["owner"] = rows.owner.tolist()
+        return rows
+
     def denoise(x, inputs, t=None, capture=None, start=0):
-        logits = real_denoise(x, inputs, t, capture, start)         # (B, S - start, V)
-        for b, first in enumerate(where["start"]):
-            for j in range(start, x.shape[1]):
-                index = first + j
-                if j > 0 and x[b, j - 1] == MASK_ID and index < len(truth[b]):   # a lookahead position
-                    right = truth[b][index]
-                    tok = right if index % wrong_every else 4 + (right - 3) % (VOCAB - 4)   # never right, never [MASK]
-                    logits[b, j - start] = -30.0
-                    logits[b, j - start, tok] = 30.0
+        logits = real_denoise(x, inputs, t, capture, start)         # (rows, S - start, V)
+        for r, b in enumerate(where["owner"]):                       # the prompt of each row
+            for j in range(max(start, 1), x.shape[1]):
+                index = where["start"][b] + j
+                if x[r, j - 1] == MASK_ID and index < len(truth[b]):   # a lookahead position
+                    logits[r, j - start] = -30.0
+                    for tok, score in scores(index, truth[b][index]).items():
+                        logits[r, j - start, tok] = score
         return logits
 
     monkeypatch.setattr(model, "block_inputs", block_inputs)
     monkeypatch.setattr(model, "denoise", denoise)
+    monkeypatch.setattr(draft_tree, "build_rows", build_rows)
+
+
+def oracle_drafter(monkeypatch, model, prompts, truth: list[list[int]], wrong_every: int):
+    """Make the denoiser's masked predictions confident: the AR model's own next tokens
+    (`truth`), except every `wrong_every`-th generated position, which gets a wrong token."""
+    lookahead_drafter(monkeypatch, model, prompts, truth,
+                      lambda index, right: {right if index % wrong_every else wrong_token(right): 30.0})
 
 
 @pytest.mark.parametrize("guards", [{}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}])
