@@ -164,14 +164,14 @@ def record(stream, trace: Trace):
 
 def generate(prompt, mode, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
              repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos, capture, layers,
-             draft_width, session: Session):
+             draft_nodes, session: Session):
     """Stream a run: (grid payload JSON, text, status) a few times per second, then the full trace.
 
     The sampling loop runs inside this generator (no thread): Stop cancels the event, which
     closes the generator and with it the computation, after the step in flight.
     """
     settings = (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, repetition_penalty,
-                no_repeat_ngram_size, remasking, seed, stop_at_eos, draft_width)
+                no_repeat_ngram_size, remasking, seed, stop_at_eos, draft_nodes)
     ids, cfg, layers = prepare(prompt, mode, settings, capture, layers)
     stream = compute(prompt, ids, cfg, mode, layers)
     trace = next(stream)

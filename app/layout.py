@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from twotower.sampling import MAX_DRAFT_WIDTH, REMASKING, SamplerConfig
+from twotower.sampling import MAX_DRAFT_NODES, REMASKING, SamplerConfig
 
 from .state import OPTIONS, Session, recommended_config
 
@@ -75,7 +75,7 @@ class UI:
     run: gr.Button
     stop: gr.Button
     settings: list                 # sampler inputs, in sampler_config's order
-    draft_width: gr.Slider         # verify order: draft-tree width (after the capture inputs in the API)
+    draft_nodes: gr.Slider         # verify order: draft-tree size (after the capture inputs in the API)
     capture: gr.Checkbox
     layers: gr.Textbox
     status: gr.Markdown
@@ -169,12 +169,12 @@ def sampler_inputs() -> list:
                           elem_id="threshold", info="a pass writes every masked token with p > γ (verify: drafts it)")
     remasking = gr.Dropdown(list(REMASKING), value=d.remasking, label="Commit order",
                             info=remasking_info(d), elem_id="remasking")
-    draft = gr.Slider(0, MAX_DRAFT_WIDTH, value=d.draft_width, step=1, label="Draft tree width (verify)",
-                      elem_id="draft-width",
-                      info="greedy verify only: the k likeliest first drafted tokens, each with the run after it, "
-                           "are all checked in the next pass, one block row per tree node (0 = off: one run). "
+    draft = gr.Slider(0, MAX_DRAFT_NODES, value=d.draft_nodes, step=1, label="Draft tree size (verify)",
+                      elem_id="draft-nodes",
+                      info="greedy verify only: the N likeliest paths of drafts (not just the likeliest run) "
+                           "are all checked in the next pass, one block row per path (0 = off: one run). "
                            "More tokens per pass; a pass does rows × the work (nearly free on a GPU at batch 1, "
-                           "not on a CPU)." + recommends(d, "draft_width"))
+                           "not on a CPU)." + recommends(d, "draft_nodes"))
     with gr.Row():
         penalty = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty",
                             info="1 = off; above 1, tokens already written score lower."
@@ -207,14 +207,14 @@ def build_controls() -> dict:
     mode = gr.Radio(["diffusion", "ar"], value="diffusion", label="Mode",
                     info="diffusion = TwoTower; ar = the context tower alone")
     with gr.Accordion("Sampler settings", open=True):
-        settings, draft_width = sampler_inputs()
+        settings, draft_nodes = sampler_inputs()
     with gr.Accordion("Cross-attention capture", open=False, elem_id="capture-settings"):
         capture = gr.Checkbox(value=False, label="Capture cross-attention", info="slower; traces get large",
                               elem_id="capture")
         layers = gr.Textbox(value="first, middle, last", label="Layers",
                             info="first / middle / last or indices, at most 4")
     gr.Examples(examples(), inputs=[prompt], label="Example prompts")
-    return dict(prompt=prompt, run=run, stop=stop, mode=mode, settings=settings, draft_width=draft_width,
+    return dict(prompt=prompt, run=run, stop=stop, mode=mode, settings=settings, draft_nodes=draft_nodes,
                 capture=capture, layers=layers)
 
 

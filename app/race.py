@@ -56,11 +56,11 @@ def compute(prompt, ids, cfg, stop: StopFlag):
 
 
 def race(prompt, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
-         repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos, draft_width,
+         repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos, draft_nodes,
          session: Session):
     """Yield progress, then (race payload JSON, table, tokens-over-time plot, status)."""
     settings = (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, repetition_penalty,
-                no_repeat_ngram_size, remasking, seed, stop_at_eos, draft_width)
+                no_repeat_ngram_size, remasking, seed, stop_at_eos, draft_nodes)
     ids, cfg, _ = prepare(prompt, "diffusion", settings, False, "")
     session.race_state, session.stop = "running", StopFlag()
     try:

@@ -51,7 +51,7 @@ def ngram_size(value) -> int:
 
 def sampler_config(max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
                    repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos,
-                   draft_width=0) -> SamplerConfig:
+                   draft_nodes=0) -> SamplerConfig:
     """A validated SamplerConfig (the model's context limit is checked when the run starts)."""
     cfg = SamplerConfig(
         block_size=whole("block size", block_size), steps=whole("steps", steps),
@@ -60,7 +60,7 @@ def sampler_config(max_new_tokens, block_size, steps, threshold, temperature, to
         repetition_penalty=number("repetition penalty", repetition_penalty),
         no_repeat_ngram_size=ngram_size(no_repeat_ngram_size), remasking=str(remasking),
         max_new_tokens=whole("max new tokens", max_new_tokens), stop_at_eos=bool(stop_at_eos),
-        seed=whole("seed", seed), draft_width=whole("draft tree width", draft_width))
+        seed=whole("seed", seed), draft_nodes=whole("draft tree size", draft_nodes))
     if cfg.max_new_tokens > OPTIONS.max_new_tokens:
         raise ValueError(f"max new tokens is {cfg.max_new_tokens}; "
                          f"this app allows at most {OPTIONS.max_new_tokens}")

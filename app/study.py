@@ -127,7 +127,7 @@ def fork_config(parent: Trace, threshold, remasking, temperature, steps, repetit
                    repetition_penalty=number("repetition penalty", repetition_penalty),
                    no_repeat_ngram_size=ngram_size(no_repeat_ngram_size))
     if changed["remasking"] != "verify" or changed["temperature"] > 0:
-        changed["draft_width"] = 0                 # a draft tree is for greedy verify only
+        changed["draft_nodes"] = 0                 # a draft tree is for greedy verify only
     return SamplerConfig.from_dict({**(parent.settings or {}), **changed}).validate()
 
 

@@ -1,6 +1,6 @@
 // Token grid with playback: the body of a gr.HTML `js_on_load` (element, props, watch).
 // props.value is a JSON string made by visualizers/trajectory.py:payload(). Frames are
-// [block, step, offset, tokens, guess, conf, new, planned, elapsed_ms, nfe(, drafts, rejected)];
+// [block, step, offset, tokens, guess, conf, new, planned, elapsed_ms, nfe(, drafts, rejected(, tree))];
 // tokens are -1 where masked; the grid at frame i = every commit of frames 0..i + frame i's
 // masked guesses and (verify order) its drafts.
 // Everything here runs in the browser: scrubbing never calls the server. In the app
@@ -164,19 +164,42 @@ function verifyRule(f, steps, threshold) {
     : rejected.length ? "no new drafts: this pass read a wrong one, so its guesses past it are not trusted"
     : `<b>${planned}</b> masked position${planned === 1 ? "" : "s"} in a row with p &gt; ${gamma} became the next drafts`;
   const what = last ? "" : held > 0 ? " (the held drafts and the AR model's next token)" : " (the AR model's next token)";
-  if (data.draft_width > 0) return treeRule(fresh, planned, last, gamma);
+  if (data.draft_nodes > 0) return treeRule(f, last, gamma);
   return `Verify: ${check} → committed <b>${fresh.length}</b>${what} · ${next}.`;
 }
 
 // The verify order with draft trees: every path of the tree was a block row of this pass.
-function treeRule(fresh, planned, last, gamma) {
+function treeRule(f, last, gamma) {
+  const [, , , toks, , , fresh, planned, , , , , tree] = f;
+  const paths = tree || [];
   const kept = last ? "last step of the block: every position left is committed"
-    : "the longest path of the draft tree (one block row per path) that the AR model agrees with was kept";
+    : !paths.length ? "no tree to check yet: the AR model's next token was kept"
+    : `of the <b>${paths.length}</b> path${paths.length === 1 ? "" : "s"} of the draft tree (a block row per node), ` +
+      "the longest the AR model agrees with was kept";
   const next = last ? "" : planned
-    ? ` · the next tree: up to ${data.draft_width} first tokens, then <b>${planned - 1}</b> more with p &gt; ${gamma} ` +
-      "(its likeliest path is shown dashed)"
+    ? ` · the next tree: the ${data.draft_nodes} likeliest paths of drafts (its likeliest path, <b>${planned}</b> deep, ` +
+      "is shown dashed)"
     : " · no new drafts (none likely enough, or the block is full)";
-  return `Verify, draft tree: ${kept} → committed <b>${fresh.length}</b>${last ? "" : " (that path and the AR model's next token)"}${next}.`;
+  return `Verify, draft tree: ${kept} → committed <b>${fresh.length}</b>${last || !paths.length ? "" : " (that path and the AR model's next token)"}${next}.` +
+    treeView(paths, toks, fresh.length ? Math.min(...fresh) : 0);
+}
+
+// The tree a pass checked, one line per leaf path: the tokens the AR model agreed with (✓),
+// the first it did not (✗) and the untried rest; the path that went furthest is marked kept.
+const TREE_LINES = 12;
+function treeView(paths, toks, start) {
+  if (!paths.length) return "";
+  const agreed = paths.map((p) => { const i = p.findIndex((t, k) => toks[start + k] !== t); return i < 0 ? p.length : i; });
+  const best = Math.max(...agreed);
+  const order = paths.map((p, i) => i).sort((a, b) => agreed[b] - agreed[a]);
+  const line = (i) => {
+    const tok = (t, k) => `<span class="ttg-tree-tok ${k < agreed[i] ? "ok" : k === agreed[i] ? "no" : "rest"}">${esc(piece(t))}</span>`;
+    const mark = agreed[i] === best && best > 0 ? `<span class="ttg-tree-kept">kept</span>` : "";
+    return `<div class="ttg-tree-path">${paths[i].map(tok).join("")}${mark}</div>`;
+  };
+  const more = paths.length > TREE_LINES ? `<div class="ttg-tree-more">… ${paths.length - TREE_LINES} more paths</div>` : "";
+  return `<div class="ttg-tree" title="the draft tree this pass checked, one line per path (✓ the AR model's token, ✗ not, grey: not reached)">` +
+    order.slice(0, TREE_LINES).map(line).join("") + more + "</div>";
 }
 
 const LEGEND = `<div class="ttg-legend">

@@ -4,7 +4,7 @@
 #   two back-to-back calls (one call carries at most 64 MiB); .gpu/b/*.whl: the gguf wheel.
 # Stage "prep"  (call 1, carry .gpu/a): stash the first half.
 # Stage "default" (call 2, carry .gpu/b): the default model on this GPU, eager / static /
-#   draft trees (verify, width 3: more rows per pass, which a GPU at batch 1 runs nearly free) /
+#   draft trees (verify, 16 nodes: more rows per pass, which a GPU at batch 1 runs nearly free) /
 #   compiled / CUDA graphs; every JSON lands in $OUT.
 # Stage "release" (an H200 call): the full-size model with random weights, eager and CUDA graphs.
 set -euo pipefail
@@ -32,7 +32,7 @@ default)
   bench default_adaptive "${common[@]}" --warmup 2
   bench default_fixed_T4 "${common[@]}" --warmup 2 --steps-per-block fixed --steps 4 --stream-repeats 0
   bench default_static "${common[@]}" --warmup 2 --static --stream-repeats 0
-  bench default_tree3 "${common[@]}" --warmup 2 --draft-width 3 --stream-repeats 0
+  bench default_tree16 "${common[@]}" --warmup 2 --draft-nodes 16 --stream-repeats 0
   bench default_compile "${common[@]}" --warmup 3 --compile --stream-repeats 0
   bench default_cudagraphs "${common[@]}" --warmup 3 --compile --compile-mode reduce-overhead ;;
 release)

@@ -86,7 +86,7 @@ def test_generate_gets_the_same_repeat_guards(capsys, ar_dir, guard):
 def test_bench_settings_start_from_the_models_recommended_ones():
     from argparse import Namespace
     args = Namespace(steps_per_block=None, block_size=None, steps=None, threshold=None, remasking=None,
-                     repetition_penalty=None, no_repeat_ngram_size=None, draft_width=None, max_new_tokens=64, stop_at_eos=False, seed=0)
+                     repetition_penalty=None, no_repeat_ngram_size=None, draft_nodes=None, max_new_tokens=64, stop_at_eos=False, seed=0)
     cfg, schedule = bench.sampler_settings(args, False, {"remasking": "leftmost", "threshold": 0.8,
                                                          "repetition_penalty": 1.2})
     assert (schedule, cfg.remasking, cfg.threshold, cfg.block_size) == ("adaptive", "leftmost", 0.8, 16)

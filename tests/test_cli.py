@@ -59,16 +59,16 @@ def test_generate_starts_from_the_checkpoints_recommended_settings(capsys, tmp_p
 
 
 def test_the_early_settings_check_reads_the_checkpoints_recommended_order(capsys, tmp_path, ar_dir):
-    """--draft-width needs the verify order; a checkpoint that recommends it passes the check
+    """--draft-nodes needs the verify order; a checkpoint that recommends it passes the check
     made before loading (this model then fails later, for a reason of its own)."""
     from twotower.checkpoints import build, load_ar, save
     ctx, tok = load_ar(ar_dir, "cpu", torch.float32)
     model = build(ctx, tok, 3, learned_mask=True, name="rec")
     model.sampler_defaults = {"remasking": "verify", "threshold": 0.2}
     ck = save(model, tmp_path / "ck", context=str(ar_dir))
-    rc, _, err = cli(capsys, "generate", "--model", str(ck), "--prompt-ids", "5,17,42", "--draft-width", "2", *SMALL)
+    rc, _, err = cli(capsys, "generate", "--model", str(ck), "--prompt-ids", "5,17,42", "--draft-nodes", "2", *SMALL)
     assert rc == 2 and "needs a clean_as_ar denoiser" in err
-    rc, _, err = cli(capsys, "generate", "--model", str(ar_dir), "--prompt-ids", "5,17,42", "--draft-width", "2", *SMALL)
+    rc, _, err = cli(capsys, "generate", "--model", str(ar_dir), "--prompt-ids", "5,17,42", "--draft-nodes", "2", *SMALL)
     assert rc == 2 and "verify order only" in err
 
 

@@ -1,6 +1,6 @@
-"""Draft trees for the `verify` order (`draft_width`): several first-token candidates, every tree
+"""Draft trees for the `verify` order (`draft_nodes`): the likeliest paths of drafts, every tree
 node a block row of one pass. Greedy, the text must stay the AR model's token for token; with
-drafts whose right token is the second candidate, a tree must need fewer passes than one run."""
+drafts whose right token is a close second candidate, a tree must need fewer passes than one run."""
 from __future__ import annotations
 
 import pytest
@@ -11,25 +11,27 @@ from tests.test_llama_family import clean_as_ar_model
 from tests.test_verify import lookahead_drafter, wrong_token
 from tests.test_verify import model, prompts, run  # noqa: F401 (the same fixtures: a clean_as_ar tiny model, 3 prompts)
 from tests.tiny import MASK_ID
-from twotower.draft_tree import candidate_paths, keep_rows, tree_nodes
+from twotower.draft_tree import keep_rows, leaves, likeliest_chain, likeliest_paths, tree_nodes
 from twotower.sampler import ar_generate, diffusion_generate
 from twotower.sampling import SamplerConfig
+from twotower.trace import DraftTally, held_depth
 
 
 def second_best_drafter(monkeypatch, model, prompts, truth: list[list[int]]):
-    """The denoiser's masked predictions made confident and second best: at every lookahead
-    position the AR model's next token gets probability ~0.27 and a wrong one ~0.73, so one run of
-    drafts always fails there and a tree of width 2 holds the right token."""
-    lookahead_drafter(monkeypatch, model, prompts, truth, lambda index, right: {wrong_token(right): 31.0, right: 30.0})
+    """The denoiser's masked predictions made a close second: at every lookahead position the AR
+    model's next token gets probability ~0.45 and a wrong one ~0.55, so one run of drafts over 0.5
+    always fails there, and a tree of 2 nodes holds both first tokens (0.55 and 0.45 beat the
+    wrong token's run, 0.55 x 0.55)."""
+    lookahead_drafter(monkeypatch, model, prompts, truth, lambda index, right: {wrong_token(right): 30.2, right: 30.0})
 
 
 @pytest.mark.parametrize("guards", [{}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}])
-@pytest.mark.parametrize("width", [1, 3])
-def test_a_draft_tree_writes_the_ar_text(model, prompts, guards, width):
+@pytest.mark.parametrize("nodes", [1, 4])
+def test_a_draft_tree_writes_the_ar_text(model, prompts, guards, nodes):
     c = dict(max_new_tokens=40, block_size=8, steps=8, stop_at_eos=False, **guards)
     _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
     steps, done = run(diffusion_generate(model, prompts, SamplerConfig(remasking="verify", threshold=0.0,
-                                                                       draft_width=width, **c)))
+                                                                       draft_nodes=nodes, **c)))
     assert done.token_ids == ar.token_ids
     assert all(s.rows is not None and len(s.rows) == len(prompts) for s in steps)
     assert max(max(s.rows) for s in steps) > 1                      # trees were drafted and checked
@@ -41,9 +43,15 @@ def test_a_tree_keeps_the_second_candidate_that_one_run_loses(model, prompts, mo
     _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
     second_best_drafter(monkeypatch, model, prompts, ar.token_ids)
     _, chain = run(diffusion_generate(model, prompts, SamplerConfig(**c)))
-    steps, tree = run(diffusion_generate(model, prompts, SamplerConfig(draft_width=2, **c)))
+    steps, tree = run(diffusion_generate(model, prompts, SamplerConfig(draft_nodes=2, **c)))
     assert chain.token_ids == ar.token_ids and tree.token_ids == ar.token_ids
     assert chain.nfe == 40                                          # every first draft fails: a token a pass
+    assert guards or all(len(t) == 2 for s in steps[1:4] for t in s.tree)   # both first tokens, no runs
+    tally = DraftTally(len(prompts))
+    for s in steps:
+        tally.update(s)
+    if not guards:     # passes 2..5 of each block hold their tree's right first token: 4 x 5 blocks
+        assert tally.held == [20] * len(prompts) and tally.dropped == [0] * len(prompts)
     # the tree keeps the second candidate and the AR token after it: per block of 8, a first pass
     # (nothing drafted yet) writes 1 token, then 4 passes write 2, 2, 2 and 1 (with the guards on,
     # the penalty lowers a repeated right token below the floor now and then)
@@ -53,7 +61,7 @@ def test_a_tree_keeps_the_second_candidate_that_one_run_loses(model, prompts, mo
 
 def test_tree_passes_from_the_committed_prefix_give_the_same_steps(model, prompts, monkeypatch):
     cfg = SamplerConfig(max_new_tokens=24, block_size=8, steps=8, stop_at_eos=False, remasking="verify",
-                        threshold=0.0, draft_width=3, repetition_penalty=1.3)
+                        threshold=0.0, draft_nodes=3, repetition_penalty=1.3)
     reused, _ = run(diffusion_generate(model, prompts, cfg))
     monkeypatch.setattr(model, "can_reuse_prefix", lambda *a, **k: False)
     full, _ = run(diffusion_generate(model, prompts, cfg))
@@ -67,24 +75,24 @@ def test_a_tree_run_stops_at_end_of_text_like_one_run(model, prompts):
     c = dict(max_new_tokens=24, block_size=8, steps=8, remasking="verify", threshold=0.0)
     eos = next(iter(model.eos_token_ids))
     _, plain = run(diffusion_generate(model, prompts, SamplerConfig(**c)))
-    _, tree = run(diffusion_generate(model, prompts, SamplerConfig(draft_width=2, **c)))
+    _, tree = run(diffusion_generate(model, prompts, SamplerConfig(draft_nodes=2, **c)))
     assert tree.token_ids == plain.token_ids and tree.stopped == plain.stopped
     assert all(eos not in row for row in tree.token_ids)
 
 
 def test_the_last_step_of_a_block_commits_every_position(model, prompts):
     cfg = SamplerConfig(max_new_tokens=8, block_size=8, steps=2, stop_at_eos=False, remasking="verify",
-                        threshold=0.0, draft_width=2)
+                        threshold=0.0, draft_nodes=2)
     steps, done = run(diffusion_generate(model, prompts, cfg))
     assert len(steps) == 2 and all(len(row) == 8 for row in done.token_ids)
     assert all(MASK_ID not in row for row in steps[-1].tokens)
 
 
 @pytest.mark.parametrize("settings,message", [
-    ({"draft_width": 2, "remasking": "prefix"}, "verify order only"),
-    ({"draft_width": 2, "remasking": "verify", "temperature": 0.7}, "greedy"),
-    ({"draft_width": 9, "remasking": "verify"}, r"from 0 \(off\) to 8"),
-    ({"draft_width": -1, "remasking": "verify"}, r"from 0 \(off\) to 8"),
+    ({"draft_nodes": 2, "remasking": "prefix"}, "verify order only"),
+    ({"draft_nodes": 2, "remasking": "verify", "temperature": 0.7}, "greedy"),
+    ({"draft_nodes": 65, "remasking": "verify"}, r"from 0 \(off\) to 64"),
+    ({"draft_nodes": -1, "remasking": "verify"}, r"from 0 \(off\) to 64"),
 ])
 def test_impossible_tree_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -94,17 +102,33 @@ def test_impossible_tree_settings_are_refused(settings, message):
 def test_a_static_model_refuses_draft_trees(prompts):
     static = clean_as_ar_model().use_static()
     with pytest.raises(ValueError, match="one shape"):
-        next(diffusion_generate(static, prompts, SamplerConfig(remasking="verify", draft_width=2)))
+        next(diffusion_generate(static, prompts, SamplerConfig(remasking="verify", draft_nodes=2)))
 
 
-def test_candidate_paths_branch_on_the_first_token_only():
+def test_the_likeliest_paths_are_chosen_best_first():
     ids = [[5, 6, 7]] * 2 + [[8, 9, 10], [11, 12, 13], [14, 15, 16]]      # S = 5 positions, top 3 each
     probs = [[0.9, 0.05, 0.05]] * 2 + [[0.5, 0.3, 0.04], [0.6, 0.2, 0.1], [0.1, 0.05, 0.01]]
-    assert candidate_paths(ids, probs, 2, gamma=0.2, width=3) == [[8, 11], [9, 11]]   # 10 is under the floor
-    assert candidate_paths(ids, probs, 2, gamma=0.2, width=1) == [[8, 11]]
-    assert candidate_paths(ids, probs, 4, gamma=0.2, width=1) == []       # the likeliest is under gamma
-    assert candidate_paths(ids, probs, 4, gamma=0.2, width=2) == [[14]]
-    assert candidate_paths(ids, probs, 5, gamma=0.2, width=2) == []       # past the block
+    # [8] 0.5, [9] 0.3, [8, 11] 0.3, [9, 11] 0.18, [8, 12] 0.1, [8, 13] 0.05, ...; 10 is under the floor
+    assert likeliest_paths(ids, probs, 2, nodes=4, floor=0.05) == [[8], [9], [8, 11], [9, 11]]
+    assert likeliest_paths(ids, probs, 2, nodes=1, floor=0.05) == [[8]]
+    assert likeliest_paths(ids, probs, 2, nodes=9, floor=0.05)[-1] == [8, 11, 14]   # 0.03: deeper, less likely
+    assert likeliest_paths(ids, probs, 4, nodes=3, floor=0.2) == []      # nothing over the floor
+    assert likeliest_paths(ids, probs, 5, nodes=3, floor=0.05) == []     # past the block
+
+
+def test_a_tree_shows_its_top_1_chain_and_draws_with_its_leaves():
+    ids = [[8, 9], [11, 12], [14, 15]]
+    paths = [[8], [9], [8, 11], [9, 11], [8, 12]]
+    assert likeliest_chain(paths, ids, 0) == [8, 11]
+    assert likeliest_chain([[9]], ids, 0) == []                            # the top-1 token is not in the tree
+    assert leaves(paths) == [[8, 11], [9, 11], [8, 12]]
+
+
+def test_a_tree_pass_holds_as_deep_as_the_committed_text_follows_a_path():
+    tokens = [1, 2, 7, 8, 3, 16]                                          # committed 7, 8 and the AR token 3
+    assert held_depth([[7, 9], [7, 8, 5], [4]], tokens, 2) == 2
+    assert held_depth([[4], [5, 8]], tokens, 2) == 0
+    assert held_depth([], tokens, 2) == 0
 
 
 def test_tree_nodes_are_every_prefix_once():
@@ -132,7 +156,7 @@ def test_a_tree_run_forked_from_a_block_with_gaps_keeps_its_commits(model, promp
     kept = [[(j, t) for j, t in enumerate(row) if t != MASK_ID] for row in point.tokens]
     assert any(row and row[-1][0] > len(row) - 1 for row in kept)            # a commit after a gap
     steps, done = run(diffusion_generate(model, prompts, SamplerConfig(remasking="verify", threshold=0.0,
-                                                                       draft_width=3, **c), resume=point))
+                                                                       draft_nodes=3, **c), resume=point))
     for row, committed in zip(done.token_ids, kept):
         assert all(row[8 + j] == t for j, t in committed)
     assert all(MASK_ID not in row for row in done.token_ids)
@@ -142,7 +166,7 @@ def test_a_tree_trace_reports_rows_per_pass(model, prompts):
     from twotower.generate_cmd import summary
     from twotower.runner import run as record
     c = dict(max_new_tokens=16, block_size=8, steps=8, stop_at_eos=False, remasking="verify", threshold=0.0)
-    trace, events = record(model, prompts[:1], SamplerConfig(draft_width=2, **c), "diffusion")
+    trace, events = record(model, prompts[:1], SamplerConfig(draft_nodes=2, **c), "diffusion")
     list(events)
     rows = [s.rows[0] for s in trace.steps()]
     assert trace.stats()["rows_per_pass"] == pytest.approx(sum(rows) / len(rows)) and max(rows) > 1
@@ -156,7 +180,11 @@ def test_the_grid_payload_says_a_run_used_draft_trees(model, prompts):
     from twotower.runner import run as record
     from visualizers.trajectory import payload
     c = dict(max_new_tokens=8, block_size=8, steps=8, stop_at_eos=False, remasking="verify", threshold=0.0)
-    for width in (0, 2):
-        trace, events = record(model, prompts[:1], SamplerConfig(draft_width=width, **c), "diffusion")
+    for nodes in (0, 2):
+        trace, events = record(model, prompts[:1], SamplerConfig(draft_nodes=nodes, **c), "diffusion")
         list(events)
-        assert payload(trace)["draft_width"] == width
+        data = payload(trace)
+        assert data["draft_nodes"] == nodes
+        trees = [f[12] for f in data["frames"] if len(f) > 12]
+        assert (len(trees) == len(data["frames"]) and any(trees)) if nodes else not trees
+        assert all(str(t) in data["pieces"] for tree in trees for path in tree for t in path)

@@ -180,7 +180,7 @@ def test_eval_end_to_end(ar_dir_tok, tmp_path, capsys):
 def test_eval_settings_start_from_the_models_recommended_ones_and_stay_greedy():
     from argparse import Namespace
     args = Namespace(block_size=None, steps=None, threshold=None, remasking=None, seed=0,
-                     repetition_penalty=None, no_repeat_ngram_size=None, draft_width=None, answer_tokens=24, max_new_tokens=32)
+                     repetition_penalty=None, no_repeat_ngram_size=None, draft_nodes=None, answer_tokens=24, max_new_tokens=32)
     recommended = {"remasking": "leftmost", "temperature": 0.7, "threshold": 0.8, "no_repeat_ngram_size": 4}
     qa, free = evaluate.configs(args, recommended)
     assert (free.remasking, free.threshold, free.temperature, free.steps) == ("leftmost", 0.8, 0.0, 16)

@@ -665,7 +665,7 @@ def sampler_settings(args, random_weights: bool, model_defaults: dict | None = N
                                     threshold=1.0 if schedule == "fixed" else args.threshold,
                                     remasking=args.remasking, repetition_penalty=args.repetition_penalty,
                                     no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                    draft_width=args.draft_width, max_new_tokens=args.max_new_tokens,
+                                    draft_nodes=args.draft_nodes, max_new_tokens=args.max_new_tokens,
                                     stop_at_eos=args.stop_at_eos, seed=args.seed)
     return cfg.validate(), schedule
 
@@ -866,7 +866,7 @@ def cmd_bench(args) -> int:
     settings = {"prompts": len(prompts), "batch": args.batch, "max_new_tokens": cfg.max_new_tokens,
                 "block_size": cfg.block_size, "steps": cfg.steps, "threshold": cfg.threshold,
                 "remasking": cfg.remasking, "repetition_penalty": cfg.repetition_penalty,
-                "no_repeat_ngram_size": cfg.no_repeat_ngram_size, "draft_width": cfg.draft_width,
+                "no_repeat_ngram_size": cfg.no_repeat_ngram_size, "draft_nodes": cfg.draft_nodes,
                 "schedule": schedule, "warmup": args.warmup,
                 "repeats": args.repeats,
                 "stop_at_eos": cfg.stop_at_eos, "seed": cfg.seed,
@@ -905,9 +905,9 @@ def add_parser(sub) -> None:
                         f"{tuned(d.repetition_penalty)}")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
                    help=f"do not write an N-gram already written, in every decoder {tuned(d.no_repeat_ngram_size)}")
-    p.add_argument("--draft-width", type=int, default=None, metavar="K",
-                   help=f"verify order: K candidates for the first drafted token, checked in one pass over a "
-                        f"block row per draft-tree node (0 = off) {tuned(d.draft_width)}")
+    p.add_argument("--draft-nodes", type=int, default=None, metavar="N",
+                   help=f"verify order, greedy: a draft tree of the N likeliest paths of drafts, checked in one "
+                        f"pass over a block row per node (0 = off) {tuned(d.draft_nodes)}")
     p.add_argument("--stop-at-eos", action="store_true", help="end rows at end-of-text (default: fixed length)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each decoder first")

@@ -1,5 +1,5 @@
-"""Draft trees for the `verify` order: several candidates for the first drafted token, all
-checked in one pass (greedy decoding; `SamplerConfig.draft_width`).
+"""Draft trees for the `verify` order: several drafts for the next positions, all checked in
+one pass (greedy decoding; `SamplerConfig.draft_nodes`).
 
 The plain `verify` order drafts one run (the denoiser's likeliest token at each position over
 gamma) and one pass checks it. Its weak spot is the first drafted token: the denoiser guesses it
@@ -7,18 +7,19 @@ without the token before it, which the AR model writes in the same pass. On the 
 QA answers its top guess there is the AR model's token 49% of the time, one of its top 3 86%
 of the time. And a failed draft costs the next pass its drafts (they were read after it).
 
-A draft tree fixes both. The first drafted position gets up to `width` candidates (the
-denoiser's top ones with probability over FLOOR, or over gamma when it is lower), each followed
-by the same run over gamma.
-Every node of that tree, and the empty path, becomes one row of the next pass: the block as it
-would stand with that path written after the committed text. Each row is an ordinary verify pass
-over that block: it reads its path as the AR model does (so it checks it) and predicts past it as
-the denoiser does. The longest path the AR model agrees with is kept, the AR model's token after
-it is committed, and that path's row drafts the next tree. The text is the AR model's greedy
-text, token for token, as with one row; a pass costs `rows` times the positions.
+A draft tree fixes both. Its nodes are the `nodes` likeliest paths of drafts after the AR model's
+next token, the likelihood of a path being the product of the denoiser's probabilities of its
+tokens (each over FLOOR, or over gamma when it is lower), chosen best first. Every node, and the
+empty path, becomes one row of the next pass: the block as it would stand with that path written
+after the committed text. Each row is an ordinary verify pass over that block: it reads its path
+as the AR model does (so it checks it) and predicts past it as the denoiser does. The longest
+path the AR model agrees with is kept, the AR model's token after it is committed, and that
+path's row drafts the next tree. The text is the AR model's greedy text, token for token, as
+with one row; a pass costs `rows` times the positions.
 """
 from __future__ import annotations
 
+import heapq
 from typing import NamedTuple
 
 import torch
@@ -26,7 +27,8 @@ import torch
 from .prefix_reuse import MIN_INPUTS
 from .sampling import Decision, SamplerConfig
 
-FLOOR = 0.05   # a first-token candidate beyond the likeliest needs this probability
+FLOOR = 0.05   # a drafted token in a tree needs this probability (or gamma, when lower)
+BRANCHES = 8   # candidates per position a tree may branch into
 
 
 class Rows(NamedTuple):
@@ -36,24 +38,39 @@ class Rows(NamedTuple):
     paths: list[list[int]]       # per row: the path it writes at its prompt's first open position
 
 
-def candidate_paths(ids: list[list[int]], probs: list[list[float]], start: int, gamma: float,
-                    width: int) -> list[list[int]]:
-    """Paths of drafts for positions start.. of one prompt's block, from one pass's top
-    candidates there (ids, probs: S lists of the best first): the `width` likeliest first tokens
-    with probability over min(gamma, FLOOR), each followed by the run of likeliest tokens over
-    gamma after it (the same for all). width 1: the run alone, as the plain order drafts it."""
-    if start >= len(ids):
-        return []
-    run = []
-    for q in range(start + 1, len(ids)):
-        if probs[q][0] <= gamma:
-            break
-        run.append(ids[q][0])
-    if width == 1:
-        return [[ids[start][0]] + run] if probs[start][0] > gamma else []
-    floor = min(gamma, FLOOR)
-    firsts = [ids[start][i] for i in range(min(width, len(ids[start]))) if probs[start][i] > floor]
-    return [[first] + run for first in firsts]
+def likeliest_paths(ids: list[list[int]], probs: list[list[float]], start: int, nodes: int,
+                    floor: float) -> list[list[int]]:
+    """The `nodes` likeliest paths of drafts for positions start.. of one prompt's block, best
+    first, from one pass's top candidates there (ids, probs: per position, the best first). A
+    path's likelihood is the product of its tokens' probabilities (the denoiser guesses the
+    positions independently); a token needs probability over `floor`. A path is never likelier
+    than its prefixes, so the paths form a tree."""
+    heap, paths, pushed = [(-1.0, 0, [])], [], 0
+    while heap and len(paths) < nodes:
+        minus_p, _, path = heapq.heappop(heap)
+        if path:
+            paths.append(path)
+        q = start + len(path)
+        for tok, p in zip(ids[q], probs[q]) if q < len(ids) else ():
+            if p <= floor:
+                break
+            pushed += 1                                        # ties keep the order they came in
+            heapq.heappush(heap, (minus_p * p, pushed, path + [tok]))
+    return paths
+
+
+def likeliest_chain(paths: list[list[int]], ids: list[list[int]], start: int) -> list[int]:
+    """The tree's path of top-1 tokens, as deep as the tree goes (what a view shows as drafts)."""
+    chain, nodes = [], {tuple(p) for p in paths}
+    while start + len(chain) < len(ids) and tuple(chain + [ids[start + len(chain)][0]]) in nodes:
+        chain.append(ids[start + len(chain)][0])
+    return chain
+
+
+def leaves(paths: list[list[int]]) -> list[list[int]]:
+    """The paths of a tree that no other path extends (they draw the whole tree)."""
+    inner = {tuple(p[:end]) for p in paths for end in range(len(p))}
+    return [p for p in paths if tuple(p) not in inner]
 
 
 def tree_nodes(paths: list[list[int]]) -> list[list[int]]:
@@ -119,7 +136,7 @@ def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.
     decided on the host, from a few small copies per pass (ids and top candidates, no logits)."""
     probs = logits.float().softmax(-1)
     conf, pred = probs.max(-1)                                            # (N, S)
-    top = probs.topk(max(cfg.draft_width, 1), dim=-1)
+    top = probs.topk(min(cfg.draft_nodes, BRANCHES), dim=-1)
     x_rows, open_rows = x.tolist(), open_.tolist()
     starts = [first_open(row, mask_id) for row in x_rows]
     kept = keep_rows(pred.tolist(), rows, starts)
@@ -135,15 +152,16 @@ def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.
         more = steps_left > 1 and any(open_rows[b]) and end + 1 < len(row)
         # a path stays within the open run after the AR token (a forked block may hold later commits)
         stop = next((q for q in range(end + 1, len(row)) if not open_rows[b][q]), len(row))
-        trees.append(candidate_paths(top_ids[b][:stop], top_probs[b][:stop], end + 1, cfg.threshold,
-                                     cfg.draft_width) if more else [])
+        trees.append(likeliest_paths(top_ids[b][:stop], top_probs[b][:stop], end + 1, cfg.draft_nodes,
+                                     min(cfg.threshold, FLOOR)) if more else [])
     commit = torch.tensor(commit, device=x.device)
     new_x = torch.where(commit, pred, x)
     drafts = torch.full_like(x, mask_id)                                  # what the views show: the likeliest path
     for b, tree in enumerate(trees):
-        if tree:
-            start = starts[b] + len(rows.paths[kept[b]]) + 1
-            drafts[b, start:start + len(tree[0])] = torch.tensor(tree[0], dtype=drafts.dtype)
+        start = starts[b] + len(rows.paths[kept[b]]) + 1
+        chain = likeliest_chain(tree, top_ids[b], start)
+        if chain:
+            drafts[b, start:start + len(chain)] = torch.tensor(chain, dtype=drafts.dtype)
     rejected = (shown != mask_id) & ~(commit & (pred == shown)) & open_
     planned = (drafts != mask_id).sum(-1)
     return Decision(new_x, drafts, None, pred, probs, conf, planned, commit, rejected), trees, kept
@@ -174,8 +192,10 @@ class DraftTrees:
              open_: torch.Tensor, steps_left: int, cfg: SamplerConfig):
         """One denoiser pass over the rows of every prompt's tree (`build_rows`), decided by
         `decide_tree`. guard: the block's RepeatGuard; capture: an AttentionCapture or None (it
-        keeps the kept rows). Returns (Decision, t (B,) of the kept rows, rows per prompt)."""
+        keeps the kept rows). Returns (Decision, t (B,) of the kept rows, rows per prompt, the tree
+        each prompt's rows checked as its leaf paths)."""
         mask_id = model.mask_token_id
+        checked = [leaves(tree) for tree in self.trees]
         rows, start = build_rows(x, self.trees, mask_id), self.start(x, mask_id)
         view = row_inputs(inputs, rows.owner)
         t = (rows.ids == mask_id).float().mean(-1)                      # (N,) as a plain pass over each row
@@ -191,4 +211,4 @@ class DraftTrees:
             inputs["view"].keep(view["view"], kept)
         if capture is not None:
             capture.probs = {layer: p[kept] for layer, p in capture.probs.items()}
-        return decision, t[kept], rows.owner.bincount(minlength=x.shape[0]).tolist()
+        return decision, t[kept], rows.owner.bincount(minlength=x.shape[0]).tolist(), checked

@@ -502,7 +502,7 @@ def configs(args, model_defaults: dict | None = None) -> tuple[SamplerConfig, Sa
                                      threshold=args.threshold, remasking=args.remasking, seed=args.seed,
                                      repetition_penalty=args.repetition_penalty,
                                      no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                     draft_width=args.draft_width)
+                                     draft_nodes=args.draft_nodes)
     base = replace(base, temperature=0.0, top_k=0, top_p=1.0)
     return (replace(base, max_new_tokens=args.answer_tokens).validate(),
             replace(base, max_new_tokens=args.max_new_tokens).validate())
@@ -585,9 +585,9 @@ def add_parser(sub) -> None:
                    help=f"> 1 lowers the scores of tokens already written, in both modes {tuned(d.repetition_penalty)}")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
                    help=f"do not write an N-gram already written, in both modes {tuned(d.no_repeat_ngram_size)}")
-    p.add_argument("--draft-width", type=int, default=None, metavar="K",
-                   help=f"verify order: K candidates for the first drafted token, checked in one pass over a "
-                        f"block row per draft-tree node (0 = off) {tuned(d.draft_width)}")
+    p.add_argument("--draft-nodes", type=int, default=None, metavar="N",
+                   help=f"verify order, greedy: a draft tree of the N likeliest paths of drafts, checked in one "
+                        f"pass over a block row per node (0 = off) {tuned(d.draft_nodes)}")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--speed-prompts", type=int, default=8,

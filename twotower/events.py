@@ -58,6 +58,8 @@ class Step(Event):
     rejected: list[list[int]] | None = None  # verify order: per row, positions whose drafts this pass dropped
     rows: list[int] | None = None   # verify with draft trees: per row, the block rows this pass ran (one per
                                     # tree node: its cost in positions is rows x S); None without a tree
+    tree: list[list[list[int]]] | None = None   # draft trees: per row, the tree this pass checked as its leaf
+                                    # paths (ids from the row's first open position before the pass)
 
 
 @dataclass

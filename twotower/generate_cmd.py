@@ -12,7 +12,7 @@ from .sampling import REMASKING, SamplerConfig
 # Sampler options whose default comes from the model's checkpoint when it recommends one
 # (twotower.json "sampler"), else from SamplerConfig; the CLI leaves them None when not given.
 MODEL_TUNED = ("block_size", "steps", "threshold", "temperature", "top_k", "top_p", "repetition_penalty",
-               "no_repeat_ngram_size", "remasking", "draft_width")
+               "no_repeat_ngram_size", "remasking", "draft_nodes")
 
 
 def tuned(default) -> str:
@@ -38,9 +38,9 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
                    help=f"do not write an N-gram already written (0 = off; diffusion: checked where the N-1 "
                         f"tokens before a position are written) {tuned(d.no_repeat_ngram_size)}")
     p.add_argument("--remasking", choices=REMASKING, default=None, help=f"commit order {tuned(d.remasking)}")
-    p.add_argument("--draft-width", type=int, default=None, metavar="K",
-                   help=f"verify order, greedy: K candidates for the first drafted token, all checked in one pass "
-                        f"over a block row per draft-tree node (0 = off) {tuned(d.draft_width)}")
+    p.add_argument("--draft-nodes", type=int, default=None, metavar="N",
+                   help=f"verify order, greedy: a draft tree of the N likeliest paths of drafts, all checked in "
+                        f"one pass over a block row per node (0 = off) {tuned(d.draft_nodes)}")
     p.add_argument("--mask-token-id", type=int, default=None, help="override the model's mask token id")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")

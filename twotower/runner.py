@@ -75,6 +75,9 @@ def event_ids(event: Event):
             yield from row
             for cands in tops:
                 yield from cands
+        for tree in event.tree or ():                               # draft trees: candidates past the top ones
+            for path in tree:
+                yield from path
     elif isinstance(event, Token):
         yield from event.tokens
         for cands in event.top_ids:

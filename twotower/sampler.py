@@ -27,9 +27,9 @@ def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig)
     if cfg.remasking == "verify" and not model.clean_as_ar:
         raise ValueError(f"the verify order checks drafts with the AR model's reading of them, which needs a "
                          f"clean_as_ar denoiser; {model.name} is not one: choose another commit order")
-    if cfg.draft_width and model.static_cache:
-        raise ValueError("draft trees (draft_width > 0) run a different number of rows each pass; a static or "
-                         "compiled model keeps one shape: set draft_width 0 or use the growing cache")
+    if cfg.draft_nodes and model.static_cache:
+        raise ValueError("draft trees (draft_nodes > 0) run a different number of rows each pass; a static or "
+                         "compiled model keeps one shape: set draft_nodes 0 or use the growing cache")
     if not prompts:
         raise ValueError("no prompt given")
     for p in prompts:
@@ -157,16 +157,16 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         used, unsettled = first, not bool(settled.all())
         drafts, draft_probs = torch.full_like(x, mask_id), None    # the verify order's proposals
         reusable = model.can_reuse_prefix(inputs, capturing=bool(capture_layers))
-        trees = DraftTrees(batch, reusable) if cfg.draft_width else None   # verify with draft trees
+        trees = DraftTrees(batch, reusable) if cfg.draft_nodes else None   # verify with draft trees
         reuse = PrefixReuse(reusable and trees is None, rows, mask_id)
         for step in range(first, budget):
             if not unsettled:
                 break
             open_ = (x == mask_id) & ~settled[:, None]             # settled rows commit nothing more
             capture = AttentionCapture(capture_layers) if capture_layers else None
-            begin, n_rows = 0, None
+            begin, n_rows, tree = 0, None, None
             if trees is not None:                                  # a row per node of each draft tree
-                d, t, n_rows = trees.step(model, x, drafts, inputs, guard, capture, open_, budget - step, cfg)
+                d, t, n_rows, tree = trees.step(model, x, drafts, inputs, guard, capture, open_, budget - step, cfg)
             else:
                 drafted = drafts != mask_id                        # (B, S) the verify order's drafts
                 seen = torch.where(drafted, drafts, x)             # (B, S) what the pass reads
@@ -189,7 +189,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
                          anchor=int(model.anchor), active=h_active.bool().tolist(),
                          drafts=[[-1 if tok == mask_id else tok for tok in row] for row in h_drafts.long().tolist()]
                          if verify else None,
-                         rejected=_positions(h_rejected) if verify else None, rows=n_rows)
+                         rejected=_positions(h_rejected) if verify else None, rows=n_rows, tree=tree)
             reuse.record(begin, event.tokens, event.drafts)
             if first_token is None and all(row[0] != mask_id for row in event.tokens):
                 first_token = event.elapsed                        # the text's first token is readable

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-MAX_DRAFT_WIDTH = 8
+MAX_DRAFT_NODES = 64
 REMASKING = ("confidence", "margin", "entropy", "random", "leftmost", "prefix", "verify")
 
 
@@ -31,8 +31,8 @@ class SamplerConfig:
     stop_at_eos: bool = True      # end a row at its first end-of-text token
     seed: int = 0                 # same seed + settings + prompt -> same tokens
     top_candidates: int = 5       # candidates per position recorded in each step event
-    draft_width: int = 0          # verify order, greedy: candidates for the first drafted token, all checked
-                                  # in one pass over a row per draft-tree node (twotower.draft_tree); 0 = off
+    draft_nodes: int = 0          # verify order, greedy: a draft tree of the N likeliest paths of drafts, all
+                                  # checked in one pass over a row per node (twotower.draft_tree); 0 = off
 
     def validate(self, max_context: int | None = None) -> "SamplerConfig":
         """Raise ValueError naming the first impossible setting."""
@@ -61,13 +61,13 @@ class SamplerConfig:
             bad(f"remasking must be one of {', '.join(REMASKING)}; got {self.remasking!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        w = self.draft_width
-        if not isinstance(w, int) or not 0 <= w <= MAX_DRAFT_WIDTH:
-            bad(f"draft_width must be an integer from 0 (off) to {MAX_DRAFT_WIDTH}, got {w!r}")
-        if w and self.remasking != "verify":
-            bad(f"draft_width (a draft tree) works with the verify order only; remasking is {self.remasking!r}")
-        if w and self.temperature != 0.0:
-            bad("draft_width (a draft tree) is for greedy decoding: set temperature 0 or draft_width 0")
+        n = self.draft_nodes
+        if not isinstance(n, int) or not 0 <= n <= MAX_DRAFT_NODES:
+            bad(f"draft_nodes must be an integer from 0 (off) to {MAX_DRAFT_NODES}, got {n!r}")
+        if n and self.remasking != "verify":
+            bad(f"draft_nodes (a draft tree) works with the verify order only; remasking is {self.remasking!r}")
+        if n and self.temperature != 0.0:
+            bad("draft_nodes (a draft tree) is for greedy decoding: set temperature 0 or draft_nodes 0")
         if self.top_candidates < 1:
             bad(f"top_candidates must be >= 1, got {self.top_candidates!r}")
         return self

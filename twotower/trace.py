@@ -15,9 +15,18 @@ from .events import BlockStart, Done, Event, Step, Token, event_from_dict
 TRACE_VERSION = 1
 
 
+def held_depth(tree: list[list[int]], tokens: list[int], start: int) -> int:
+    """How far into a draft tree (its leaf paths from block position start) the committed
+    tokens follow one of its paths: the drafts of a tree pass that held."""
+    def agree(path):
+        return next((i for i, tok in enumerate(path) if start + i >= len(tokens) or tokens[start + i] != tok), len(path))
+    return max((agree(path) for path in tree), default=0)
+
+
 class DraftTally:
     """The verify order's drafts, per row: how many the next pass kept (committed as drafted)
-    and dropped. Feed it a run's events in order."""
+    and dropped. A draft tree counts as deep as its longest path: the positions it drafted,
+    of which the held path kept some. Feed it a run's events in order."""
 
     def __init__(self, batch: int):
         self.held, self.dropped = [0] * batch, [0] * batch
@@ -31,8 +40,14 @@ class DraftTally:
         elif isinstance(event, Step) and event.drafts is not None:
             for b, drafts in enumerate(event.drafts):
                 tokens = event.tokens[b]
-                self.held[b] += sum(self.pending[b].get(j) == tokens[j] for j in event.committed[b])
-                self.dropped[b] += len(event.rejected[b])
+                if event.tree is not None:
+                    tree, committed = event.tree[b], event.committed[b]
+                    held = held_depth(tree, tokens, min(committed)) if tree and committed else 0
+                    self.held[b] += held
+                    self.dropped[b] += max((len(path) for path in tree), default=0) - held
+                else:
+                    self.held[b] += sum(self.pending[b].get(j) == tokens[j] for j in event.committed[b])
+                    self.dropped[b] += len(event.rejected[b])
                 self.pending[b] = {j: d for j, d in enumerate(drafts) if d >= 0}
                 if event.rows is not None and (event.active is None or event.active[b]):
                     self.rows[b] += event.rows[b]

@@ -3,7 +3,7 @@
 One frame per observable step: a denoiser pass (diffusion) or a generated token (AR).
 Frames are lists, not objects, to keep the payload small:
 
-    [block, step, offset, tokens, guess, conf, new, planned, elapsed_ms, nfe(, drafts, rejected)]
+    [block, step, offset, tokens, guess, conf, new, planned, elapsed_ms, nfe(, drafts, rejected(, tree))]
 
 - tokens: the block's tokens after the step, -1 where still masked (AR: the one token)
 - guess:  the top-1 candidate at every position (what a masked cell is "thinking")
@@ -12,6 +12,8 @@ Frames are lists, not objects, to keep the payload small:
 - planned: commits the threshold rule asked for, before the floor raised it (verify: new drafts)
 - drafts, rejected (the verify order only): the draft id per position after the step (-1
   where none), and the positions whose drafts the step dropped
+- tree (draft trees only): the leaf paths of the tree the step checked, ids from the block
+  position of the step's first commit
 
 The grid state at frame i is: every position committed in frames 0..i, plus the masked
 guesses of frame i's block. A live payload sends the finished blocks once as `base`
@@ -49,6 +51,8 @@ def frames(trace, row: int = 0, top: bool = False) -> tuple[list[list], list | N
                  int(e.elapsed * 1000), e.nfe]
         if e.drafts is not None:
             frame += [e.drafts[row], e.rejected[row]]
+        if e.tree is not None:
+            frame.append(e.tree[row])
         out.append(frame)
         if top:
             tops.append([[ids, [int(round(1000 * p)) for p in probs]]
@@ -100,6 +104,8 @@ def _ids_in(frame_list, tops) -> set[int]:
     for f in frame_list:
         ids.update(f[3])
         ids.update(f[4])
+        for path in f[12] if len(f) > 12 else ():             # a draft tree's paths
+            ids.update(path)
     for per_frame in tops or []:
         for cand_ids, _ in per_frame:
             ids.update(cand_ids)
@@ -143,7 +149,7 @@ def payload(trace, live: bool = False, row: int = 0) -> dict:
         "n_out": output_length(trace, row),
         "threshold": settings.get("threshold"),
         "remasking": settings.get("remasking"),
-        "draft_width": settings.get("draft_width", 0),
+        "draft_nodes": settings.get("draft_nodes", settings.get("draft_width", 0)),   # (older traces: a width)
         "progress": progress(trace),
         "stats": trace.stats(),
         "findings": [] if live else findings(trace, row),
