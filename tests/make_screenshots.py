@@ -2,9 +2,10 @@
 
 Launches the app with the default model (or TWOTOWER_MODEL), drives Chromium through a
 diffusion run, the candidates panel, the position inspector with the AR model's view, a fork
-compared with its run, the unmasking map, cross-attention, an AR run and the race, and writes
-small PNGs (default: assets/screenshot_*.png). --only names the shots to take (grid, inspect,
-fork, map, attention, ar, race); the diffusion run always happens. Not collected by pytest.
+compared with its run, the unmasking map, cross-attention, an AR run, the race and a run with
+draft trees, and writes small PNGs (default: assets/screenshot_*.png). --only names the shots to
+take (grid, inspect, fork, map, attention, ar, race, tree); the diffusion run always happens. Not
+collected by pytest.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from tests.tiny_app import free_port
 
 PROMPT = "What is the capital of France?"
 STUDY_PROMPT = "Write a poem about the ocean."       # inspector and fork: a longer answer
+TREE_PROMPT = "Give me two tips for staying healthy."
+TREE_NODES = 8
 FORK_THRESHOLD = 0.3
 
 
@@ -109,6 +112,28 @@ def other_views(pg, shot, only) -> None:
         shot("race")
 
 
+def draft_tree(pg, shot) -> None:
+    """A run with draft trees, shown at the first step whose tree had three paths or more."""
+    pg.get_by_role("tab", name="Denoising").click()
+    pg.get_by_label("diffusion", exact=True).check()
+    set_slider(pg, "draft-nodes", TREE_NODES)
+    set_slider(pg, "max-new-tokens", 48)
+    pg.locator("#prompt textarea").fill(TREE_PROMPT)
+    pg.locator("#run").click()
+    expect(pg.locator("#status")).to_contain_text("Running", timeout=60_000)
+    expect(pg.locator("#status")).to_contain_text("Finished", timeout=600_000)
+    steps = int(pg.locator("#grid input[type=range]").get_attribute("max") or 0)
+    for value in range(steps + 1):
+        pg.locator("#grid input[type=range]").evaluate(
+            f"(r) => {{ r.value = '{value}'; r.dispatchEvent(new Event('input', {{bubbles: true}})); }}")
+        if pg.locator("#grid .ttg-tree-path").count() >= 3 and pg.locator("#grid .ttg-tree-tok.ok").count():
+            break
+    pg.locator("#grid .ttg-info").scroll_into_view_if_needed()
+    pg.evaluate("window.scrollBy(0, -120)")
+    shot("tree")
+    set_slider(pg, "draft-nodes", 0)
+
+
 def main(out: Path, only: set[str]) -> None:
     import app
     demo = app.build_demo()
@@ -130,13 +155,15 @@ def main(out: Path, only: set[str]) -> None:
         expect(pg.locator("#model-info")).to_contain_text("Model", timeout=300_000)
         if only & {"inspect", "fork"}:
             inspect_and_fork(pg, shot, only)
-        if only - {"inspect", "fork"}:
+        if only - {"inspect", "fork", "tree"}:
             main_views(pg, shot, only)
+        if "tree" in only:
+            draft_tree(pg, shot)
         browser.close()
     demo.close()
 
 
-SHOTS = {"grid", "inspect", "fork", "map", "attention", "ar", "race"}
+SHOTS = {"grid", "inspect", "fork", "map", "attention", "ar", "race", "tree"}
 
 if __name__ == "__main__":
     args = sys.argv[1:]

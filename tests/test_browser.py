@@ -229,5 +229,31 @@ def test_import_a_saved_trace(page, tmp_path):
     expect(page.locator("#grid .ttg-pos")).to_have_text(f"{trace.done.nfe}/{trace.done.nfe}")
 
 
+def test_a_draft_tree_trace_shows_the_tree_each_pass_checked(page, tmp_path):
+    """A verify run with draft trees (a clean_as_ar tiny model, random drafts), imported: the step
+    line draws the tree's paths, the tokens the AR model agreed with and the first it did not."""
+    from tests.test_llama_family import clean_as_ar_model
+    from twotower.runner import run
+    from twotower.sampling import SamplerConfig
+    cfg = SamplerConfig(max_new_tokens=16, block_size=8, steps=8, stop_at_eos=False, remasking="verify",
+                        threshold=0.0, draft_nodes=4)
+    trace, events = run(clean_as_ar_model(), [[5, 17, 42, 9]], cfg, "diffusion")
+    steps = [e for e in events if type(e).__name__ == "Step"]
+    frame = next(i for i, e in enumerate(steps) if len(e.tree[0]) >= 2)
+    trace.save(tmp_path / "tree.json")
+    page.get_by_role("tab", name="Trace file").click()
+    clear = page.locator("#import-file button[aria-label='Clear']")     # a file imported before
+    if clear.count():
+        clear.first.click()
+    page.locator("#import-file input[type=file]").set_input_files(str(tmp_path / "tree.json"))
+    expect(page.locator("#status")).to_contain_text("Opened a saved trace", timeout=20_000)
+    page.get_by_role("tab", name="Denoising").click()
+    page.locator("#grid input[type=range]").evaluate(
+        f"(r) => {{ r.value = '{frame}'; r.dispatchEvent(new Event('input', {{bubbles: true}})); }}")
+    expect(page.locator("#grid .ttg-rule")).to_contain_text("draft tree")
+    assert page.locator("#grid .ttg-tree-path").count() == len(steps[frame].tree[0])
+    assert page.locator("#grid .ttg-tree-tok.no").count() + page.locator("#grid .ttg-tree-kept").count() >= 1
+
+
 def test_no_javascript_errors(page):
     assert page.errors == []
