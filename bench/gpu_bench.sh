@@ -5,7 +5,7 @@
 # Stage "prep"  (call 1, carry .gpu/a): stash the first half.
 # Stage "default" (call 2, carry .gpu/b): the default model on this GPU, eager / static /
 #   draft trees (verify, 16 nodes: more rows per pass, which a GPU at batch 1 runs nearly free) /
-#   compiled / CUDA graphs; every JSON lands in $OUT.
+#   compiled / CUDA graphs / draft trees under CUDA graphs; every JSON (7) lands in $OUT.
 # Stage "release" (an H200 call): the full-size model with random weights, eager and CUDA graphs.
 set -euo pipefail
 stage=$1
@@ -34,7 +34,9 @@ default)
   bench default_static "${common[@]}" --warmup 2 --static --stream-repeats 0
   bench default_tree16 "${common[@]}" --warmup 2 --draft-nodes 16 --stream-repeats 0
   bench default_compile "${common[@]}" --warmup 3 --compile --stream-repeats 0
-  bench default_cudagraphs "${common[@]}" --warmup 3 --compile --compile-mode reduce-overhead ;;
+  bench default_cudagraphs "${common[@]}" --warmup 3 --compile --compile-mode reduce-overhead
+  bench default_tree16_cudagraphs "${common[@]}" --warmup 3 --draft-nodes 16 --compile --compile-mode reduce-overhead \
+      --stream-repeats 0 ;;
 release)
   common=(--model random:nemotron-h-release --prompts 2 --max-new-tokens 64 --no-hf)
   bench release_random_T16 "${common[@]}" --warmup 1 --stream-repeats 1

@@ -99,10 +99,21 @@ def test_impossible_tree_settings_are_refused(settings, message):
         SamplerConfig(**settings).validate()
 
 
-def test_a_static_model_refuses_draft_trees(prompts):
-    static = clean_as_ar_model().use_static()
-    with pytest.raises(ValueError, match="one shape"):
-        next(diffusion_generate(static, prompts, SamplerConfig(remasking="verify", draft_nodes=2)))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_static_cache_runs_a_fixed_number_of_rows_and_the_same_steps(model, prompts, batch):
+    """On a static cache (what torch.compile and CUDA graphs need) every pass runs nodes + 1 rows
+    per prompt, the missing nodes padded with the empty path; the steps equal the growing cache's."""
+    cfg = SamplerConfig(max_new_tokens=24, block_size=8, steps=8, stop_at_eos=False, remasking="verify",
+                        threshold=0.0, draft_nodes=3, repetition_penalty=1.3)
+    dynamic, _ = run(diffusion_generate(model, prompts[:batch], cfg))
+    try:
+        static, _ = run(diffusion_generate(model.use_static(), prompts[:batch], cfg))
+    finally:
+        model.use_static(False)
+    assert {r for s in static for r in s.rows} == {4}
+    assert len(static) == len(dynamic)
+    for a, b in zip(static, dynamic):
+        assert (a.tokens, a.committed, a.drafts, a.tree, a.top_ids) == (b.tokens, b.committed, b.drafts, b.tree, b.top_ids)
 
 
 def test_the_likeliest_paths_are_chosen_best_first():

@@ -155,3 +155,21 @@ def test_clean_as_ar_static_and_compiled_without_recompiling():
     assert both_modes(model.compile(), PROMPTS, cfg) == dynamic
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert both_modes(model, other, cfg) == expected
+
+
+@needs_cxx
+def test_draft_trees_compiled_without_recompiling():
+    """Draft trees on a static cache run nodes + 1 rows per prompt every pass, so the compiled
+    denoiser keeps one shape: the AR text, the eager tokens, and no recompile for other prompts."""
+    from tests.tiny import random_lora
+    model = TwoTower(tiny_llama(0), tiny_llama(1), MASK_ID, anchor=True, learned_mask=True, clean_as_ar=True)
+    random_lora(model.denoiser_lm, seed=0, std=0.3)
+    model.gate_adapter().eval()
+    cfg = SamplerConfig(max_new_tokens=24, block_size=8, steps=8, remasking="verify", threshold=0.0,
+                        draft_nodes=3, stop_at_eos=False)
+    other = [[20, 21, 22, 23], [30, 31, 32, 33, 34, 35, 36, 37, 38]]
+    dynamic, expected = tokens(diffusion_generate(model, PROMPTS, cfg)), tokens(diffusion_generate(model, other, cfg))
+    assert dynamic[0] == tokens(ar_generate(model, PROMPTS, cfg))[0]
+    assert tokens(diffusion_generate(model.compile(), PROMPTS, cfg)) == dynamic
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert tokens(diffusion_generate(model, other, cfg)) == expected

@@ -51,8 +51,8 @@ def lookahead_drafter(monkeypatch, model, prompts, truth: list[list[int]], score
         where["owner"] = list(range(len(prompts)))
         return real_inputs(ctx, size, **kw)
 
-    def build_rows(x, trees, mask_id):
-        rows = real_rows(x, trees, mask_id)
+    def build_rows(x, trees, mask_id, per_prompt=None):
+        rows = real_rows(x, trees, mask_id, per_prompt)
         where["owner"] = rows.owner.tolist()
         return rows
 

@@ -70,9 +70,14 @@ class ContextView:
                 self.kv[i] = (k, v)
 
     def rows(self, index: torch.Tensor) -> "ContextView":
-        """A copy whose row r is row index[r] of this view (a draft tree's rows, `twotower.draft_tree`)."""
+        """A copy whose row r is row index[r] of this view (a draft tree's rows, `twotower.draft_tree`).
+        A view that is not written in place (a static cache's) and holds one row is expanded, not copied."""
         view = copy.copy(self)
-        view.kv = {i: (k[index], v[index]) for i, (k, v) in self.kv.items()}
+        share = not self.inplace and all(k.shape[0] == 1 for k, _ in self.kv.values())
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.expand(len(index), *t.shape[1:]) if share else t[index]
+        view.kv = {i: (pick(k), pick(v)) for i, (k, v) in self.kv.items()}
         return view
 
     def keep(self, rows: "ContextView", index: torch.Tensor) -> None:

@@ -87,13 +87,14 @@ def first_open(row: list[int], mask_id: int) -> int:
     return next((j for j, tok in enumerate(row) if tok == mask_id), len(row))
 
 
-def build_rows(x: torch.Tensor, trees: list[list[list[int]]], mask_id: int) -> Rows:
+def build_rows(x: torch.Tensor, trees: list[list[list[int]]], mask_id: int, per_prompt: int | None = None) -> Rows:
     """x: (B, S) committed ids; trees: per prompt, its candidate paths (starting at its first
-    open position). Returns the rows of the next pass: one per node of each tree."""
+    open position). Returns the rows of the next pass: one per node of each tree; with
+    `per_prompt`, every prompt gets that many, the rest copies of the empty path (fixed shapes)."""
     ids, owner, paths = [], [], []
     for b, (row, tree) in enumerate(zip(x.tolist(), trees)):
-        start = first_open(row, mask_id)
-        for node in tree_nodes(tree):
+        start, nodes = first_open(row, mask_id), tree_nodes(tree)
+        for node in nodes + [[]] * ((per_prompt or 0) - len(nodes)):
             ids.append(row[:start] + node + row[start + len(node):])
             owner.append(b)
             paths.append(node)
@@ -174,11 +175,14 @@ class DraftTrees:
     pass starts at the first open position of its prompts, as a plain verify pass does: every
     row of a prompt shares its committed text, whose keys/values the kept rows write back into
     the block's view after each pass, and whose logits they keep.
+
+    With `rows` (a static cache, whose passes keep one shape: what torch.compile and CUDA graphs
+    need), every prompt runs that many rows each pass, padded with copies of its empty path.
     """
 
-    def __init__(self, batch: int, reuse: bool):
+    def __init__(self, batch: int, reuse: bool, rows: int | None = None):
         self.trees: list[list[list[int]]] = [[] for _ in range(batch)]
-        self.reuse = reuse
+        self.reuse, self.rows = reuse, rows
         self.logits: torch.Tensor | None = None          # (B, S, V) the kept rows' latest logits, unguarded
 
     def start(self, x: torch.Tensor, mask_id: int) -> int:
@@ -196,7 +200,7 @@ class DraftTrees:
         each prompt's rows checked as its leaf paths)."""
         mask_id = model.mask_token_id
         checked = [leaves(tree) for tree in self.trees]
-        rows, start = build_rows(x, self.trees, mask_id), self.start(x, mask_id)
+        rows, start = build_rows(x, self.trees, mask_id, self.rows), self.start(x, mask_id)
         view = row_inputs(inputs, rows.owner)
         t = (rows.ids == mask_id).float().mean(-1)                      # (N,) as a plain pass over each row
         raw = model.denoise(rows.ids, view, t, capture, start).float()   # (N, S - start, V)

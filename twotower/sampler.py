@@ -27,9 +27,6 @@ def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig)
     if cfg.remasking == "verify" and not model.clean_as_ar:
         raise ValueError(f"the verify order checks drafts with the AR model's reading of them, which needs a "
                          f"clean_as_ar denoiser; {model.name} is not one: choose another commit order")
-    if cfg.draft_nodes and model.static_cache:
-        raise ValueError("draft trees (draft_nodes > 0) run a different number of rows each pass; a static or "
-                         "compiled model keeps one shape: set draft_nodes 0 or use the growing cache")
     if not prompts:
         raise ValueError("no prompt given")
     for p in prompts:
@@ -157,7 +154,8 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         used, unsettled = first, not bool(settled.all())
         drafts, draft_probs = torch.full_like(x, mask_id), None    # the verify order's proposals
         reusable = model.can_reuse_prefix(inputs, capturing=bool(capture_layers))
-        trees = DraftTrees(batch, reusable) if cfg.draft_nodes else None   # verify with draft trees
+        trees = (DraftTrees(batch, reusable, cfg.draft_nodes + 1 if inputs.get("static") else None)
+                 if cfg.draft_nodes else None)                     # verify with draft trees (static: fixed rows)
         reuse = PrefixReuse(reusable and trees is None, rows, mask_id)
         for step in range(first, budget):
             if not unsettled:
