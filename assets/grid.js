@@ -199,6 +199,7 @@ function treeView(paths, toks, start) {
   };
   const more = paths.length > TREE_LINES ? `<div class="ttg-tree-more">… ${paths.length - TREE_LINES} more paths</div>` : "";
   return `<div class="ttg-tree" title="the draft tree this pass checked, one line per path (✓ the AR model's token, ✗ not, grey: not reached)">` +
+    `<div class="ttg-tree-head">the tree this pass checked, from position ${start} of the block:</div>` +
     order.slice(0, TREE_LINES).map(line).join("") + more + "</div>";
 }
 

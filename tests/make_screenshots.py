@@ -113,7 +113,8 @@ def other_views(pg, shot, only) -> None:
 
 
 def draft_tree(pg, shot) -> None:
-    """A run with draft trees, shown at the first step whose tree had three paths or more."""
+    """A run with draft trees, shown at the first step whose tree had three paths or more and
+    whose kept path held two drafts (else one)."""
     pg.get_by_role("tab", name="Denoising").click()
     pg.get_by_label("diffusion", exact=True).check()
     set_slider(pg, "draft-nodes", TREE_NODES)
@@ -123,11 +124,16 @@ def draft_tree(pg, shot) -> None:
     expect(pg.locator("#status")).to_contain_text("Running", timeout=60_000)
     expect(pg.locator("#status")).to_contain_text("Finished", timeout=600_000)
     steps = int(pg.locator("#grid input[type=range]").get_attribute("max") or 0)
-    for value in range(steps + 1):
-        pg.locator("#grid input[type=range]").evaluate(
-            f"(r) => {{ r.value = '{value}'; r.dispatchEvent(new Event('input', {{bubbles: true}})); }}")
-        if pg.locator("#grid .ttg-tree-path").count() >= 3 and pg.locator("#grid .ttg-tree-tok.ok").count():
-            break
+    for held in (2, 1):
+        for value in range(steps + 1):
+            pg.locator("#grid input[type=range]").evaluate(
+                f"(r) => {{ r.value = '{value}'; r.dispatchEvent(new Event('input', {{bubbles: true}})); }}")
+            kept = pg.locator("#grid .ttg-tree-path:has(.ttg-tree-kept) .ttg-tree-tok.ok").count()
+            if pg.locator("#grid .ttg-tree-path").count() >= 3 and kept >= held:
+                break
+        else:
+            continue
+        break
     pg.locator("#grid .ttg-info").scroll_into_view_if_needed()
     pg.evaluate("window.scrollBy(0, -120)")
     shot("tree")
