@@ -171,7 +171,7 @@ def sampler_inputs() -> list:
                             info=remasking_info(d), elem_id="remasking")
     draft = gr.Slider(0, MAX_DRAFT_NODES, value=d.draft_nodes, step=1, label="Draft tree size (verify)",
                       elem_id="draft-nodes",
-                      info="greedy verify only: the N likeliest paths of drafts (not just the likeliest run) "
+                      info="verify only: the N likeliest paths of drafts (not just the likeliest run) "
                            "are all checked in the next pass, one block row per path (0 = off: one run). "
                            "More tokens per pass; a pass does rows × the work (nearly free on a GPU at batch 1, "
                            "not on a CPU)." + recommends(d, "draft_nodes"))

@@ -126,8 +126,8 @@ def fork_config(parent: Trace, threshold, remasking, temperature, steps, repetit
                    temperature=number("temperature", temperature), steps=whole("steps", steps),
                    repetition_penalty=number("repetition penalty", repetition_penalty),
                    no_repeat_ngram_size=ngram_size(no_repeat_ngram_size))
-    if changed["remasking"] != "verify" or changed["temperature"] > 0:
-        changed["draft_nodes"] = 0                 # a draft tree is for greedy verify only
+    if changed["remasking"] != "verify":
+        changed["draft_nodes"] = 0                 # a draft tree is for the verify order only
     return SamplerConfig.from_dict({**(parent.settings or {}), **changed}).validate()
 
 

@@ -332,4 +332,4 @@ def test_a_fork_to_another_order_drops_the_draft_tree():
     parent = SimpleNamespace(settings={"remasking": "verify", "threshold": 0.2, "draft_nodes": 3})
     assert study.fork_config(parent, 0.2, "verify", 0.0, 16, 1.0, 0).draft_nodes == 3
     assert study.fork_config(parent, 0.9, "leftmost", 0.0, 16, 1.0, 0).draft_nodes == 0
-    assert study.fork_config(parent, 0.2, "verify", 0.8, 16, 1.0, 0).draft_nodes == 0
+    assert study.fork_config(parent, 0.2, "verify", 0.8, 16, 1.0, 0).draft_nodes == 3   # sampling keeps it

@@ -90,7 +90,6 @@ def test_the_last_step_of_a_block_commits_every_position(model, prompts):
 
 @pytest.mark.parametrize("settings,message", [
     ({"draft_nodes": 2, "remasking": "prefix"}, "verify order only"),
-    ({"draft_nodes": 2, "remasking": "verify", "temperature": 0.7}, "greedy"),
     ({"draft_nodes": 65, "remasking": "verify"}, r"from 0 \(off\) to 64"),
     ({"draft_nodes": -1, "remasking": "verify"}, r"from 0 \(off\) to 64"),
 ])
@@ -199,3 +198,51 @@ def test_the_grid_payload_says_a_run_used_draft_trees(model, prompts):
         trees = [f[12] for f in data["frames"] if len(f) > 12]
         assert (len(trees) == len(data["frames"]) and any(trees)) if nodes else not trees
         assert all(str(t) in data["pieces"] for tree in trees for path in tree for t in path)
+
+
+def test_a_sampled_tree_commits_draws_from_the_ar_model():
+    """Sampling: whatever the tree, the committed tokens are draws from the AR model's
+    distribution at each position given the text before it. Rows [], [0], [1], [0, 2]: the
+    rows that read the same path before a position hold the same distribution there."""
+    V, S, mask = 6, 4, 5
+    g = torch.Generator().manual_seed(0)
+    dist = lambda: torch.randn(V, generator=g).index_fill(0, torch.tensor([mask]), float("-inf"))  # noqa: E731
+    p0, p1a, p1b, p2 = dist(), dist(), dist(), dist()                  # after (), (0,), (1,), (0, 2)
+    noise = lambda: torch.randn(V, generator=g)                        # noqa: E731 (the denoiser's guesses)
+    rows_logits = torch.stack([torch.stack([p0, noise(), noise(), noise()]),      # row []
+                               torch.stack([p0, p1a, noise(), noise()]),          # row [0]
+                               torch.stack([p0, p1b, noise(), noise()]),          # row [1]
+                               torch.stack([p0, p1a, p2, noise()])])              # row [0, 2]
+    rows_logits[..., mask] = float("-inf")                           # [MASK] forbidden, as the caller does
+    paths = [[], [0], [1], [0, 2]]
+    ids = torch.tensor([[mask] * S] + [p + [mask] * (S - len(p)) for p in paths[1:]])
+    rows = draft_tree.Rows(ids, torch.zeros(4, dtype=torch.long), paths)
+    x, shown, open_ = torch.full((1, S), mask), torch.full((1, S), mask), torch.ones(1, S, dtype=torch.bool)
+    cfg = SamplerConfig(remasking="verify", temperature=1.0, threshold=0.2, draft_nodes=3)
+    n, counts = 6000, {}
+    for _ in range(n):
+        d, _, _ = draft_tree.decide_tree(rows_logits, rows, x, shown, open_, 8, cfg, mask, g)
+        committed = tuple(t for t in d.x[0].tolist() if t != mask)
+        counts[committed] = counts.get(committed, 0) + 1
+
+    def freq(prefix):                  # the next token's frequencies after a committed prefix
+        hits = torch.zeros(V)
+        for c, k in counts.items():
+            if len(c) > len(prefix) and c[:len(prefix)] == prefix:
+                hits[c[len(prefix)]] += k
+        return hits / hits.sum()
+    assert torch.allclose(freq(()), p0.softmax(-1), atol=0.02)
+    assert torch.allclose(freq((0,)), p1a.softmax(-1), atol=0.03)
+    assert torch.allclose(freq((1,)), p1b.softmax(-1), atol=0.04)
+    assert torch.allclose(freq((0, 2)), p2.softmax(-1), atol=0.08)
+    assert all(len(c) == 1 for c in counts if c[0] not in (0, 1))    # off the tree: the AR token alone
+    assert max(len(c) for c in counts) == 3                         # [0, 2] and the token after it
+
+
+def test_a_sampled_tree_run_is_reproducible_and_saves_passes(model, prompts):
+    c = dict(max_new_tokens=32, block_size=8, steps=8, stop_at_eos=False, remasking="verify", threshold=0.0,
+             temperature=0.8, seed=3)
+    steps, first = run(diffusion_generate(model, prompts, SamplerConfig(draft_nodes=4, **c)))
+    _, again = run(diffusion_generate(model, prompts, SamplerConfig(draft_nodes=4, **c)))
+    assert first.token_ids == again.token_ids and all(len(row) == 32 for row in first.token_ids)
+    assert max(max(s.rows) for s in steps) > 1

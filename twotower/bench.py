@@ -906,7 +906,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
                    help=f"do not write an N-gram already written, in every decoder {tuned(d.no_repeat_ngram_size)}")
     p.add_argument("--draft-nodes", type=int, default=None, metavar="N",
-                   help=f"verify order, greedy: a draft tree of the N likeliest paths of drafts, checked in one "
+                   help=f"verify order: a draft tree of the N likeliest paths of drafts, checked in one "
                         f"pass over a block row per node (0 = off) {tuned(d.draft_nodes)}")
     p.add_argument("--stop-at-eos", action="store_true", help="end rows at end-of-text (default: fixed length)")
     p.add_argument("--seed", type=int, default=d.seed)

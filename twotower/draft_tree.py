@@ -1,5 +1,5 @@
 """Draft trees for the `verify` order: several drafts for the next positions, all checked in
-one pass (greedy decoding; `SamplerConfig.draft_nodes`).
+one pass (`SamplerConfig.draft_nodes`).
 
 The plain `verify` order drafts one run (the denoiser's likeliest token at each position over
 gamma) and one pass checks it. Its weak spot is the first drafted token: the denoiser guesses it
@@ -15,7 +15,8 @@ after the committed text. Each row is an ordinary verify pass over that block: i
 as the AR model does (so it checks it) and predicts past it as the denoiser does. The longest
 path the AR model agrees with is kept, the AR model's token after it is committed, and that
 path's row drafts the next tree. The text is the AR model's greedy text, token for token, as
-with one row; a pass costs `rows` times the positions.
+with one row, or (sampling) a draw from the AR model: `decide_tree`. A pass costs `rows` times
+the positions.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from .prefix_reuse import MIN_INPUTS
-from .sampling import Decision, SamplerConfig
+from .sampling import Decision, SamplerConfig, sampling_logits
 
 FLOOR = 0.05   # a drafted token in a tree needs this probability (or gamma, when lower)
 BRANCHES = 8   # candidates per position a tree may branch into
@@ -124,19 +125,35 @@ def keep_rows(pred: list[list[int]], rows: Rows, starts: list[int]) -> list[int]
     return best
 
 
-def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.Tensor, open_: torch.Tensor,
-                steps_left: int, cfg: SamplerConfig, mask_id: int) -> tuple[Decision, list[list[list[int]]], list[int]]:
-    """One tree pass's decision (greedy). logits: (N, S, V) of the rows, guarded, [MASK]
-    forbidden; x: (B, S) committed ids; shown: (B, S) the drafts the last Step event showed (the
-    likeliest path), mask id where none; open_: (B, S) unwritten positions of prompts that go on.
+def shared_draw(scores: torch.Tensor, owner: torch.Tensor, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A draw from softmax(scores) (N, S, V) at every row and position (Gumbel-max), with one
+    noise per prompt and position shared by the prompt's rows: rows that read the same text
+    before a position (the same distribution there) draw the same token."""
+    u = torch.rand((batch, *scores.shape[1:]), generator=generator, device=scores.device)[owner]
+    return (scores - torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))).argmax(-1)
 
-    Per prompt, the row kept is the longest path the AR model agrees with: its path and the AR
-    model's token after it are committed (with one step left, every open position, unchecked),
-    and its predictions after that token make the next tree. Returns the Decision (what each
-    prompt's kept row predicted), the next trees and the kept row of each prompt. The tree is
-    decided on the host, from a few small copies per pass (ids and top candidates, no logits)."""
+
+def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.Tensor, open_: torch.Tensor,
+                steps_left: int, cfg: SamplerConfig, mask_id: int, generator: torch.Generator | None = None
+                ) -> tuple[Decision, list[list[list[int]]], list[int]]:
+    """One tree pass's decision. logits: (N, S, V) of the rows, guarded, [MASK] forbidden;
+    x: (B, S) committed ids; shown: (B, S) the drafts the last Step event showed (the likeliest
+    path), mask id where none; open_: (B, S) unwritten positions of prompts that go on.
+
+    Each row's token at each position is the AR model's choice there (greedy: its argmax;
+    sampling: a draw whose noise the prompt's rows share, `shared_draw`). Per prompt, the row
+    kept is the longest path that agrees with its own choices: its path and the choice after it
+    are committed (with one step left, every open position, unchecked), and its predictions
+    after that token make the next tree. Sampling, this walks the tree with one draw per
+    position from the AR model's distribution given the text before it: the committed text is a
+    draw from the AR model, whatever the tree. Returns the Decision (what each prompt's kept row
+    predicted), the next trees and the kept row of each prompt. The tree is decided on the host,
+    from a few small copies per pass (ids and top candidates, no logits)."""
     probs = logits.float().softmax(-1)
     conf, pred = probs.max(-1)                                            # (N, S)
+    if cfg.temperature > 0:
+        pred = shared_draw(sampling_logits(logits, cfg), rows.owner, x.shape[0], generator)
+        conf = probs.gather(-1, pred[..., None])[..., 0]
     top = probs.topk(min(cfg.draft_nodes, BRANCHES), dim=-1)
     x_rows, open_rows = x.tolist(), open_.tolist()
     starts = [first_open(row, mask_id) for row in x_rows]
@@ -193,7 +210,7 @@ class DraftTrees:
         return min(first, x.shape[1] + 1 - MIN_INPUTS)  # inputs: the anchor + S tokens
 
     def step(self, model, x: torch.Tensor, shown: torch.Tensor, inputs: dict, guard, capture,
-             open_: torch.Tensor, steps_left: int, cfg: SamplerConfig):
+             open_: torch.Tensor, steps_left: int, cfg: SamplerConfig, generator: torch.Generator | None = None):
         """One denoiser pass over the rows of every prompt's tree (`build_rows`), decided by
         `decide_tree`. guard: the block's RepeatGuard; capture: an AttentionCapture or None (it
         keeps the kept rows). Returns (Decision, t (B,) of the kept rows, rows per prompt, the tree
@@ -208,7 +225,7 @@ class DraftTrees:
             raw = torch.cat([self.logits[rows.owner, :start], raw], 1)  # (N, S, V)
         paths = (rows.ids != mask_id) & (x[rows.owner] == mask_id)      # (N, S) the written paths
         logits = guard.rows(rows.owner).denoiser_pass(raw.clone(), rows.ids, mask_id, paths)
-        decision, self.trees, kept = decide_tree(logits, rows, x, shown, open_, steps_left, cfg, mask_id)
+        decision, self.trees, kept = decide_tree(logits, rows, x, shown, open_, steps_left, cfg, mask_id, generator)
         kept = torch.tensor(kept, device=x.device)
         self.logits = raw[kept]
         if self.reuse:

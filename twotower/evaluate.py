@@ -586,7 +586,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
                    help=f"do not write an N-gram already written, in both modes {tuned(d.no_repeat_ngram_size)}")
     p.add_argument("--draft-nodes", type=int, default=None, metavar="N",
-                   help=f"verify order, greedy: a draft tree of the N likeliest paths of drafts, checked in one "
+                   help=f"verify order: a draft tree of the N likeliest paths of drafts, checked in one "
                         f"pass over a block row per node (0 = off) {tuned(d.draft_nodes)}")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")

@@ -39,7 +39,7 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
                         f"tokens before a position are written) {tuned(d.no_repeat_ngram_size)}")
     p.add_argument("--remasking", choices=REMASKING, default=None, help=f"commit order {tuned(d.remasking)}")
     p.add_argument("--draft-nodes", type=int, default=None, metavar="N",
-                   help=f"verify order, greedy: a draft tree of the N likeliest paths of drafts, all checked in "
+                   help=f"verify order: a draft tree of the N likeliest paths of drafts, all checked in "
                         f"one pass over a block row per node (0 = off) {tuned(d.draft_nodes)}")
     p.add_argument("--mask-token-id", type=int, default=None, help="override the model's mask token id")
     p.add_argument("--seed", type=int, default=d.seed)

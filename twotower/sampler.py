@@ -164,7 +164,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             capture = AttentionCapture(capture_layers) if capture_layers else None
             begin, n_rows, tree = 0, None, None
             if trees is not None:                                  # a row per node of each draft tree
-                d, t, n_rows, tree = trees.step(model, x, drafts, inputs, guard, capture, open_, budget - step, cfg)
+                d, t, n_rows, tree = trees.step(model, x, drafts, inputs, guard, capture, open_, budget - step, cfg, gen)
             else:
                 drafted = drafts != mask_id                        # (B, S) the verify order's drafts
                 seen = torch.where(drafted, drafts, x)             # (B, S) what the pass reads

@@ -31,7 +31,7 @@ class SamplerConfig:
     stop_at_eos: bool = True      # end a row at its first end-of-text token
     seed: int = 0                 # same seed + settings + prompt -> same tokens
     top_candidates: int = 5       # candidates per position recorded in each step event
-    draft_nodes: int = 0          # verify order, greedy: a draft tree of the N likeliest paths of drafts, all
+    draft_nodes: int = 0          # verify order: a draft tree of the N likeliest paths of drafts, all
                                   # checked in one pass over a row per node (twotower.draft_tree); 0 = off
 
     def validate(self, max_context: int | None = None) -> "SamplerConfig":
@@ -66,8 +66,6 @@ class SamplerConfig:
             bad(f"draft_nodes must be an integer from 0 (off) to {MAX_DRAFT_NODES}, got {n!r}")
         if n and self.remasking != "verify":
             bad(f"draft_nodes (a draft tree) works with the verify order only; remasking is {self.remasking!r}")
-        if n and self.temperature != 0.0:
-            bad("draft_nodes (a draft tree) is for greedy decoding: set temperature 0 or draft_nodes 0")
         if self.top_candidates < 1:
             bad(f"top_candidates must be >= 1, got {self.top_candidates!r}")
         return self
