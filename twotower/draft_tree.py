@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from .prefix_reuse import MIN_INPUTS
-from .sampling import Decision, SamplerConfig, sampling_logits
+from .sampling import Decision, SamplerConfig, gumbel_noise, sampling_logits
 
 FLOOR = 0.05   # a drafted token in a tree needs this probability (or gamma, when lower)
 BRANCHES = 8   # candidates per position a tree may branch into
@@ -129,8 +129,8 @@ def shared_draw(scores: torch.Tensor, owner: torch.Tensor, batch: int, generator
     """A draw from softmax(scores) (N, S, V) at every row and position (Gumbel-max), with one
     noise per prompt and position shared by the prompt's rows: rows that read the same text
     before a position (the same distribution there) draw the same token."""
-    u = torch.rand((batch, *scores.shape[1:]), generator=generator, device=scores.device)[owner]
-    return (scores - torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))).argmax(-1)
+    noise = gumbel_noise((batch, *scores.shape[1:]), generator, scores.device)     # (B, S, V)
+    return (scores + noise[owner]).argmax(-1)
 
 
 def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.Tensor, open_: torch.Tensor,

@@ -140,8 +140,13 @@ def sampling_logits(logits: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
 
 def gumbel_argmax(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """A draw from softmax(scores) (..., V) per row, by the Gumbel-max trick."""
-    u = torch.rand(scores.shape, generator=generator, device=scores.device)
-    return (scores - torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))).argmax(-1)
+    return (scores + gumbel_noise(scores.shape, generator, scores.device)).argmax(-1)
+
+
+def gumbel_noise(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Standard Gumbel noise: argmax(scores + noise) is a draw from softmax(scores)."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
