@@ -173,6 +173,7 @@ function treeRule(f, last, gamma) {
   const [, , , toks, , , fresh, planned, , , , , tree] = f;
   const paths = tree || [];
   const kept = last ? "last step of the block: every position left is committed"
+    : !tree ? "the longest path of the draft tree that the AR model agrees with was kept"   // a trace from before trees were recorded
     : !paths.length ? "no tree to check yet: the AR model's next token was kept"
     : `of the <b>${paths.length}</b> path${paths.length === 1 ? "" : "s"} of the draft tree (a block row per node), ` +
       "the longest the AR model agrees with was kept";
@@ -180,7 +181,7 @@ function treeRule(f, last, gamma) {
     ? ` · the next tree: the ${data.draft_nodes} likeliest paths of drafts (its likeliest path, <b>${planned}</b> deep, ` +
       "is shown dashed)"
     : " · no new drafts (none likely enough, or the block is full)";
-  return `Verify, draft tree: ${kept} → committed <b>${fresh.length}</b>${last || !paths.length ? "" : " (that path and the AR model's next token)"}${next}.` +
+  return `Verify, draft tree: ${kept} → committed <b>${fresh.length}</b>${last || (tree && !paths.length) ? "" : " (that path and the AR model's next token)"}${next}.` +
     treeView(paths, toks, fresh.length ? Math.min(...fresh) : 0);
 }
 
