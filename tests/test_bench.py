@@ -236,3 +236,15 @@ def test_lookahead_script_scores_every_position_of_the_first_block(ar_dir_tok):
     assert res["positions"] == 2 * lookahead.BLOCK
     shares = [*res["agree"].values(), *res["confidence"].values(), res["next_token_block_cut"], res["next_token_t_small"]]
     assert len(shares) == 8 and all(0.0 <= v <= 1.0 for v in shares)
+
+
+def test_a_draft_tree_run_reports_its_rows_per_pass():
+    """bench's diffusion figures say what a tree pass cost in block rows (absent without a tree)."""
+    from tests.test_llama_family import clean_as_ar_model
+    from twotower.bench import run_ours, summarise
+    from twotower.sampling import SamplerConfig
+    model, prompts = clean_as_ar_model(), [[5, 17, 42, 9], [7, 8, 9]]
+    c = dict(max_new_tokens=16, block_size=8, steps=8, stop_at_eos=False, remasking="verify", threshold=0.0)
+    tree = summarise([run_ours(model, prompts, SamplerConfig(draft_nodes=3, **c), "diffusion")], "diffusion")
+    plain = summarise([run_ours(model, prompts, SamplerConfig(**c), "diffusion")], "diffusion")
+    assert 1 < tree["rows_per_pass"] <= 4 and "rows_per_pass" not in plain

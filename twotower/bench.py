@@ -324,19 +324,21 @@ def batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
 # ---- the three decoders -------------------------------------------------------------------------
 def run_ours(model, prompts, cfg: SamplerConfig, mode: str) -> dict:
     """One batch through our sampler, events consumed plainly. Returns its figures."""
-    from .events import Done, Prefill
+    from .events import Done, Prefill, Step
     from .sampler import ar_generate, diffusion_generate
 
     source = diffusion_generate(model, prompts, cfg) if mode == "diffusion" else ar_generate(model, prompts, cfg)
-    out = {}
+    out, tree_rows = {}, 0.0
     with timed(model.device, out):
         for event in source:
             if isinstance(event, Prefill):
                 out["prefill_seconds"] = event.seconds
+            elif isinstance(event, Step) and event.rows:              # draft trees: block rows per prompt
+                tree_rows += sum(event.rows) / len(event.rows)
             elif isinstance(event, Done):
                 done = event
     out.update(tokens=done.tokens, rows=len(prompts), nfe=done.nfe, first_token_seconds=done.first_token_seconds,
-               context_passes=getattr(done, "context_passes", None), token_ids=done.token_ids)
+               context_passes=getattr(done, "context_passes", None), token_ids=done.token_ids, tree_rows=tree_rows)
     return out
 
 
@@ -438,6 +440,8 @@ def summarise(runs: list[dict], mode: str) -> dict:
         s["ms_per_nfe"] = round((seconds - prefill) / nfe * 1e3, 3)        # incl. extends + sampler
         s["prefill_seconds"] = round(prefill, 4)
         s["context_passes"] = sum(r.get("context_passes") or 0 for r in runs) or None
+        if any(r.get("tree_rows") for r in runs):                           # draft trees: a pass's cost in rows
+            s["rows_per_pass"] = round(sum(r["tree_rows"] for r in runs) / nfe, 2)
     else:
         s["ms_per_token"] = round(seconds / per_row * 1e3, 3)               # incl. prefill
     if mode == "ar":                                                        # the prefill yields token 1
@@ -788,7 +792,8 @@ def table_lines(r: dict) -> list[str]:
         if key in r:
             x = r[key]
             lines.append(f"{label:22}{x['tokens_per_second']:>10.1f}{x['nfe']:>8}{x['tokens_per_nfe']:>9.2f}"
-                         f"{x[per]:>9.1f}{x['first_token_seconds']:>10.3f}{x['peak_memory_gb']:>9.2f}")
+                         f"{x[per]:>9.1f}{x['first_token_seconds']:>10.3f}{x['peak_memory_gb']:>9.2f}"
+                         + (f"   draft trees: {x['rows_per_pass']} block rows a pass" if "rows_per_pass" in x else ""))
     ratio = f"diffusion / AR = {r['ratio']:.2f}x"
     if "ratio_vs_hf_generate" in r:
         ratio += (f"   diffusion / generate() = {r['ratio_vs_hf_generate']:.2f}x   generate() = AR tokens: "

@@ -378,7 +378,9 @@ def summary_table(res: dict) -> str:
     drafts = diff["speed"]["open"]
     if "draft_acceptance" in drafts:
         lines.append(f"- verify order, open prompts: {drafts['drafts_checked']} drafts checked, "
-                     f"{fmt(drafts['draft_acceptance'])} of them kept (the AR model's own token)")
+                     f"{fmt(drafts['draft_acceptance'])} of them kept (the AR model's own token)"
+                     + (f"; draft trees: {fmt(drafts['rows_per_pass'])} block rows per pass, each tree counted "
+                        "as deep as its longest path" if "rows_per_pass" in drafts else ""))
     if "speedup_tokens_per_second" in cmp:
         lines.append(f"- wall-clock speedup (batch 1): {fmt(cmp['speedup_tokens_per_second'], 2)}x")
     return table + "\n\n" + "\n".join(lines)
