@@ -192,6 +192,8 @@ def test_race_explains_its_ratio_as_tokens_per_pass_over_pass_cost():
     assert "more than 2.5 tokens each" in text          # 2.5x the cost needs 2.5 tokens a pass
     ahead = race.why(ar, {**diffusion, "tokens_per_second": 20.0, "tokens_per_nfe": 4.0, "nfe": 10, "seconds": 2.0})
     assert "**2.00×**" in ahead and "would get ahead" not in ahead
+    assert "draft tree" not in text
+    assert "ran 5.7 block rows" in race.why(ar, {**diffusion, "rows_per_pass": 5.7})
 
 
 # ---- failures --------------------------------------------------------------------------------------

@@ -112,4 +112,13 @@ def why(a: dict, d: dict) -> str:
             f"({more:.2f} / {cost:.2f} = {ratio:.2f}).{verdict} A pass reads the weights once, as an AR step "
             "does, but also computes every position of the block and its scores over the whole "
             "vocabulary; where that work is not free (a small CPU, large batches) a pass costs more "
-            "than an AR step.")
+            "than an AR step." + tree_note(d))
+
+
+def tree_note(d: dict) -> str:
+    """A draft-tree run's passes ran several block rows each: what that buys and costs."""
+    if "rows_per_pass" not in d:
+        return ""
+    return (f" With the draft tree a pass ran {d['rows_per_pass']:.1f} block rows (one per path it checked): "
+            "more tokens per pass, for rows × the work of a plain pass, which a GPU at batch 1 does "
+            "nearly free and a CPU does not.")
