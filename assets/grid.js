@@ -164,7 +164,7 @@ function verifyRule(f, steps, threshold) {
     : rejected.length ? "no new drafts: this pass read a wrong one, so its guesses past it are not trusted"
     : `<b>${planned}</b> masked position${planned === 1 ? "" : "s"} in a row with p &gt; ${gamma} became the next drafts`;
   const what = last ? "" : held > 0 ? " (the held drafts and the AR model's next token)" : " (the AR model's next token)";
-  if (data.draft_nodes > 0) return treeRule(f, last, gamma);
+  if (data.draft_nodes > 0 || data.draft_width > 0) return treeRule(f, last, gamma);
   return `Verify: ${check} → committed <b>${fresh.length}</b>${what} · ${next}.`;
 }
 
@@ -178,8 +178,8 @@ function treeRule(f, last, gamma) {
     : `of the <b>${paths.length}</b> path${paths.length === 1 ? "" : "s"} of the draft tree (a block row per node), ` +
       "the longest the AR model agrees with was kept";
   const next = last ? "" : planned
-    ? ` · the next tree: the ${data.draft_nodes} likeliest paths of drafts (its likeliest path, <b>${planned}</b> deep, ` +
-      "is shown dashed)"
+    ? ` · the next tree: ${data.draft_nodes ? `the ${data.draft_nodes} likeliest paths of drafts` : "drafted"} ` +
+      `(its likeliest path, <b>${planned}</b> deep, is shown dashed)`
     : " · no new drafts (none likely enough, or the block is full)";
   return `Verify, draft tree: ${kept} → committed <b>${fresh.length}</b>${last || (tree && !paths.length) ? "" : " (that path and the AR model's next token)"}${next}.` +
     treeView(paths, toks, fresh.length ? Math.min(...fresh) : 0);
@@ -193,9 +193,9 @@ function treeView(paths, toks, start) {
   const agreed = paths.map((p) => { const i = p.findIndex((t, k) => toks[start + k] !== t); return i < 0 ? p.length : i; });
   const best = Math.max(...agreed);
   const order = paths.map((p, i) => i).sort((a, b) => agreed[b] - agreed[a]);
-  const line = (i) => {
+  const line = (i) => {       // "kept" once: paths that share the kept node agree as deep
     const tok = (t, k) => `<span class="ttg-tree-tok ${k < agreed[i] ? "ok" : k === agreed[i] ? "no" : "rest"}">${esc(piece(t))}</span>`;
-    const mark = agreed[i] === best && best > 0 ? `<span class="ttg-tree-kept">kept</span>` : "";
+    const mark = i === order[0] && best > 0 ? `<span class="ttg-tree-kept">kept</span>` : "";
     return `<div class="ttg-tree-path">${paths[i].map(tok).join("")}${mark}</div>`;
   };
   const more = paths.length > TREE_LINES ? `<div class="ttg-tree-more">… ${paths.length - TREE_LINES} more paths</div>` : "";

@@ -10,7 +10,7 @@ revealed and the rest masked, as `leftmost` commits leave a block, and predicts:
   quality goes), and d = 1, 2 tokens further on (what lets a pass commit more than one token;
   their confidence is what the threshold is compared with);
 - in_top_k: how often the AR model's token is among the denoiser's k likeliest (k = 1..3) at
-  d = 0, 1, 2 (what a draft tree of width k can check in one pass, `twotower.draft_tree`);
+  d = 0, 1, 2 (what a draft tree that branches k ways there can check in one pass, `twotower.draft_tree`);
 - the next token again with the block cut right after it (no masked rest) and with the masked
   fraction t forced to 1/16: do the masked positions or t cause the next-token misses?
 

@@ -239,10 +239,30 @@ def test_a_sampled_tree_commits_draws_from_the_ar_model():
     assert max(len(c) for c in counts) == 3                         # [0, 2] and the token after it
 
 
-def test_a_sampled_tree_run_is_reproducible_and_saves_passes(model, prompts):
+def test_a_sampled_tree_run_repeats_with_its_seed(model, prompts):
     c = dict(max_new_tokens=32, block_size=8, steps=8, stop_at_eos=False, remasking="verify", threshold=0.0,
              temperature=0.8, seed=3)
     steps, first = run(diffusion_generate(model, prompts, SamplerConfig(draft_nodes=4, **c)))
     _, again = run(diffusion_generate(model, prompts, SamplerConfig(draft_nodes=4, **c)))
     assert first.token_ids == again.token_ids and all(len(row) == 32 for row in first.token_ids)
     assert max(max(s.rows) for s in steps) > 1
+
+
+def test_a_prompt_that_ended_checks_no_more_trees(model, prompts, monkeypatch):
+    """A prompt that wrote end-of-text mid-block drafts no tree after it, runs one row, and its
+    tally stops: its last pass's tree is not checked or counted."""
+    c = dict(max_new_tokens=24, block_size=8, steps=8, remasking="verify", threshold=0.0, draft_nodes=3)
+    _, ar = run(ar_generate(model, prompts, SamplerConfig(max_new_tokens=24, stop_at_eos=False)))
+    eos = ar.token_ids[0][3]                                   # prompt 0's fourth token ends its text
+    monkeypatch.setattr(type(model), "eos_token_ids", property(lambda self: {eos}))
+    steps, done = run(diffusion_generate(model, prompts, SamplerConfig(**c)))
+    assert done.token_ids[0] == ar.token_ids[0][:ar.token_ids[0].index(eos)]
+    ended = [s for s in steps if s.block == 0 and not s.active[0]]
+    assert ended and all(s.tree[0] == [] and s.committed[0] == [] and s.rows[0] == 1 for s in ended)
+    tally = DraftTally(len(prompts))
+    for s in steps:
+        tally.update(s)
+    before = DraftTally(len(prompts))
+    for s in steps[:steps.index(ended[0])]:
+        before.update(s)
+    assert (tally.held[0], tally.dropped[0]) == (before.held[0], before.dropped[0])

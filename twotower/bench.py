@@ -334,7 +334,8 @@ def run_ours(model, prompts, cfg: SamplerConfig, mode: str) -> dict:
             if isinstance(event, Prefill):
                 out["prefill_seconds"] = event.seconds
             elif isinstance(event, Step) and event.rows:              # draft trees: block rows per prompt
-                tree_rows += sum(event.rows) / len(event.rows)
+                going = [r for r, on in zip(event.rows, event.active or [True] * len(event.rows)) if on]
+                tree_rows += sum(going) / len(going) if going else 0.0
             elif isinstance(event, Done):
                 done = event
     out.update(tokens=done.tokens, rows=len(prompts), nfe=done.nfe, first_token_seconds=done.first_token_seconds,

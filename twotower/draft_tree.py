@@ -95,6 +95,7 @@ def build_rows(x: torch.Tensor, trees: list[list[list[int]]], mask_id: int, per_
     ids, owner, paths = [], [], []
     for b, (row, tree) in enumerate(zip(x.tolist(), trees)):
         start, nodes = first_open(row, mask_id), tree_nodes(tree)
+        assert per_prompt is None or len(nodes) <= per_prompt, "a tree has more nodes than its rows"
         for node in nodes + [[]] * ((per_prompt or 0) - len(nodes)):
             ids.append(row[:start] + node + row[start + len(node):])
             owner.append(b)
@@ -149,17 +150,20 @@ def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.
     draw from the AR model, whatever the tree. Returns the Decision (what each prompt's kept row
     predicted), the next trees and the kept row of each prompt. The tree is decided on the host,
     from a few small copies per pass (ids and top candidates, no logits)."""
-    probs = logits.float().softmax(-1)
-    conf, pred = probs.max(-1)                                            # (N, S)
+    logits = logits.float()
     if cfg.temperature > 0:
         pred = shared_draw(sampling_logits(logits, cfg), rows.owner, x.shape[0], generator)
-        conf = probs.gather(-1, pred[..., None])[..., 0]
-    top = probs.topk(min(cfg.draft_nodes, BRANCHES), dim=-1)
+    else:
+        pred = logits.argmax(-1)                                          # (N, S)
     x_rows, open_rows = x.tolist(), open_.tolist()
     starts = [first_open(row, mask_id) for row in x_rows]
     kept = keep_rows(pred.tolist(), rows, starts)
-    pred, probs, conf = pred[kept], probs[kept], conf[kept]               # (B, S[, V])
-    top_ids, top_probs = top.indices[kept].tolist(), top.values[kept].tolist()
+    logits, pred = logits[kept], pred[kept]                               # the kept rows: (B, S, V), (B, S)
+    probs = logits.softmax(-1)
+    conf = probs.gather(-1, pred[..., None])[..., 0]
+    drafting = probs if cfg.temperature == 0 else sampling_logits(logits, cfg).softmax(-1)
+    top = drafting.topk(min(cfg.draft_nodes, BRANCHES), dim=-1)           # the next tree's candidates
+    top_ids, top_probs = top.indices.tolist(), top.values.tolist()
     commit = [[False] * len(row) for row in x_rows]
     trees: list[list[list[int]]] = []
     for b, row in enumerate(x_rows):
@@ -216,6 +220,8 @@ class DraftTrees:
         keeps the kept rows). Returns (Decision, t (B,) of the kept rows, rows per prompt, the tree
         each prompt's rows checked as its leaf paths)."""
         mask_id = model.mask_token_id
+        going = open_.any(-1).tolist()                                  # a prompt that settled checks no tree
+        self.trees = [tree if on else [] for tree, on in zip(self.trees, going)]
         checked = [leaves(tree) for tree in self.trees]
         rows, start = build_rows(x, self.trees, mask_id, self.rows), self.start(x, mask_id)
         view = row_inputs(inputs, rows.owner)

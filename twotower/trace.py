@@ -42,9 +42,10 @@ class DraftTally:
                 tokens = event.tokens[b]
                 if event.tree is not None:
                     tree, committed = event.tree[b], event.committed[b]
-                    held = held_depth(tree, tokens, min(committed)) if tree and committed else 0
-                    self.held[b] += held
-                    self.dropped[b] += max((len(path) for path in tree), default=0) - held
+                    if tree and committed:               # a pass that checked a tree for this row
+                        held = held_depth(tree, tokens, min(committed))
+                        self.held[b] += held
+                        self.dropped[b] += max(len(path) for path in tree) - held
                 else:
                     self.held[b] += sum(self.pending[b].get(j) == tokens[j] for j in event.committed[b])
                     self.dropped[b] += len(event.rejected[b])

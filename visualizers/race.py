@@ -119,6 +119,7 @@ def tree_note(d: dict) -> str:
     """A draft-tree run's passes ran several block rows each: what that buys and costs."""
     if "rows_per_pass" not in d:
         return ""
-    return (f" With the draft tree a pass ran {d['rows_per_pass']:.1f} block rows (one per path it checked): "
+    return (f" With the draft tree a pass ran {d['rows_per_pass']:.1f} block rows (one per node of the "
+            "tree, the empty path included): "
             "more tokens per pass, for rows × the work of a plain pass, which a GPU at batch 1 does "
             "nearly free and a CPU does not.")

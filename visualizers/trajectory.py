@@ -149,7 +149,8 @@ def payload(trace, live: bool = False, row: int = 0) -> dict:
         "n_out": output_length(trace, row),
         "threshold": settings.get("threshold"),
         "remasking": settings.get("remasking"),
-        "draft_nodes": settings.get("draft_nodes", settings.get("draft_width", 0)),   # (older traces: a width)
+        "draft_nodes": settings.get("draft_nodes", 0),
+        "draft_width": settings.get("draft_width", 0),      # traces from session 15's width-K trees
         "progress": progress(trace),
         "stats": trace.stats(),
         "findings": [] if live else findings(trace, row),
