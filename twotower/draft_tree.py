@@ -165,6 +165,7 @@ def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.
     top = drafting.topk(min(cfg.draft_nodes, BRANCHES), dim=-1)           # the next tree's candidates
     top_ids, top_probs = top.indices.tolist(), top.values.tolist()
     commit = [[False] * len(row) for row in x_rows]
+    drafts = [[mask_id] * len(row) for row in x_rows]                    # what the views show: the likeliest path
     trees: list[list[list[int]]] = []
     for b, row in enumerate(x_rows):
         end = starts[b] + len(rows.paths[kept[b]])                       # the AR model's token goes here
@@ -174,16 +175,13 @@ def decide_tree(logits: torch.Tensor, rows: Rows, x: torch.Tensor, shown: torch.
         more = steps_left > 1 and any(open_rows[b]) and end + 1 < len(row)
         # a path stays within the open run after the AR token (a forked block may hold later commits)
         stop = next((q for q in range(end + 1, len(row)) if not open_rows[b][q]), len(row))
-        trees.append(likeliest_paths(top_ids[b][:stop], top_probs[b][:stop], end + 1, cfg.draft_nodes,
-                                     min(cfg.threshold, FLOOR)) if more else [])
-    commit = torch.tensor(commit, device=x.device)
+        tree = likeliest_paths(top_ids[b][:stop], top_probs[b][:stop], end + 1, cfg.draft_nodes,
+                               min(cfg.threshold, FLOOR)) if more else []
+        chain = likeliest_chain(tree, top_ids[b], end + 1)
+        drafts[b][end + 1:end + 1 + len(chain)] = chain
+        trees.append(tree)
+    commit, drafts = torch.tensor(commit, device=x.device), torch.tensor(drafts, device=x.device)
     new_x = torch.where(commit, pred, x)
-    drafts = torch.full_like(x, mask_id)                                  # what the views show: the likeliest path
-    for b, tree in enumerate(trees):
-        start = starts[b] + len(rows.paths[kept[b]]) + 1
-        chain = likeliest_chain(tree, top_ids[b], start)
-        if chain:
-            drafts[b, start:start + len(chain)] = torch.tensor(chain, dtype=drafts.dtype)
     rejected = (shown != mask_id) & ~(commit & (pred == shown)) & open_
     planned = (drafts != mask_id).sum(-1)
     return Decision(new_x, drafts, None, pred, probs, conf, planned, commit, rejected), trees, kept
