@@ -324,22 +324,22 @@ def batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
 # ---- the three decoders -------------------------------------------------------------------------
 def run_ours(model, prompts, cfg: SamplerConfig, mode: str) -> dict:
     """One batch through our sampler, events consumed plainly. Returns its figures."""
-    from .events import Done, Prefill, Step
+    from .events import Done, Prefill
     from .sampler import ar_generate, diffusion_generate
+    from .trace import DraftTally
 
     source = diffusion_generate(model, prompts, cfg) if mode == "diffusion" else ar_generate(model, prompts, cfg)
-    out, tree_rows = {}, 0.0
+    out, tally = {}, DraftTally(len(prompts))                  # the tally counts a draft tree's rows, as traces do
     with timed(model.device, out):
         for event in source:
+            tally.update(event)
             if isinstance(event, Prefill):
                 out["prefill_seconds"] = event.seconds
-            elif isinstance(event, Step) and event.rows:              # draft trees: block rows per prompt
-                going = [r for r, on in zip(event.rows, event.active or [True] * len(event.rows)) if on]
-                tree_rows += sum(going) / len(going) if going else 0.0
             elif isinstance(event, Done):
                 done = event
     out.update(tokens=done.tokens, rows=len(prompts), nfe=done.nfe, first_token_seconds=done.first_token_seconds,
-               context_passes=getattr(done, "context_passes", None), token_ids=done.token_ids, tree_rows=tree_rows)
+               context_passes=getattr(done, "context_passes", None), token_ids=done.token_ids,
+               tree_rows=sum(tally.rows), tree_passes=sum(tally.tree_passes))
     return out
 
 
@@ -441,8 +441,8 @@ def summarise(runs: list[dict], mode: str) -> dict:
         s["ms_per_nfe"] = round((seconds - prefill) / nfe * 1e3, 3)        # incl. extends + sampler
         s["prefill_seconds"] = round(prefill, 4)
         s["context_passes"] = sum(r.get("context_passes") or 0 for r in runs) or None
-        if any(r.get("tree_rows") for r in runs):                           # draft trees: a pass's cost in rows
-            s["rows_per_pass"] = round(sum(r["tree_rows"] for r in runs) / nfe, 2)
+        if any(r.get("tree_passes") for r in runs):                         # draft trees: a pass's cost in rows
+            s["rows_per_pass"] = round(sum(r["tree_rows"] for r in runs) / sum(r["tree_passes"] for r in runs), 2)
     else:
         s["ms_per_token"] = round(seconds / per_row * 1e3, 3)               # incl. prefill
     if mode == "ar":                                                        # the prefill yields token 1
