@@ -60,6 +60,15 @@ def test_prefill_rejects_empty_prompt(model):
         model.prefill([])
 
 
+def test_extend_last_only_gives_the_next_token_logits(model, seq):
+    """last_only: the head runs on the block's last position only (what the sampler reads)."""
+    ctx, _ = model.prefill([seq[:6].tolist()])
+    _, full = model.extend(ctx, seq[6:14][None])
+    ctx, _ = model.prefill([seq[:6].tolist()])
+    _, last = model.extend(ctx, seq[6:14][None], last_only=True)
+    assert last.shape == (1, 1, full.shape[-1]) and torch.allclose(last[0, 0], full[0, -1], atol=ATOL)
+
+
 def test_extend_block_by_block_equals_full_forward(model, seq):
     full = ar_logits(model, seq[:30])
     ctx, last = model.prefill([seq[:6].tolist()])

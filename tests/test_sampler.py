@@ -215,7 +215,8 @@ def test_event_sequence_fields_and_nfe(model):
 def test_one_context_pass_per_block(model, monkeypatch):
     calls = []
     orig = model.extend
-    monkeypatch.setattr(model, "extend", lambda ctx, ids, valid=None: (calls.append(ids.tolist()), orig(ctx, ids, valid))[1])
+    monkeypatch.setattr(model, "extend", lambda ctx, ids, valid=None, last_only=False:
+                        (calls.append(ids.tolist()), orig(ctx, ids, valid, last_only))[1])
     done = done_of(events_of(diffusion_generate(model, [PROMPT], cfg(max_new_tokens=12))))
     # the prefill, then the finished blocks except the last (nothing reads it)
     assert calls[0] == [PROMPT] and calls[1:] == [[done.token_ids[0][0:4]], [done.token_ids[0][4:8]]]
@@ -308,9 +309,9 @@ def force_context(monkeypatch, model, token, at_position):
     """Make the context tower's logit at `at_position - 1` favour `token` (so AR emits it there)."""
     orig = model.family.context_forward
 
-    def context_forward(ids, ctx, valid_new):
-        logits = orig(ids, ctx, valid_new)
-        pos = ctx.lengths[:, None] + torch.arange(ids.shape[1])
+    def context_forward(ids, ctx, valid_new, keep=0):
+        logits = orig(ids, ctx, valid_new, keep)                        # (B, keep or n, V)
+        pos = (ctx.lengths[:, None] + torch.arange(ids.shape[1]))[:, -logits.shape[1]:]
         return boost(logits, pos == at_position - 1, token)
     monkeypatch.setattr(model.family, "context_forward", context_forward)
 

@@ -168,16 +168,17 @@ class TwoTower(nn.Module):
         cache = self.family.new_cache(capacity) if capacity else self.family.new_cache()
         empty = ContextState(cache, valid[:, :0], torch.zeros(len(prompts), dtype=torch.long, device=self.device),
                              capacity=capacity)
-        ctx, logits = self.extend(empty, ids, valid)
+        ctx, logits = self.extend(empty, ids, valid, last_only=True)
         return ctx, logits[:, -1]
 
     @torch.no_grad()
-    def extend(self, ctx: ContextState, ids: torch.Tensor, valid: torch.Tensor | None = None):
-        """Append clean ids (B, n) to the context cache in ONE pass. Returns (new state, logits (B, n, V))."""
+    def extend(self, ctx: ContextState, ids: torch.Tensor, valid: torch.Tensor | None = None, last_only: bool = False):
+        """Append clean ids (B, n) to the context cache in ONE pass. Returns (new state, logits
+        (B, n, V)); with last_only, (B, 1, V): the next token's only (the head skips the rest)."""
         if valid is None:
             valid = torch.ones_like(ids, dtype=torch.bool)
         with self.adapter.disable_adapter() if self.adapter is not None else contextlib.nullcontext():
-            logits = self.family.context_forward(ids, ctx, valid)
+            logits = self.family.context_forward(ids, ctx, valid, keep=1 if last_only else 0)
         new = ContextState(ctx.cache, torch.cat([ctx.valid, valid], 1), ctx.lengths + valid.sum(1), ids[:, -1].contiguous(),
                            ctx.capacity)
         return new, logits

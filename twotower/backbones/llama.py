@@ -34,8 +34,9 @@ class LlamaFamily(Family):
         return int(getattr(self.config, "max_position_embeddings", 2048))
 
     # ---- context tower -----------------------------------------------------------------
-    def context_forward(self, ids: torch.Tensor, ctx: ContextState, valid_new: torch.Tensor) -> torch.Tensor:
-        """Append ids (B, n) to the context cache in one pass; returns logits (B, n, V).
+    def context_forward(self, ids: torch.Tensor, ctx: ContextState, valid_new: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """Append ids (B, n) to the context cache in one pass; returns logits (B, n, V), or of the
+        last `keep` positions only (B, keep, V): the head skips the others.
 
         ctx holds the state BEFORE the append; valid_new (B, n) marks real (non-pad) tokens.
         With a static cache the mask spans its whole capacity; AR steps and block extends then
@@ -45,10 +46,10 @@ class LlamaFamily(Family):
         positions = (mask.long().cumsum(1) - 1).clamp_min(0)[:, -ids.shape[1]:].contiguous()
         if ctx.capacity is None:
             return self.context_lm(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
-                                   past_key_values=ctx.cache, use_cache=True).logits
+                                   past_key_values=ctx.cache, use_cache=True, logits_to_keep=keep).logits
         full = pad_mask(mask, ctx.capacity).long()                      # the cache writes at its own count
         return self.context_call(ctx)(input_ids=ids, attention_mask=full, position_ids=positions,
-                                      past_key_values=ctx.cache, use_cache=True).logits
+                                      past_key_values=ctx.cache, use_cache=True, logits_to_keep=keep).logits
 
     def context_kv(self, cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Layer index -> (keys, values), each (B, kv_heads, L, d), post-RoPE."""

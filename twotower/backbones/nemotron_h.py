@@ -61,8 +61,9 @@ class NemotronHFamily(Family):
         return self.denoiser_lm.get_input_embeddings().weight.device
 
     # ---- context tower -----------------------------------------------------------------
-    def context_forward(self, ids: torch.Tensor, ctx: ContextState, valid_new: torch.Tensor) -> torch.Tensor:
-        """Append ids (B, n) to the context cache in one pass; returns logits (B, n, V).
+    def context_forward(self, ids: torch.Tensor, ctx: ContextState, valid_new: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """Append ids (B, n) to the context cache in one pass; returns logits (B, n, V), or of the
+        last `keep` positions only (B, keep, V).
 
         ctx holds the state BEFORE the append; valid_new (B, n) marks real (non-pad) tokens.
         Nemotron-H has no position embedding: the 2D mask alone handles left padding
@@ -73,12 +74,12 @@ class NemotronHFamily(Family):
         mask = torch.cat([ctx.valid, valid_new], 1).to(device)
         if ctx.capacity is None:
             out = self.context_lm(input_ids=ids.to(device), attention_mask=mask.long(),
-                                  past_key_values=ctx.cache, use_cache=True)
+                                  past_key_values=ctx.cache, use_cache=True, logits_to_keep=keep)
             return out.logits.to(ids.device)
         prefill = ctx.valid.shape[1] == 0
         masks = static_masks(mask, ids.shape[1], ctx.capacity, valid_new.to(device) if prefill else None)
         out = self.context_call(ctx)(input_ids=ids.to(device), attention_mask=masks,
-                                     past_key_values=ctx.cache, use_cache=True)
+                                     past_key_values=ctx.cache, use_cache=True, logits_to_keep=keep)
         return out.logits.to(ids.device)
 
     def context_kv(self, cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
