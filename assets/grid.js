@@ -40,7 +40,11 @@ function stateAt(i) {
   let f = null;
   for (let k = 0; k <= i && k < data.frames.length; k++) {
     f = data.frames[k];
-    const [, step, off, toks, , conf, fresh] = f;
+    const [block, step, off, toks, , conf, fresh] = f;
+    const g = givenOf(block);
+    if (g && !(s.tok[off] >= 0)) {                         // written before the block's first step
+      s.tok[off] = g[0]; s.conf[off] = g[1]; s.cstep[off] = -1; s.cframe[off] = k; s.status[off] = "c";
+    }
     for (const j of fresh) {
       const p = off + j;
       s.tok[p] = toks[j]; s.conf[p] = conf[j]; s.cstep[p] = step; s.cframe[p] = k;
@@ -59,6 +63,12 @@ function stateAt(i) {
   return s;
 }
 
+// [token, p in %] of a block's first token when the context tower's pass wrote it (verify order), else null.
+const givenOf = (block) => (data.given && data.given[block]) || null;
+const isGiven = (p, s) => s.cstep[p] === -1 && s.tok[p] >= 0 && data.mode === "diffusion";
+const GIVEN_NOTE = "written before step 0 by the context tower: its pass over the text before this block " +
+  "predicted it as the AR model's next token, so no denoiser pass was spent on it";
+
 // ---- rendering ---------------------------------------------------------------------------
 function cell(s, p, block) {
   const st = s.status[p];
@@ -69,7 +79,8 @@ function cell(s, p, block) {
   const conf = masked ? s.gconf[p] : s.conf[p];
   const flagged = marks && !masked && flags[p];
   const inherited = !masked && data.fork && s.cframe[p] >= 0 && s.cframe[p] < data.fork.frame;
-  const cls = ["ttg-cell", "st-" + st, isSpecial(id) ? "special" : "", after ? "after" : "",
+  const given = !masked && isGiven(p, s);
+  const cls = ["ttg-cell", "st-" + st, given ? "given" : "", isSpecial(id) ? "special" : "", after ? "after" : "",
                picked === p ? "picked" : "", flagged ? "flag kind-" + flagged[0].kind : "",
                inherited ? "inh" : ""].join(" ");
   const where = data.mode === "diffusion" ? `block ${block}` : `token ${p}`;
@@ -79,7 +90,7 @@ function cell(s, p, block) {
     : masked
     ? `position ${p} · ${where} · masked; best guess '${piece(id)}' p=${conf / 100}` +
       (after ? " · after end-of-text: left masked, the output ends before it" : "")
-    : `position ${p} · ${where}${data.mode === "diffusion" ? ` · committed at step ${s.cstep[p]}` : ""} · p=${conf / 100}${after ? " · after end-of-text" : ""}`)
+    : `position ${p} · ${where}${given ? ` · ${GIVEN_NOTE}` : data.mode === "diffusion" ? ` · committed at step ${s.cstep[p]}` : ""} · p=${conf / 100}${after ? " · after end-of-text" : ""}`)
     + (inherited ? " · inherited from the original run" : "")
     + (flagged ? flagged.map((f) => `\n⚑ ${f.kind}: ${f.text}`).join("") : "");
   return `<span class="${cls}" data-pos="${p}" title="${esc(title)}"><span class="ttg-t">${esc(piece(id))}</span>` +
@@ -164,8 +175,11 @@ function verifyRule(f, steps, threshold) {
     : rejected.length ? "no new drafts: this pass read a wrong one, so its guesses past it are not trusted"
     : `<b>${planned}</b> masked position${planned === 1 ? "" : "s"} in a row with p &gt; ${gamma} became the next drafts`;
   const what = last ? "" : held > 0 ? " (the held drafts and the AR model's next token)" : " (the AR model's next token)";
-  if (data.draft_nodes > 0 || data.draft_width > 0) return treeRule(f, last, gamma);
-  return `Verify: ${check} → committed <b>${fresh.length}</b>${what} · ${next}.`;
+  const given = step === 0 && givenOf(block)
+    ? ` <span class="ttg-given-note">Before it, the context tower's pass over the text so far gave the block its first token, ` +
+      `<b>${esc(piece(givenOf(block)[0]))}</b> (the AR model's next token): no denoiser pass is spent on it.</span>` : "";
+  if (data.draft_nodes > 0 || data.draft_width > 0) return treeRule(f, last, gamma) + given;
+  return `Verify: ${check} → committed <b>${fresh.length}</b>${what} · ${next}.${given}`;
 }
 
 // The verify order with draft trees: every path of the tree was a block row of this pass.
@@ -208,6 +222,7 @@ const LEGEND = `<div class="ttg-legend">
   <span class="ttg-cell st-c"><span class="ttg-t">word</span><span class="ttg-bar" style="width:80%"></span></span> committed earlier
   <span class="ttg-cell st-n"><span class="ttg-t">word</span><span class="ttg-bar" style="width:60%"></span></span> committed this step
   <span class="ttg-cell st-m ttg-diffusion-only"><span class="ttg-t">guess</span><span class="ttg-bar" style="width:30%"></span></span><span class="ttg-diffusion-only">masked (faint: current best guess)</span>
+  <span class="ttg-cell st-c given ttg-verify-only"><span class="ttg-t">word</span><span class="ttg-bar" style="width:90%"></span></span><span class="ttg-verify-only">a block's first token, from the context tower's pass (no denoiser step)</span>
   <span class="ttg-cell st-d ttg-verify-only"><span class="ttg-t">draft</span><span class="ttg-bar" style="width:95%"></span></span><span class="ttg-verify-only">draft, checked by the next pass (verify order)</span>
   <span class="ttg-cell st-c special"><span class="ttg-t">&lt;eos&gt;</span></span> special / end-of-text
   <span class="ttg-cell st-c after"><span class="ttg-t">word</span></span> after end-of-text (not in the output)
@@ -227,6 +242,8 @@ function inspector() {
   if (picked === null) return `<div class="ttg-cands muted">Click a token to inspect it: its top candidates at every step, when it was committed, whether its best guess flipped, and what the AR model would have put there.</div>`;
   if (!data.top) return `<div class="ttg-cands muted">Candidates for position ${picked} arrive when the run ends.</div>`;
   let out = "", prev = null, flips = [], commit = null;
+  const gb = data.blocks.findIndex(([start]) => start === picked);
+  if (data.mode === "diffusion" && givenOf(gb)) commit = {block: gb, step: null, given: true, tok: givenOf(gb)[0], p: givenOf(gb)[1] / 100};
   data.frames.forEach((f, k) => {
     const [block, step, off, toks, guess, , fresh] = f;
     const j = picked - off;
@@ -258,6 +275,7 @@ const cand = (id, p, top) => `<span class="ttg-c${top ? " top1" : ""}"><span cla
 
 function summary(commit, flips) {
   if (!commit) return ": not committed yet";
+  if (commit.given) return `: <b>${esc(piece(commit.tok))}</b>, block ${commit.block}'s first token (p=${commit.p.toFixed(3)}), ${GIVEN_NOTE}`;
   const where = data.mode === "ar" ? `token ${commit.k + 1}` : `block ${commit.block}, step ${commit.step}`;
   const after = data.n_out !== null && picked >= data.n_out ? " · after end-of-text" : "";
   const flipped = data.mode === "ar" ? "" : flips.length

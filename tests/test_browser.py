@@ -255,6 +255,13 @@ def test_a_draft_tree_trace_shows_the_tree_each_pass_checked(page, tmp_path):
     held = max(next((k for k, t in enumerate(p) if steps[frame].tokens[0][min(steps[frame].committed[0]) + k] != t),
                     len(p)) for p in steps[frame].tree[0])
     assert page.locator("#grid .ttg-tree-kept").count() == (1 if held else 0)      # marked once, if any held
+    # each block's first token came from the context tower's pass: filled and marked, with its note
+    page.locator("#grid input[type=range]").evaluate(
+        f"(r) => {{ r.value = '{len(steps) - 1}'; r.dispatchEvent(new Event('input', {{bubbles: true}})); }}")
+    expect(page.locator("#grid .ttg-cells .ttg-cell.given")).to_have_count(2)
+    assert page.locator("#grid .ttg-cells").first.locator(".ttg-cell").count() == 8
+    page.locator("#grid .ttg-cells .ttg-cell.given").nth(1).click()
+    expect(page.locator("#grid .ttg-cands .ttg-h")).to_contain_text("first token (p=")
 
 
 def test_no_javascript_errors(page):

@@ -11,7 +11,8 @@ import torch
 import twotower.draft_tree as draft_tree
 from tests.test_llama_family import clean_as_ar_model
 from tests.tiny import MASK_ID, VOCAB, tiny_twotower
-from twotower.events import Done, Step
+from twotower.events import BlockStart, Done, Step
+from twotower.model import TwoTower
 from twotower.sampler import ar_generate, diffusion_generate
 from twotower.sampling import SamplerConfig, verify_step
 
@@ -84,9 +85,13 @@ def oracle_drafter(monkeypatch, model, prompts, truth: list[list[int]], wrong_ev
 def test_greedy_verify_writes_the_ar_text_with_any_drafts(model, prompts, guards, threshold):
     c = dict(max_new_tokens=40, block_size=8, steps=8, stop_at_eos=False, **guards)
     _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
-    steps, done = run(diffusion_generate(model, prompts, SamplerConfig(remasking="verify", threshold=threshold, **c)))
+    events = list(diffusion_generate(model, prompts, SamplerConfig(remasking="verify", threshold=threshold, **c)))
+    steps, done = [e for e in events if isinstance(e, Step)], events[-1]
     assert done.token_ids == ar.token_ids
-    assert done.nfe == 40                       # this random denoiser's drafts all fail: one token a pass
+    # this random denoiser's drafts all fail: one token a pass, and each block's first token comes
+    # from the context tower's pass over the text before it (no denoiser pass)
+    assert done.nfe == 40 - 5
+    assert [e.given for e in events if isinstance(e, BlockStart)] == [[row[j] for row in ar.token_ids] for j in range(0, 40, 8)]
     if threshold == 0.0:
         assert sum(len(r) for e in steps for r in e.rejected) > 0
 
@@ -207,8 +212,9 @@ def test_eval_counts_the_drafts_kept_and_dropped(model, prompts, monkeypatch):
     oracle_drafter(monkeypatch, model, prompts, ar.token_ids, wrong_every=5)
     gen = evaluate.generate(model, prompts, SamplerConfig(remasking="verify", threshold=0.9, **c), "diffusion", 3)
     assert gen.ids == ar.token_ids and gen.drafts_held > 0 and gen.drafts_dropped > 0
-    # a pass commits its kept drafts and, unless they reach the block's end, one AR token
-    assert gen.tokens <= gen.drafts_held + sum(gen.nfe) and gen.drafts_held < gen.tokens
+    # a pass commits its kept drafts and, unless they reach the block's end, one AR token; each
+    # block's first token comes from the context tower's pass (3 blocks of 8 per prompt)
+    assert gen.tokens <= gen.drafts_held + sum(gen.nfe) + 3 * len(prompts) and gen.drafts_held < gen.tokens
     speed = evaluate.speed_of(gen)
     assert speed["drafts_checked"] == gen.drafts_held + gen.drafts_dropped
     assert 0 < speed["draft_acceptance"] < 1
@@ -242,3 +248,24 @@ def test_a_verify_trace_counts_its_drafts(model, prompts, monkeypatch):
     plain, events = record(model, prompts, SamplerConfig(remasking="prefix", **c), "diffusion")
     list(events)
     assert "drafts_checked" not in plain.stats() and "drafts kept" not in status_line(plain)
+
+
+def test_a_block_starts_with_the_token_the_context_pass_predicted(model, prompts, monkeypatch):
+    """Each block's first token is the AR model's next token, which the context tower's pass over
+    the text before the block (prefill, then each extend) predicted: no denoiser pass is spent on
+    it. A block whose first token ends the text runs no pass at all."""
+    c = dict(max_new_tokens=24, block_size=8, steps=8, repetition_penalty=1.3, no_repeat_ngram_size=3)
+    prompt = prompts[2:]
+    _, ar = run(ar_generate(model, prompt, SamplerConfig(stop_at_eos=False, **c)))
+    ending = ar.token_ids[0][8]                          # block 1's first token, not written before it
+    assert ending not in ar.token_ids[0][:8]
+    monkeypatch.setattr(TwoTower, "eos_token_ids", property(lambda self: {ending}))
+    _, ar = run(ar_generate(model, prompt, SamplerConfig(**c)))
+    events = list(diffusion_generate(model, prompt, SamplerConfig(remasking="verify", threshold=0.9, **c)))
+    done, starts = events[-1], [e for e in events if isinstance(e, BlockStart)]
+    assert done.token_ids == ar.token_ids and len(done.token_ids[0]) == 8 and done.stopped == "eos"
+    assert [s.given for s in starts] == [[ar.token_ids[0][0]], [ending]]
+    assert not [e for e in events if isinstance(e, Step) and e.block == 1]      # ended before any pass
+    assert all(0 < p <= 1 for s in starts for p in s.given_confidence)
+    first = next(e for e in events if isinstance(e, Step))
+    assert first.tokens[0][0] == ar.token_ids[0][0] and 0 not in first.committed[0]

@@ -391,3 +391,32 @@ def test_verify_frames_carry_drafts_and_the_plot_counts_dropped_ones():
     assert [t.name for t in fig.data] == ["new drafts over γ (checked by the next pass)",
                                           "committed (held drafts + the AR token)", "drafts dropped"]
     assert list(fig.data[2].y) == [0, 1]
+
+
+def test_a_block_first_token_from_the_context_pass_is_drawn_and_counted():
+    """The verify order: each block starts with the token the context tower's pass gave it
+    (BlockStart.given). The commit table holds it once, before the block's first step; the grid
+    payload carries it; the unmasking map puts it on a 'ctx' row above step 0."""
+    from visualizers.commits import GIVEN, commit_table
+    events = [Prefill(prompt_tokens=[2], seconds=0.01),
+              BlockStart(block=0, start=0, size=3, steps=3, given=[10], given_confidence=[0.9]),
+              step(0, 0, [10, 11, MASK], [1], [0.9, 0.8, 0.3], 0.1, 1),
+              step(0, 1, [10, 11, 12], [2], [0.9, 0.8, 0.7], 0.2, 2),
+              BlockCommitted(block=0, tokens=[[10, 11, 12]], steps_used=2, elapsed=0.25),
+              BlockStart(block=1, start=3, size=2, steps=2, given=[14], given_confidence=[0.6]),
+              step(1, 0, [14, 11], [1], [0.6, 0.5], 0.3, 3),
+              BlockCommitted(block=1, tokens=[[14, 11]], steps_used=1, elapsed=0.35),
+              Done(texts=["The cat sat on cat"], token_ids=[[10, 11, 12, 14, 11]], nfe=3, seconds=0.4,
+                   first_token_seconds=0.02)]
+    trace = Trace(mode="diffusion", settings={"remasking": "verify"}, model={"mask_token_id": MASK},
+                  prompts=["x"], prompt_ids=[[20, 21]], tokens=PIECES, events=events)
+    commits = commit_table(trace)
+    assert sorted(c.pos for c in commits) == [0, 1, 2, 3, 4]                 # every position once
+    assert [(c.pos, c.step, c.frame, c.token) for c in commits if c.step == GIVEN] == [(0, GIVEN, 0, 10), (3, GIVEN, 2, 14)]
+    data = trajectory.payload(trace)
+    assert data["given"] == [[10, 90], [14, 60]] and "14" in data["pieces"]
+    live = trajectory.payload(trace, live=True)                              # block 0 finished: in the base
+    assert live["base"]["tok"][:3] == [10, 11, 12] and live["base"]["cstep"][0] == GIVEN
+    fig = plots.unmasking_map(trace)
+    assert list(fig.data[0].y).count(GIVEN) == 2 and fig.layout.yaxis.ticktext[0] == "ctx"
+    assert trace.stats()["tokens_per_nfe"] == 5 / 3

@@ -27,11 +27,15 @@ class Prefill(Event):
 
 @dataclass
 class BlockStart(Event):
-    """A new all-masked block of `size` tokens begins at generated offset `start`."""
+    """A new block of `size` tokens begins at generated offset `start`, all masked but `given`."""
     block: int
     start: int                      # index of the block's first token among generated tokens
     size: int
     steps: int                      # step budget T of this block
+    given: list[int] | None = None  # verify order: per row, the block's first token, -1 where none: the
+                                    # AR model's next token, which the context tower's pass over the text
+                                    # so far (prefill or the last block's extend) predicted; no denoiser pass
+    given_confidence: list[float] | None = None   # per row: its probability under the AR model
 
 
 @dataclass

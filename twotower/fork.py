@@ -83,7 +83,10 @@ def splice(parent: Trace, child: Trace) -> Trace:
     at = parent.events[cut]
     child_start = next(e for e in child.events if isinstance(e, BlockStart) and e.block == block)
     old_start = next(e for e in parent.events if isinstance(e, BlockStart) and e.block == block)
-    head = [child_start if e is old_start else e for e in parent.events[:cut + 1]]
+    # the forked block starts as the child ran it (its step budget), with the token the parent's
+    # context pass gave it (the verify order), which the child resumed rather than chose
+    merged = replace(child_start, given=old_start.given, given_confidence=old_start.given_confidence)
+    head = [merged if e is old_start else e for e in parent.events[:cut + 1]]
     prefill = next((e.seconds for e in child.events if isinstance(e, Prefill)), 0.0)
     shift = at.elapsed - prefill
     tail = []

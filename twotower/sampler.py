@@ -66,6 +66,19 @@ def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
+def _next_tokens(logits: torch.Tensor, guard: RepeatGuard, ended: list[bool], cfg: SamplerConfig,
+                 generator: torch.Generator, mask_id: int) -> tuple[list[int], list[float]]:
+    """The verify order's first token of a block: the AR model's next token after the text so far,
+    chosen as the AR baseline chooses it (the run's guards, greedy or a draw) from the logits (B, V)
+    of the context tower's pass that read that text (prefill or the last block's extend), so no
+    denoiser pass is spent on it. Returns (ids, -1 for rows that ended; their probabilities)."""
+    scores = guard.token(logits.float().clone())
+    scores[:, mask_id] = float("-inf")                             # as in a denoiser pass: [MASK] is no token
+    pred, _, conf = choose_tokens(scores, cfg, generator)
+    h_pred, h_conf = _to_host(pred, conf)                          # once per block
+    return [-1 if done else tok for tok, done in zip(h_pred.long().tolist(), ended)], h_conf.tolist()
+
+
 def _positions(flags: torch.Tensor) -> list[list[int]]:
     """Per row, the indices where flags (B, S) is set."""
     return [row.nonzero().flatten().tolist() for row in flags.bool()]
@@ -109,7 +122,10 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
 
     Per block: start all-masked; each step predicts every position, commits the positions
     the commit rule picks and leaves the rest masked; then the finished block enters the
-    context tower's cache in one pass. With stop_at_eos a row is done with its block once it
+    context tower's cache in one pass. Under the verify order, where the AR model writes every
+    token, a block starts with its first token written (`BlockStart.given`): the context
+    tower's pass over the text so far (the prefill, or the last block's extend) has predicted
+    it already, so no denoiser pass is spent on it. With stop_at_eos a row is done with its block once it
     has committed end-of-text after a fully committed prefix (`settled_rows`): its positions
     after that stay masked, and the block ends when every row is done.
 
@@ -127,7 +143,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
     eos_ids = torch.tensor(sorted(eos), device=model.device) if cfg.stop_at_eos and eos else None
     start = time.perf_counter()
     prefix = resume.prefix if resume else [[] for _ in prompts]
-    ctx, _ = model.prefill([p + q for p, q in zip(prompts, prefix)], room=cfg.max_new_tokens)
+    ctx, last = model.prefill([p + q for p, q in zip(prompts, prefix)], room=cfg.max_new_tokens)   # last: (B, V)
     batch = len(prompts)
     yield Prefill(prompt_tokens=[len(p) for p in prompts], seconds=time.perf_counter() - start)
 
@@ -140,16 +156,22 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
     if resume and (produced > 0 or all(row[0] != mask_id for row in resume.tokens)):
         first_token = time.perf_counter() - start                  # the text's first token is already there
     while produced < cfg.max_new_tokens and not all(ended):
+        guard = _guard(model, out, cfg)                            # over the text so far: once per block
+        given = given_conf = None
         if resume and block == resume.block:                       # the forked block, from its recorded state
             rows = [list(row) for row in resume.tokens]
             first, budget = resume.step + 1, max(cfg.steps, resume.step + 2)
         else:
             rows = [[mask_id] * min(cfg.block_size, cfg.max_new_tokens - produced) for _ in range(batch)]
             first, budget = 0, cfg.steps
+            if verify:                                             # the AR model's next token, already predicted
+                given, given_conf = _next_tokens(last, guard, ended, cfg, gen, mask_id)
+                rows = [[tok] + row[1:] if tok >= 0 else row for tok, row in zip(given, rows)]
         x, size = torch.tensor(rows, dtype=torch.long, device=model.device), len(rows[0])   # (B, S)
-        yield BlockStart(block=block, start=produced, size=size, steps=budget)
+        yield BlockStart(block=block, start=produced, size=size, steps=budget, given=given, given_confidence=given_conf)
+        if first_token is None and all(row[0] != mask_id for row in rows):
+            first_token = time.perf_counter() - start              # the text's first token is readable
         inputs = model.block_inputs(ctx, size)                     # context view: once per block
-        guard = _guard(model, out, cfg)                            # over the text so far: once per block
         settled = torch.tensor(ended, device=model.device) | settled_rows(x, mask_id, eos_ids)   # (B,)
         used, unsettled = first, not bool(settled.all())
         drafts, draft_probs = torch.full_like(x, mask_id), None    # the verify order's proposals
@@ -204,7 +226,8 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
                 out[b].extend(tokens[b])
         produced += size
         if not all(ended) and produced < cfg.max_new_tokens:
-            ctx, _ = model.extend(ctx, x)                          # one context pass per block
+            ctx, logits = model.extend(ctx, x, last_only=True)     # one context pass per block
+            last = logits[:, -1]                                   # (B, V) the AR model's next token after it
             passes += 1
         yield BlockCommitted(block=block, tokens=tokens, steps_used=used,
                              elapsed=time.perf_counter() - start)

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twotower.events import BlockStart, Step
+
 AR_ROW = 16                  # AR runs: tokens per grid row (layout only, no blocks)
+GIVEN = -1                   # the step of a block's first token written before its first denoiser step
+                             # (verify order: the context tower's pass predicted it, `BlockStart.given`)
 
 
 @dataclass
@@ -11,8 +15,8 @@ class Commit:
     """When and how one generated position was committed."""
     pos: int                 # index among generated tokens
     block: int
-    step: int                # denoiser step within the block (AR: 0)
-    frame: int               # index of the frame (step event) that committed it
+    step: int                # denoiser step within the block (AR: 0; GIVEN: before the block's first step)
+    frame: int               # index of the frame (step event) that committed it (GIVEN: the block's first)
     token: int
     confidence: float
 
@@ -26,9 +30,13 @@ def commit_table(trace, row: int = 0) -> list[Commit]:
     if trace.mode == "ar":
         return [Commit(e.index, e.index // AR_ROW, 0, i, e.tokens[row], e.confidence[row])
                 for i, e in enumerate(trace.ar_tokens())]
-    starts, out = block_starts(trace), []
-    for i, e in enumerate(trace.steps()):
-        start = starts.get(e.block, 0)
-        for j in e.committed[row]:
-            out.append(Commit(start + j, e.block, e.step, i, e.tokens[row][j], e.confidence[row][j]))
+    starts, out, frame = block_starts(trace), [], 0
+    for e in trace.events:
+        if isinstance(e, BlockStart) and e.given and e.given[row] >= 0:
+            out.append(Commit(e.start, e.block, GIVEN, frame, e.given[row], e.given_confidence[row]))
+        elif isinstance(e, Step):
+            start = starts.get(e.block, 0)
+            for j in e.committed[row]:
+                out.append(Commit(start + j, e.block, e.step, frame, e.tokens[row][j], e.confidence[row][j]))
+            frame += 1
     return out

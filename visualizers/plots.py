@@ -8,7 +8,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 from .pieces import label
-from .commits import block_starts, commit_table
+from .commits import GIVEN, block_starts, commit_table
 
 SCALE = "Cividis"
 ORANGE, BLUE, GREEN = "#E69F00", "#0072B2", "#009E73"   # Okabe-Ito
@@ -49,12 +49,16 @@ def unmasking_map(trace, row: int = 0) -> go.Figure:
         marker=dict(symbol="square", size=11, color=[c.confidence for c in commits], colorscale=SCALE,
                     cmin=0, cmax=1, colorbar=dict(title="p at commit", thickness=12),
                     line=dict(width=0.5, color="#333")),
-        customdata=[[label(trace, c.token, 20), c.block, c.confidence] for c in commits],
-        hovertemplate="position %{x}<br>'%{customdata[0]}'<br>block %{customdata[1]}, step %{y}"
+        customdata=[[label(trace, c.token, 20), c.block, c.confidence,
+                     "before step 0, from the context tower's pass" if c.step == GIVEN else f"step {c.step}"]
+                    for c in commits],
+        hovertemplate="position %{x}<br>'%{customdata[0]}'<br>block %{customdata[1]}, %{customdata[3]}"
                       "<br>p=%{customdata[2]:.3f}<extra></extra>"))
     _block_lines(fig, trace)
-    last = max(c.step for c in commits)
-    fig.update_yaxes(range=[last + 0.6, -0.6], dtick=1 if last < 20 else None)   # step 0 on top
+    last, first = max(c.step for c in commits), min(c.step for c in commits)
+    fig.update_yaxes(range=[last + 0.6, first - 0.6], dtick=1 if last < 20 else None)   # step 0 (or GIVEN) on top
+    if first == GIVEN:                  # the verify order: each block's first token came from the context pass
+        fig.update_yaxes(tickvals=list(range(GIVEN, last + 1)), ticktext=["ctx"] + [str(k) for k in range(last + 1)])
     return _layout(fig, "Unmasking order: the step at which each position was committed",
                    "generated position", "step within block")
 
@@ -76,6 +80,7 @@ def confidence_heatmap(trace, row: int = 0) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=z, colorscale=SCALE, zmin=0, zmax=1, colorbar=dict(title="p", thickness=12),
                                hovertemplate="position %{x}, step %{y}<br>p=%{z:.3f}<extra></extra>"))
     commits = commit_table(trace, row)
+    commits = [c for c in commits if c.step != GIVEN]      # rows are denoiser steps
     fig.add_trace(go.Scatter(x=[c.pos for c in commits], y=[c.step for c in commits], mode="markers",
                              marker=dict(symbol="x-thin", size=8, line=dict(width=2, color=ORANGE)),
                              name="committed here", hoverinfo="skip"))

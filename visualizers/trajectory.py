@@ -15,6 +15,9 @@ Frames are lists, not objects, to keep the payload small:
 - tree (draft trees only): the leaf paths of the tree the step checked, ids from the block
   position of the step's first commit
 
+`given` lists, per block, the first token that the context tower's pass wrote before the
+block's first step (the verify order) as [token, p 0..100], else null; no frame commits it.
+
 The grid state at frame i is: every position committed in frames 0..i, plus the masked
 guesses of frame i's block. A live payload sends the finished blocks once as `base`
 (per-position final token, confidence and commit step) and only the active block's frames.
@@ -58,6 +61,13 @@ def frames(trace, row: int = 0, top: bool = False) -> tuple[list[list], list | N
             tops.append([[ids, [int(round(1000 * p)) for p in probs]]
                          for ids, probs in zip(e.top_ids[row], e.top_probs[row])])
     return out, tops
+
+
+def given_tokens(trace, row: int = 0) -> list[list[int] | None]:
+    """Per block: [token, p as 0..100] of its first token when the context tower's pass wrote it
+    before the block's first denoiser step (the verify order, `BlockStart.given`), else None."""
+    return [[b.given[row], _pct(b.given_confidence[row])] if b.given and b.given[row] >= 0 else None
+            for b in trace.blocks()]
 
 
 def layout_blocks(trace, n_frames: int) -> list[list[int]]:
@@ -131,7 +141,8 @@ def payload(trace, live: bool = False, row: int = 0) -> dict:
         cut = next(i for i, f in enumerate(all_frames) if f[0] == last_block)
     base = _base(commit_table(trace, row), cut) if cut else {"len": 0, "tok": [], "conf": [], "cstep": []}
     shown = all_frames[cut:]
-    ids = _ids_in(shown, tops) | {t for t in base["tok"] if t >= 0}
+    given = given_tokens(trace, row)
+    ids = _ids_in(shown, tops) | {t for t in base["tok"] if t >= 0} | {g[0] for g in given if g}
     settings = trace.settings or {}
     return {
         "kind": "trajectory",
@@ -143,6 +154,7 @@ def payload(trace, live: bool = False, row: int = 0) -> dict:
         "eos": sorted(trace.model.get("eos_token_ids", [])),
         "blocks": layout_blocks(trace, len(all_frames)),
         "base": base,
+        "given": given,
         "first_frame": cut,
         "frames": shown,
         "top": tops,
