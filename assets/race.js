@@ -1,6 +1,7 @@
 // AR vs diffusion race on a shared clock: the body of a gr.HTML `js_on_load`.
 // props.value is JSON from visualizers/race.py:payload(): two lanes, each with frames
-// [offset, tokens (-1 = masked), elapsed_ms] measured while that run ran on its own.
+// [offset, tokens (-1 = masked), elapsed_ms(, 1: not a pass, a block's given first token)]
+// measured while that run ran on its own.
 // The replay advances one clock for both lanes at true speed (or slower, to study it).
 
 let data = null, clock = 0, speed = 1, raf = null, last = null;
@@ -22,9 +23,9 @@ function parse(value) {
 function laneAt(run, t) {
   const tok = [];
   let passes = 0;
-  for (const [off, toks, ms] of run.frames) {
+  for (const [off, toks, ms, given] of run.frames) {
     if (ms > t) break;
-    passes++;
+    if (!given) passes++;
     toks.forEach((id, j) => { tok[off + j] = id; });
   }
   const keep = run.n_out === null ? tok.length : run.n_out;

@@ -141,3 +141,24 @@ def test_ar_predictions_are_the_ar_models_greedy_choices(model):
     assert got["chosen"] == pytest.approx([p[0] for p in got["top_probs"]], abs=1e-5)
     assert got["top_probs"][0] == pytest.approx(trace.ar_tokens()[0].top_probs[0][:3], abs=1e-5)
     assert ar_predictions(model, PROMPT, []) == {"top_ids": [], "top_probs": [], "chosen": []}
+
+
+def test_a_spliced_verify_fork_keeps_the_blocks_given_tokens_and_clock():
+    """The verify order: a block's first token comes from the context pass (BlockStart.given).
+    A fork splices back with the parent's given token and block start time, the commit table
+    holds every position once, and the first token counts from block 0's start."""
+    from tests.test_llama_family import clean_as_ar_model
+    from visualizers.commits import commit_table
+    model = clean_as_ar_model()
+    c = cfg(remasking="verify", threshold=0.0, max_new_tokens=12)
+    parent = finished(model, [PROMPT], c)
+    child = finished(model, [PROMPT], cfg(remasking="verify", threshold=0.9, max_new_tokens=12),
+                     resume=fork_point(parent, 1, 0))
+    joined = splice(parent, child)
+    starts = {b.block: b for b in parent.blocks()}
+    spliced = {b.block: b for b in joined.blocks()}
+    assert (spliced[1].given, spliced[1].elapsed) == (starts[1].given, starts[1].elapsed)
+    assert joined.done.token_ids == parent.done.token_ids                 # verify writes the AR text either way
+    assert sorted(c.pos for c in commit_table(joined)) == list(range(12))
+    assert joined.done.first_token_seconds == starts[0].elapsed
+    assert all(b.elapsed >= starts[1].elapsed for b in joined.blocks()[2:])

@@ -269,3 +269,14 @@ def test_a_block_starts_with_the_token_the_context_pass_predicted(model, prompts
     assert all(0 < p <= 1 for s in starts for p in s.given_confidence)
     first = next(e for e in events if isinstance(e, Step))
     assert first.tokens[0][0] == ar.token_ids[0][0] and 0 not in first.committed[0]
+
+
+def test_a_one_position_block_is_left_to_its_pass(model, prompts):
+    """max_new_tokens 17 in blocks of 8: the last block has one position, which its own pass writes
+    (so every block that writes a token has a step for the views to show it at)."""
+    c = dict(max_new_tokens=17, block_size=8, steps=8, stop_at_eos=False)
+    _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
+    events = list(diffusion_generate(model, prompts, SamplerConfig(remasking="verify", threshold=0.9, **c)))
+    assert [s.given is not None for s in events if isinstance(s, BlockStart)] == [True, True, False]
+    assert events[-1].token_ids == ar.token_ids
+    assert [e.committed for e in events if isinstance(e, Step) and e.block == 2] == [[[0]] * len(prompts)]

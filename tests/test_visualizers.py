@@ -399,11 +399,11 @@ def test_a_block_first_token_from_the_context_pass_is_drawn_and_counted():
     payload carries it; the unmasking map puts it on a 'ctx' row above step 0."""
     from visualizers.commits import GIVEN, commit_table
     events = [Prefill(prompt_tokens=[2], seconds=0.01),
-              BlockStart(block=0, start=0, size=3, steps=3, given=[10], given_confidence=[0.9]),
+              BlockStart(block=0, start=0, size=3, steps=3, given=[10], given_confidence=[0.9], elapsed=0.02),
               step(0, 0, [10, 11, MASK], [1], [0.9, 0.8, 0.3], 0.1, 1),
               step(0, 1, [10, 11, 12], [2], [0.9, 0.8, 0.7], 0.2, 2),
               BlockCommitted(block=0, tokens=[[10, 11, 12]], steps_used=2, elapsed=0.25),
-              BlockStart(block=1, start=3, size=2, steps=2, given=[14], given_confidence=[0.6]),
+              BlockStart(block=1, start=3, size=2, steps=2, given=[14], given_confidence=[0.6], elapsed=0.27),
               step(1, 0, [14, 11], [1], [0.6, 0.5], 0.3, 3),
               BlockCommitted(block=1, tokens=[[14, 11]], steps_used=1, elapsed=0.35),
               Done(texts=["The cat sat on cat"], token_ids=[[10, 11, 12, 14, 11]], nfe=3, seconds=0.4,
@@ -420,3 +420,27 @@ def test_a_block_first_token_from_the_context_pass_is_drawn_and_counted():
     fig = plots.unmasking_map(trace)
     assert list(fig.data[0].y).count(GIVEN) == 2 and fig.layout.yaxis.ticktext[0] == "ctx"
     assert trace.stats()["tokens_per_nfe"] == 5 / 3
+    # the race: a given token counts from its block's start, and its replay frame is not a pass
+    assert race.curve(trace) == ([0.0, 0.02, 0.1, 0.2, 0.27, 0.3, 0.4], [0, 1, 2, 3, 4, 5, 5])
+    lane = race.lane(trace)
+    assert lane["frames"][0] == [0, [10, -1, -1], 20, 1] and lane["frames"][3] == [3, [14, -1], 270, 1]
+    assert sum(len(f) == 3 for f in lane["frames"]) == 3 and "14" in lane["pieces"]
+
+
+def test_a_block_whose_given_token_ended_the_text_has_no_commit():
+    """With end-of-text stopping, a block whose given token ended every row runs no step: its token
+    (after the output) gets no commit, which would point at a frame that does not exist."""
+    from visualizers.commits import commit_table
+    events = [Prefill(prompt_tokens=[2], seconds=0.01),
+              BlockStart(block=0, start=0, size=2, steps=2, given=[10], given_confidence=[0.9], elapsed=0.02),
+              step(0, 0, [10, 11], [1], [0.9, 0.8], 0.1, 1),
+              BlockCommitted(block=0, tokens=[[10, 11]], steps_used=1, elapsed=0.15),
+              BlockStart(block=1, start=2, size=2, steps=2, given=[EOS], given_confidence=[0.7], elapsed=0.2),
+              BlockCommitted(block=1, tokens=[[EOS, MASK]], steps_used=0, elapsed=0.2),
+              Done(texts=["The cat"], token_ids=[[10, 11]], nfe=1, seconds=0.25, first_token_seconds=0.02,
+                   stopped="eos")]
+    trace = Trace(mode="diffusion", settings={"remasking": "verify"}, model={"mask_token_id": MASK, "eos_token_ids": [EOS]},
+                  prompts=["x"], prompt_ids=[[20, 21]], tokens=PIECES, events=events)
+    assert [(c.pos, c.frame) for c in commit_table(trace)] == [(0, 0), (1, 0)]
+    assert race.curve(trace) == ([0.0, 0.02, 0.1, 0.25], [0, 1, 2, 2])
+    assert failures.findings(trace) is not None and compare.final_tokens(trace) == [10, 11]

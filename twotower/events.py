@@ -36,6 +36,8 @@ class BlockStart(Event):
                                     # AR model's next token, which the context tower's pass over the text
                                     # so far (prefill or the last block's extend) predicted; no denoiser pass
     given_confidence: list[float] | None = None   # per row: its probability under the AR model
+    elapsed: float | None = None    # seconds since the run started, when the block began (its given token
+                                    # is readable from then on)
 
 
 @dataclass

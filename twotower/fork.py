@@ -58,8 +58,11 @@ def fork_point(trace: Trace, block: int, step: int) -> ForkPoint:
 
 
 def _first_readable(events, mask_id) -> float | None:
-    """Elapsed time of the first step after which every row's first generated token is committed."""
+    """Elapsed time from which every row's first generated token is committed: block 0's start
+    when it was given (the verify order), else the first step after which it is."""
     for e in events:
+        if isinstance(e, BlockStart) and e.block == 0 and e.given and e.elapsed is not None and min(e.given) >= 0:
+            return e.elapsed
         if isinstance(e, Step) and e.block == 0 and all(row[0] != mask_id for row in e.tokens):
             return e.elapsed
     return None
@@ -85,7 +88,8 @@ def splice(parent: Trace, child: Trace) -> Trace:
     old_start = next(e for e in parent.events if isinstance(e, BlockStart) and e.block == block)
     # the forked block starts as the child ran it (its step budget), with the token the parent's
     # context pass gave it (the verify order), which the child resumed rather than chose
-    merged = replace(child_start, given=old_start.given, given_confidence=old_start.given_confidence)
+    merged = replace(child_start, given=old_start.given, given_confidence=old_start.given_confidence,
+                     elapsed=old_start.elapsed)
     head = [merged if e is old_start else e for e in parent.events[:cut + 1]]
     prefill = next((e.seconds for e in child.events if isinstance(e, Prefill)), 0.0)
     shift = at.elapsed - prefill
@@ -93,7 +97,7 @@ def splice(parent: Trace, child: Trace) -> Trace:
     for e in child.events[child.events.index(child_start) + 1:]:
         if isinstance(e, Step):
             e = replace(e, nfe=e.nfe + at.nfe, elapsed=e.elapsed + shift)
-        elif isinstance(e, BlockCommitted):
+        elif isinstance(e, BlockCommitted) or isinstance(e, BlockStart) and e.elapsed is not None:
             e = replace(e, elapsed=e.elapsed + shift)
         elif isinstance(e, Done):
             first = _first_readable(head + tail, parent.model.get("mask_token_id"))

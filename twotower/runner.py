@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .events import Done, Event, Step, Token
+from .events import BlockStart, Done, Event, Step, Token
 from .fork import ForkPoint
 from .model import TwoTower
 from .sampler import ar_generate, diffusion_generate
@@ -78,6 +78,8 @@ def event_ids(event: Event):
         for tree in event.tree or ():                               # draft trees: candidates past the top ones
             for path in tree:
                 yield from path
+    elif isinstance(event, BlockStart):
+        yield from (tok for tok in event.given or () if tok >= 0)   # the verify order's given first tokens
     elif isinstance(event, Token):
         yield from event.tokens
         for cands in event.top_ids:

@@ -123,11 +123,12 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
     Per block: start all-masked; each step predicts every position, commits the positions
     the commit rule picks and leaves the rest masked; then the finished block enters the
     context tower's cache in one pass. Under the verify order, where the AR model writes every
-    token, a block starts with its first token written (`BlockStart.given`): the context
-    tower's pass over the text so far (the prefill, or the last block's extend) has predicted
-    it already, so no denoiser pass is spent on it. With stop_at_eos a row is done with its block once it
-    has committed end-of-text after a fully committed prefix (`settled_rows`): its positions
-    after that stay masked, and the block ends when every row is done.
+    token, a block of two or more positions starts with its first token written
+    (`BlockStart.given`): the context tower's pass over the text so far (the prefill, or the
+    last block's extend) has predicted it already, so no denoiser pass is spent on it. With
+    stop_at_eos a row is done with its block once it has committed end-of-text after a fully
+    committed prefix (`settled_rows`): its positions after that stay masked, and the block
+    ends when every row is done (a block whose given token ended every row runs no step).
 
     resume: continue a recorded run (twotower.fork) instead: the prefill reads the prompt
     and the earlier blocks, the forked block goes on from its recorded state at step
@@ -164,13 +165,16 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         else:
             rows = [[mask_id] * min(cfg.block_size, cfg.max_new_tokens - produced) for _ in range(batch)]
             first, budget = 0, cfg.steps
-            if verify:                                             # the AR model's next token, already predicted
+            if verify and len(rows[0]) > 1:                        # the AR model's next token, already predicted
+                # (a one-position block is left to its pass: every block with a token to write has a step)
                 given, given_conf = _next_tokens(last, guard, ended, cfg, gen, mask_id)
                 rows = [[tok] + row[1:] if tok >= 0 else row for tok, row in zip(given, rows)]
         x, size = torch.tensor(rows, dtype=torch.long, device=model.device), len(rows[0])   # (B, S)
-        yield BlockStart(block=block, start=produced, size=size, steps=budget, given=given, given_confidence=given_conf)
+        now = time.perf_counter() - start
+        yield BlockStart(block=block, start=produced, size=size, steps=budget, given=given, given_confidence=given_conf,
+                         elapsed=now)
         if first_token is None and all(row[0] != mask_id for row in rows):
-            first_token = time.perf_counter() - start              # the text's first token is readable
+            first_token = now                                      # the text's first token is readable
         inputs = model.block_inputs(ctx, size)                     # context view: once per block
         settled = torch.tensor(ended, device=model.device) | settled_rows(x, mask_id, eos_ids)   # (B,)
         used, unsettled = first, not bool(settled.all())

@@ -31,8 +31,9 @@ def commit_table(trace, row: int = 0) -> list[Commit]:
         return [Commit(e.index, e.index // AR_ROW, 0, i, e.tokens[row], e.confidence[row])
                 for i, e in enumerate(trace.ar_tokens())]
     starts, out, frame = block_starts(trace), [], 0
+    stepped = {e.block for e in trace.steps()}   # a block whose given token ended every row ran no step
     for e in trace.events:
-        if isinstance(e, BlockStart) and e.given and e.given[row] >= 0:
+        if isinstance(e, BlockStart) and e.given and e.given[row] >= 0 and e.block in stepped:
             out.append(Commit(e.start, e.block, GIVEN, frame, e.given[row], e.given_confidence[row]))
         elif isinstance(e, Step):
             start = starts.get(e.block, 0)

@@ -12,7 +12,7 @@ import html as _html
 from twotower.sampling import SamplerConfig
 
 from .pieces import raw_piece, special_ids, visible
-from .commits import commit_table
+from .commits import GIVEN, commit_table
 from .trajectory import frames, layout_blocks, output_length, setting_changes
 
 END = -2                     # a position after the run's end-of-text (not part of its text)
@@ -120,7 +120,8 @@ def _grid(trace, differ: set[int], inherited: set[int], row: int) -> str:
             after = n_out is not None and p >= n_out
             cls = ["ttc-cell", "diff" if p in differ else "", "inh" if p in inherited else "",
                    "after" if after else "", "special" if c.token in special else ""]
-            where = f"block {c.block}, step {c.step}" if trace.mode == "diffusion" else f"token {p}"
+            where = (f"token {p}" if trace.mode != "diffusion" else f"block {c.block}, step {c.step}" if c.step != GIVEN
+                     else f"block {c.block}, its first token, from the context tower's pass before step 0")
             title = (f"position {p} · {where} · p={c.confidence:.2f}" + (" · differs" if p in differ else "")
                      + (" · inherited from before the fork" if p in inherited else "")
                      + (" · after end-of-text" if after else ""))

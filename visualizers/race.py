@@ -9,8 +9,8 @@ import plotly.graph_objects as go
 
 from .pieces import piece_table, special_ids
 from .plots import BLUE, ORANGE, _layout
-from .commits import commit_table
-from .trajectory import frames, layout_blocks, output_length
+from .commits import GIVEN, commit_table
+from .trajectory import frames, given_tokens, layout_blocks, output_length
 
 NAMES = {"ar": "AR (context tower alone)", "diffusion": "Diffusion (TwoTower)"}
 
@@ -30,15 +30,32 @@ def summary(trace) -> dict:
 def lane(trace, row: int = 0) -> dict:
     """One run for the race player: [offset, tokens, elapsed_ms] per frame, plus stats."""
     fr, _ = frames(trace, row)
-    ids = {t for f in fr for t in f[3] if t >= 0}
+    ids = {t for f in fr for t in f[3] if t >= 0} | {g[0] for g in given_tokens(trace, row) if g}
     prefill = next((e.seconds for e in trace.events if type(e).__name__ == "Prefill"), 0.0)
     return {"mode": trace.mode, "name": NAMES.get(trace.mode, trace.mode),
             "pieces": piece_table(trace, ids),
             "special": sorted(i for i in special_ids(trace) if str(i) in trace.tokens),
             "blocks": layout_blocks(trace, len(fr)),
-            "frames": [[f[2], f[3], f[8]] for f in fr],
+            "frames": replay_frames(trace, fr, row),
             "prefill_ms": int(prefill * 1000),
             "n_out": output_length(trace, row), "stats": summary(trace)}
+
+
+def replay_frames(trace, fr: list, row: int = 0) -> list[list]:
+    """[offset, tokens, elapsed_ms(, 1)] per pass; before a block's first pass, a frame with its
+    given token (the verify order), timed when the block began and flagged 1: not a pass."""
+    out, given = [], given_tokens(trace, row)
+    began = {b.block: (b.start, b.size, b.elapsed) for b in trace.blocks()}
+    seen = set()
+    for f in fr:
+        block = f[0]
+        if trace.mode == "diffusion" and block not in seen and block < len(given) and given[block]:
+            start, size, at = began[block]
+            if at is not None:
+                out.append([start, [given[block][0]] + [-1] * (size - 1), int(at * 1000), 1])
+        seen.add(block)
+        out.append([f[2], f[3], f[8]])
+    return out
 
 
 def payload(ar, diffusion, row: int = 0) -> dict:
@@ -49,16 +66,18 @@ def payload(ar, diffusion, row: int = 0) -> dict:
 def curve(trace, row: int = 0) -> tuple[list[float], list[int]]:
     """(seconds, output tokens so far): only positions kept in the output count."""
     n_out = output_length(trace, row)
-    times = {}
     steps = trace.ar_tokens() if trace.mode == "ar" else trace.steps()
+    began = {b.block: b.elapsed for b in trace.blocks()}
+    times: dict[float, int] = {}
     for c in commit_table(trace, row):
         if n_out is None or c.pos < n_out:
-            times.setdefault(c.frame, 0)
-            times[c.frame] += 1
+            given_at = began.get(c.block) if c.step == GIVEN else None     # readable when its block began
+            at = given_at if given_at is not None else steps[c.frame].elapsed
+            times[at] = times.get(at, 0) + 1
     xs, ys, total = [0.0], [0], 0
-    for frame in sorted(times):
-        total += times[frame]
-        xs.append(steps[frame].elapsed)
+    for at in sorted(times):
+        total += times[at]
+        xs.append(at)
         ys.append(total)
     if trace.done:
         xs.append(trace.done.seconds)
