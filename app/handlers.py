@@ -65,7 +65,9 @@ def status_line(trace: Trace, stopped: bool = False) -> str:
         drafts = f" · drafts kept {s['drafts_kept']} of {s['drafts_checked']}" if "drafts_checked" in s else ""
         if "rows_per_pass" in s:
             drafts += f" · draft trees: {s['rows_per_pass']:.1f} block rows per pass"
-        return (f"**Finished** ({trace.mode}) · {s['tokens']} tokens · {s['nfe']} forward passes · "
+        passes = (f"{s['nfe']} forward passes" if trace.mode == "ar" else
+                  f"{s['nfe']} denoiser passes (+ {s['context_passes']} of the context tower)")
+        return (f"**Finished** ({trace.mode}) · {s['tokens']} tokens · {passes} · "
                 f"{s['tokens_per_nfe']:.2f} tokens/pass{drafts} · {s['seconds']:.2f} s · "
                 f"{s['tokens_per_second']:.1f} tokens/s · first token {s['first_token_seconds']:.2f} s · {end}")
     p = trajectory.progress(trace)

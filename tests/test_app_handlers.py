@@ -82,6 +82,8 @@ def test_a_finished_run_settles_into_views():
     session = Session()
     grid, text, status = run_to_end(session, capture=True)
     assert status.startswith("**Finished**") and session.state == "done"
+    passes = session.trace.stats()
+    assert f"{passes['nfe']} denoiser passes (+ {passes['context_passes']} of the context tower)" in status
     out = handlers.settle(session, None, None, "mean", 1, True, False)
     assert out[0] is not None and len(out) == 11
     unmask, confidence, commits = out[3:6]
