@@ -168,7 +168,8 @@ function verifyRule(f, steps, threshold) {
   const last = typeof steps === "number" && steps - step === 1;
   const gamma = threshold !== null && threshold !== undefined ? `γ = ${threshold}` : "the threshold";
   const check = checked === 0 ? "no drafts to check"
-    : rejected.length === 0 ? `all <b>${checked}</b> drafts held (each was the AR model's own next token)`
+    : rejected.length === 0 ? (checked === 1 ? "its one draft held (the AR model's own next token)"
+      : `all <b>${checked}</b> drafts held (each was the AR model's own next token)`)
     : `<b>${held}</b> of ${checked} drafts held; the next one was not the AR model's token, so it and the ` +
       `${rejected.length - 1} after it were dropped`;
   const next = last ? "last step of the block: every position left is committed"
