@@ -100,6 +100,7 @@ class Generation:
     drafts_held: int = 0                                # verify order: drafts the AR model's reading kept
     drafts_dropped: int = 0                             # ... and dropped
     tree_rows: int = 0                                  # draft trees: block rows the passes ran (as if alone)
+    context: list[int] = field(default_factory=list)    # diffusion: context-tower passes per reply, as if alone
 
     @property
     def tokens(self) -> int:
@@ -170,7 +171,17 @@ def generate(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str, 
         for j, i in enumerate(idx):
             rows[i] = (done.texts[j], done.token_ids[j], nfe[j])
     texts, ids, nfes = zip(*(rows[i] for i in range(len(prompt_ids)))) if rows else ((), (), ())
-    return Generation(list(texts), list(ids), list(nfes), seconds, held, dropped, tree_rows)
+    context = [context_passes(len(r), cfg) for r in ids] if mode == "diffusion" else []
+    return Generation(list(texts), list(ids), list(nfes), seconds, held, dropped, tree_rows, context)
+
+
+def context_passes(length: int, cfg: SamplerConfig) -> int:
+    """The context tower's passes of a diffusion reply of `length` tokens decoded alone: the
+    prefill and one extend per block before its last, i.e. the blocks it started (a reply that
+    ended at end-of-text started the block holding that token; AR counts all its passes as NFE)."""
+    if length < cfg.max_new_tokens:                    # ended at end-of-text, at position `length`
+        return length // cfg.block_size + 1
+    return math.ceil(cfg.max_new_tokens / cfg.block_size)
 
 
 def measure_speed(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str) -> dict:
@@ -249,6 +260,8 @@ def speed_of(gen: Generation) -> dict:
         out.update(drafts_checked=checked, draft_acceptance=gen.drafts_held / checked)
     if gen.tree_rows:                                  # draft trees: what a pass costs, in block rows
         out["rows_per_pass"] = gen.tree_rows / nfe
+    if gen.context:                                    # diffusion: counting the context tower's passes too
+        out["tokens_per_pass_both_towers"] = gen.tokens / (nfe + sum(gen.context))
     return out
 
 
@@ -365,6 +378,9 @@ def summary_table(res: dict) -> str:
         rows.append([label, ar["open"][key], diff["open"][key]])
     rows.append(["tokens/NFE (open prompts)", ar["speed"]["open"]["tokens_per_nfe"],
                  diff["speed"]["open"]["tokens_per_nfe"]])
+    if "tokens_per_pass_both_towers" in diff["speed"]["open"]:     # AR's NFE counts every pass already
+        rows.append(["tokens per pass, context tower's counted too (open prompts)", ar["speed"]["open"]["tokens_per_nfe"],
+                     diff["speed"]["open"]["tokens_per_pass_both_towers"]])
     rows.append(["batched tokens/s (open prompts)", ar["speed"]["open"]["batched_tokens_per_second"],
                  diff["speed"]["open"]["batched_tokens_per_second"]])
     if "wallclock" in ar:
