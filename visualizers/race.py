@@ -29,7 +29,7 @@ def summary(trace) -> dict:
 
 
 def lane(trace, row: int = 0) -> dict:
-    """One run for the race player: [offset, tokens, elapsed_ms] per frame, plus stats."""
+    """One run for the race player: its replay frames (`replay_frames`), plus stats."""
     fr, _ = frames(trace, row)
     ids = {t for f in fr for t in f[3] if t >= 0} | {g[0] for g in given_tokens(trace, row) if g}
     prefill = next((e.seconds for e in trace.events if type(e).__name__ == "Prefill"), 0.0)
