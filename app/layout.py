@@ -38,8 +38,10 @@ as a whole, not left to right."""),
     ("commits_plot", """**Planned vs actual.** Per denoiser pass: positions above the threshold γ (planned) and
 positions committed. When fewer pass γ than the step budget needs, the floor `ceil(masked / steps left)`
 commits more (the gap); at least one token is committed per pass: the most confident ones, or under
-the *leftmost* commit order the leftmost masked ones. Under *verify* the bars are the pass's new drafts,
-its commits (the drafts that held plus the AR model's next token) and the drafts it dropped."""),
+the *leftmost* commit order the leftmost masked ones. Under *verify* the plot says where the tokens
+came from: per pass its new drafts, its commits (the drafts that held, stacked under the AR model's
+own next token) and the drafts it dropped; a star marks each block's first token, which the context
+tower's pass over the text before the block gave it (no denoiser pass)."""),
     ("tokens_plot", """**Tokens per step, per block.** How many tokens each step committed. Early blocks often
 need many small steps; once the context is rich, blocks fill in two or three passes: that is where
 diffusion beats one-token-per-pass AR decoding."""),

@@ -391,9 +391,17 @@ def test_verify_frames_carry_drafts_and_the_plot_counts_dropped_ones():
     assert frames[0][10:] == [[-1, 11, 14, -1], []] and frames[1][10:] == [[-1, -1, -1, -1], [2]]
     assert trajectory.payload(trace)["remasking"] == "verify"
     fig = plots.commits_per_step(trace)
-    assert [t.name for t in fig.data] == ["new drafts over γ (checked by the next pass)",
-                                          "committed (held drafts + the AR token)", "drafts dropped"]
-    assert list(fig.data[2].y) == [0, 1]
+    assert [t.name for t in fig.data] == ["new drafts over γ (checked by the next pass)", "committed: drafts that held",
+                                          "committed: the AR model's token (a block's last step: all left)",
+                                          "drafts dropped"]
+    held, own, dropped = (list(fig.data[k].y) for k in (1, 2, 3))
+    assert held == [0, 1] and own == [1, 1] and list(fig.data[2].base) == held and dropped == [0, 1]
+    assert fig.layout.title.text == "Where the 3 tokens came from: 2 the AR model's own in the 2 denoiser passes, 1 held draft"
+    # a block whose first token came from the context pass gets a star before its first pass
+    trace.events[1] = BlockStart(block=0, start=0, size=4, steps=4, given=[10], given_confidence=[0.9], elapsed=0.02)
+    fig = plots.commits_per_step(trace)
+    assert fig.data[-1].name == "a block's first token, from the context pass before it" and list(fig.data[-1].x) == [0.6]
+    assert fig.layout.title.text.endswith("1 held draft, 1 from the context pass")
 
 
 def test_a_block_first_token_from_the_context_pass_is_drawn_and_counted():

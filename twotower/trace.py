@@ -33,22 +33,27 @@ class DraftTally:
         self.rows = [0] * batch                   # draft trees: block rows the passes for each row ran
         self.tree_passes = [0] * batch            # ... and those passes
         self.pending: list[dict[int, int]] = [{} for _ in range(batch)]   # the last pass's drafts: position -> id
+        self.step_held: list[list[int]] = []      # per Step event, per row: the drafts it kept
 
     def update(self, event: Event) -> None:
         if isinstance(event, BlockStart):
             self.pending = [{} for _ in self.pending]
         elif isinstance(event, Step) and event.drafts is not None:
+            self.step_held.append([0] * len(event.drafts))
             for b, drafts in enumerate(event.drafts):
                 tokens = event.tokens[b]
                 if event.tree is not None:
                     tree, committed = event.tree[b], event.committed[b]
+                    held = dropped = 0
                     if tree and committed:               # a pass that checked a tree for this row
                         held = held_depth(tree, tokens, min(committed))
-                        self.held[b] += held
-                        self.dropped[b] += max(len(path) for path in tree) - held
+                        dropped = max(len(path) for path in tree) - held
                 else:
-                    self.held[b] += sum(self.pending[b].get(j) == tokens[j] for j in event.committed[b])
-                    self.dropped[b] += len(event.rejected[b])
+                    held = sum(self.pending[b].get(j) == tokens[j] for j in event.committed[b])
+                    dropped = len(event.rejected[b])
+                self.held[b] += held
+                self.dropped[b] += dropped
+                self.step_held[-1][b] = held
                 self.pending[b] = {j: d for j, d in enumerate(drafts) if d >= 0}
                 if event.rows is not None and (event.active is None or event.active[b]):
                     self.rows[b] += event.rows[b]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from twotower.trace import DraftTally
+
 from .pieces import label
 from .commits import GIVEN, block_starts, commit_table
 
@@ -101,23 +103,55 @@ def commits_per_step(trace, row: int = 0) -> go.Figure:
         return note_figure("No step recorded yet.")
     x = list(range(1, len(steps) + 1))
     text = [f"block {e.block}, step {e.step}" for e in steps]
-    verify = steps[0].drafts is not None
-    fig = go.Figure([
-        go.Bar(x=x, y=[e.planned[row] for e in steps], hovertext=text, marker_color=BLUE,
-               name="new drafts over γ (checked by the next pass)" if verify else "above threshold (planned)"),
-        go.Bar(x=x, y=[len(e.committed[row]) for e in steps], hovertext=text, marker_color=ORANGE,
-               name="committed (held drafts + the AR token)" if verify else "committed (after floor and cap)",
-               marker_pattern_shape="/"),
-    ])
-    if verify:
-        fig.add_trace(go.Bar(x=x, y=[len(e.rejected[row]) for e in steps], name="drafts dropped",
-                             marker_color="#999", hovertext=text))
+    if steps[0].drafts is not None:
+        fig, title = _verify_passes(trace, steps, row, x, text)
+    else:
+        fig, title = go.Figure([
+            go.Bar(x=x, y=[e.planned[row] for e in steps], hovertext=text, marker_color=BLUE,
+                   name="above threshold (planned)"),
+            go.Bar(x=x, y=[len(e.committed[row]) for e in steps], hovertext=text, marker_color=ORANGE,
+                   name="committed (after floor and cap)", marker_pattern_shape="/"),
+        ]), "Planned vs actual commits per denoiser pass (NFE)"
     for b in trace.blocks()[1:]:
         first = next((i for i, e in enumerate(steps) if e.block == b.block), None)
         if first is not None:
             fig.add_vline(x=first + 0.5, line=dict(color="#888", width=1, dash="dot"))
     fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.25))
-    return _layout(fig, "Planned vs actual commits per denoiser pass (NFE)", "denoiser pass", "positions")
+    return _layout(fig, title, "denoiser pass", "positions")
+
+
+def _verify_passes(trace, steps, row: int, x: list[int], text: list[str]) -> tuple[go.Figure, str]:
+    """The verify order, per pass: the new drafts; the committed tokens split into the drafts
+    that held and the AR model's own token (stacked); the drafts dropped; and a star at each
+    block's first pass for the token the context tower's pass gave the block before it."""
+    tally = DraftTally(len(steps[0].drafts))
+    for event in trace.events:
+        tally.update(event)
+    held = [h[row] for h in tally.step_held]
+    own = [len(e.committed[row]) - h for e, h in zip(steps, held)]
+    fig = go.Figure([
+        go.Bar(x=x, y=[e.planned[row] for e in steps], hovertext=text, marker_color=BLUE, offsetgroup="drafts",
+               name="new drafts over γ (checked by the next pass)"),
+        go.Bar(x=x, y=held, hovertext=text, marker_color=ORANGE, offsetgroup="commits", name="committed: drafts that held"),
+        go.Bar(x=x, y=own, base=held, hovertext=text, marker_color=ORANGE, marker_pattern_shape="/",
+               offsetgroup="commits", name="committed: the AR model's token (a block's last step: all left)"),
+        go.Bar(x=x, y=[len(e.rejected[row]) for e in steps], name="drafts dropped", marker_color="#999",
+               offsetgroup="dropped", hovertext=text),
+    ])
+    first = {}
+    for i, e in enumerate(steps):
+        first.setdefault(e.block, i)
+    given = [b for b in trace.blocks() if b.given and b.given[row] >= 0 and b.block in first]
+    if given:
+        fig.add_trace(go.Scatter(x=[first[b.block] + 0.6 for b in given], y=[1] * len(given), mode="markers",
+                                 marker=dict(symbol="star", size=12, color=GREEN, line=dict(width=1, color="#333")),
+                                 name="a block's first token, from the context pass before it",
+                                 hovertext=[f"block {b.block}: {label(trace, b.given[row], 20)!r}" for b in given],
+                                 hoverinfo="text"))
+    n_held, n_own = sum(held), sum(own)
+    return fig, (f"Where the {n_held + n_own + len(given)} tokens came from: {n_own} the AR model's own in the "
+                 f"{len(steps)} denoiser passes, {n_held} held draft{'' if n_held == 1 else 's'}"
+                 + (f", {len(given)} from the context pass" if given else ""))
 
 
 def tokens_per_step(trace, row: int = 0) -> go.Figure:
