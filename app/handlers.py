@@ -72,7 +72,8 @@ def status_line(trace: Trace, stopped: bool = False) -> str:
                 f"{s['tokens_per_second']:.1f} tokens/s · first token {s['first_token_seconds']:.2f} s · {end}")
     p = trajectory.progress(trace)
     head = "**Stopped**" if stopped else "**Running…**"
-    return (f"{head} ({trace.mode}) · {p['committed']} tokens committed · {p['nfe']} forward passes · "
+    passes = "forward passes" if trace.mode == "ar" else "denoiser passes"
+    return (f"{head} ({trace.mode}) · {p['committed']} tokens committed · {p['nfe']} {passes} · "
             f"{p['seconds']:.2f} s")
 
 

@@ -162,3 +162,21 @@ def test_a_spliced_verify_fork_keeps_the_blocks_given_tokens_and_clock():
     assert sorted(c.pos for c in commit_table(joined)) == list(range(12))
     assert joined.done.first_token_seconds == starts[0].elapsed
     assert all(b.elapsed >= starts[1].elapsed for b in joined.blocks()[2:])
+
+
+def test_a_verify_run_forked_to_another_order_draws_its_commits_plot():
+    """The Fork tab can change the commit order: a spliced trace whose first steps checked drafts
+    (verify) and whose later ones did not (confidence) still draws the per-pass plots."""
+    from tests.test_llama_family import clean_as_ar_model
+    from visualizers import plots
+    model = clean_as_ar_model()
+    parent = finished(model, [PROMPT], cfg(remasking="verify", threshold=0.0, repetition_penalty=8.0))
+    child = finished(model, [PROMPT], cfg(remasking="confidence", threshold=0.0, repetition_penalty=8.0),
+                     resume=fork_point(parent, 1, 0))
+    joined = splice(parent, child)
+    fig = plots.commits_per_step(joined)
+    held, own = list(fig.data[1].y), list(fig.data[2].y)
+    assert len(held) == len(own) == len(joined.steps())
+    later = [i for i, e in enumerate(joined.steps()) if e.drafts is None]
+    assert later and all(held[i] == 0 for i in later)
+    assert plots.tokens_per_step(joined).data

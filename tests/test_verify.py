@@ -298,3 +298,19 @@ def test_eval_counts_the_context_passes_of_a_reply(model, prompts, monkeypatch, 
     done = list(diffusion_generate(model, prompt, cfg))[-1]
     assert len(done.token_ids[0]) == (end if end is not None else 20)
     assert evaluate.context_passes(len(done.token_ids[0]), cfg) == done.context_passes == {3: 1, 8: 2, None: 3}[end]
+
+
+def test_a_dropped_draft_refilled_unchecked_does_not_count_as_held():
+    """At a block's last step every open position is committed unchecked: a dropped draft whose
+    position gets the same token there counts as dropped only."""
+    from twotower.trace import DraftTally
+    first = Step(block=0, step=0, t=[1.0], tokens=[[7, MASK_ID, MASK_ID]], committed=[[0]], planned=[2],
+                 confidence=[[0.9] * 3], top_ids=[[[7]] * 3], top_probs=[[[0.9]] * 3], elapsed=0.1, nfe=1,
+                 drafts=[[-1, 8, 9]], rejected=[[]])
+    last = Step(block=0, step=1, t=[0.0], tokens=[[7, 5, 9]], committed=[[1, 2]], planned=[0],
+                confidence=[[0.9] * 3], top_ids=[[[7]] * 3], top_probs=[[[0.9]] * 3], elapsed=0.2, nfe=2,
+                drafts=[[-1, -1, -1]], rejected=[[1, 2]])           # 8 failed; 9 came after it, unchecked
+    tally = DraftTally(1)
+    for e in (BlockStart(block=0, start=0, size=3, steps=2), first, last):
+        tally.update(e)
+    assert tally.held == [0] and tally.dropped == [2] and tally.step_held == [[0], [0]]

@@ -182,7 +182,8 @@ def test_race_payload_table_and_curve(ar_trace, diffusion_trace):
     table = race.table(ar_trace, diffusion_trace)
     assert "tokens per pass" in table and "ms per pass" in table and "took" in table
     ar_passes, diffusion_passes = ar_trace.done.context_passes, diffusion_trace.done.context_passes
-    assert f"| context-tower passes (AR: every pass; diffusion: prefill + one per block, not in its NFE) | " \
+    assert f"| context-tower passes (AR: every pass; diffusion: the prefill and one per block after the first, " \
+           f"not in its NFE) | " \
            f"{ar_passes} | {diffusion_passes} |" in table
     assert len(race.tokens_over_time(ar_trace, diffusion_trace).data) == 2
 
@@ -396,7 +397,7 @@ def test_verify_frames_carry_drafts_and_the_plot_counts_dropped_ones():
                                           "drafts dropped"]
     held, own, dropped = (list(fig.data[k].y) for k in (1, 2, 3))
     assert held == [0, 1] and own == [1, 1] and list(fig.data[2].base) == held and dropped == [0, 1]
-    assert fig.layout.title.text == "Where the 3 tokens came from: 2 the AR model's own in the 2 denoiser passes, 1 held draft"
+    assert fig.layout.title.text == "Where the 3 committed tokens came from: 2 the AR model's own in the 2 denoiser passes, 1 held draft"
     # a block whose first token came from the context pass gets a star before its first pass
     trace.events[1] = BlockStart(block=0, start=0, size=4, steps=4, given=[10], given_confidence=[0.9], elapsed=0.02)
     fig = plots.commits_per_step(trace)

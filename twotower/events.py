@@ -99,7 +99,7 @@ class Done(Event):
     seconds: float
     first_token_seconds: float      # latency until the text's first token is committed (readable)
     stopped: str = "length"         # "eos" | "length"
-    context_passes: int = 0         # context-tower passes: prefill + one per committed block (diffusion)
+    context_passes: int = 0         # context-tower passes: the prefill and one per block after the first (diffusion)
 
     @property
     def tokens(self) -> int:

@@ -33,12 +33,14 @@ class DraftTally:
         self.rows = [0] * batch                   # draft trees: block rows the passes for each row ran
         self.tree_passes = [0] * batch            # ... and those passes
         self.pending: list[dict[int, int]] = [{} for _ in range(batch)]   # the last pass's drafts: position -> id
-        self.step_held: list[list[int]] = []      # per Step event, per row: the drafts it kept
+        self.step_held: list[list[int]] = []      # per Step event (all of them, in order), per row: the drafts it kept
 
     def update(self, event: Event) -> None:
         if isinstance(event, BlockStart):
             self.pending = [{} for _ in self.pending]
-        elif isinstance(event, Step) and event.drafts is not None:
+        elif isinstance(event, Step) and event.drafts is None:
+            self.step_held.append([0] * len(event.tokens))    # a pass that checked no drafts (a fork to another order)
+        elif isinstance(event, Step):
             self.step_held.append([0] * len(event.drafts))
             for b, drafts in enumerate(event.drafts):
                 tokens = event.tokens[b]
@@ -48,9 +50,10 @@ class DraftTally:
                     if tree and committed:               # a pass that checked a tree for this row
                         held = held_depth(tree, tokens, min(committed))
                         dropped = max(len(path) for path in tree) - held
-                else:
-                    held = sum(self.pending[b].get(j) == tokens[j] for j in event.committed[b])
-                    dropped = len(event.rejected[b])
+                else:                                    # a dropped draft may be refilled with its token unchecked
+                    dropped = set(event.rejected[b])     # (a block's last step): it did not hold
+                    held = sum(self.pending[b].get(j) == tokens[j] and j not in dropped for j in event.committed[b])
+                    dropped = len(dropped)
                 self.held[b] += held
                 self.dropped[b] += dropped
                 self.step_held[-1][b] = held

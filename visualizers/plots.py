@@ -135,7 +135,7 @@ def _verify_passes(trace, steps, row: int, x: list[int], text: list[str]) -> tup
         go.Bar(x=x, y=held, hovertext=text, marker_color=ORANGE, offsetgroup="commits", name="committed: drafts that held"),
         go.Bar(x=x, y=own, base=held, hovertext=text, marker_color=ORANGE, marker_pattern_shape="/",
                offsetgroup="commits", name="committed: the AR model's token (a block's last step: all left)"),
-        go.Bar(x=x, y=[len(e.rejected[row]) for e in steps], name="drafts dropped", marker_color="#999",
+        go.Bar(x=x, y=[len(e.rejected[row]) if e.rejected else 0 for e in steps], name="drafts dropped", marker_color="#999",
                offsetgroup="dropped", hovertext=text),
     ])
     first = {}
@@ -149,7 +149,7 @@ def _verify_passes(trace, steps, row: int, x: list[int], text: list[str]) -> tup
                                  hovertext=[f"block {b.block}: {label(trace, b.given[row], 20)!r}" for b in given],
                                  hoverinfo="text"))
     n_held, n_own = sum(held), sum(own)
-    return fig, (f"Where the {n_held + n_own + len(given)} tokens came from: {n_own} the AR model's own in the "
+    return fig, (f"Where the {n_held + n_own + len(given)} committed tokens came from: {n_own} the AR model's own in the "
                  f"{len(steps)} denoiser passes, {n_held} held draft{'' if n_held == 1 else 's'}"
                  + (f", {len(given)} from the context pass" if given else ""))
 
