@@ -62,7 +62,9 @@ raise the repetition penalty or set no repeated n-grams."""
 RACE_HELP = """The same prompt, seed, settings and context tower, run once as plain AR (one token per forward
 pass) and once as TwoTower diffusion (a block per few passes). A short untimed warm-up runs first;
 then each run is timed on its own, never interleaved, and both are replayed here on one clock at true
-speed. NFE counts passes of the decoding network; diffusion also makes one context-tower pass per block.
+speed. NFE counts passes of the decoding network (AR: the context tower's; diffusion: the denoiser's);
+diffusion also makes context-tower passes, the prefill and one per block after the first (the table
+counts them), and under *verify* each of them writes the next block's first token.
 Under the *verify* commit order diffusion writes exactly the AR model's text, so the race compares
 speed alone; how far diffusion gets ahead depends on how many drafts hold (tokens per pass)."""
 

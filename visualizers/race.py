@@ -106,8 +106,7 @@ def table(ar, diffusion) -> str:
     a["ms_per_pass"], d["ms_per_pass"] = ms_per_pass(a), ms_per_pass(d)
     rows = [("tokens", "tokens", "{}"), ("wall-clock seconds", "seconds", "{:.3f}"),
             ("tokens / second", "tokens_per_second", "{:.1f}"), ("forward passes (NFE)", "nfe", "{}"),
-            ("context-tower passes (AR: every pass; diffusion: the prefill and one per block after the first, not in its NFE)",
-             "context_passes", "{}"),
+            ("context-tower passes", "context_passes", "{}"),
             ("tokens per pass", "tokens_per_nfe", "{:.2f}"), ("ms per pass (all time / NFE)", "ms_per_pass", "{:.0f}"),
             ("time to first token (s)", "first_token_seconds", "{:.3f}"), ("ended by", "stopped", "{}")]
     lines = ["| | AR | Diffusion |", "|---|---:|---:|"]
