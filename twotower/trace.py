@@ -51,9 +51,9 @@ class DraftTally:
                         held = held_depth(tree, tokens, min(committed))
                         dropped = max(len(path) for path in tree) - held
                 else:                                    # a dropped draft may be refilled with its token unchecked
-                    dropped = set(event.rejected[b])     # (a block's last step): it did not hold
-                    held = sum(self.pending[b].get(j) == tokens[j] and j not in dropped for j in event.committed[b])
-                    dropped = len(dropped)
+                    rejected = set(event.rejected[b])    # (a block's last step): it did not hold
+                    held = sum(self.pending[b].get(j) == tokens[j] and j not in rejected for j in event.committed[b])
+                    dropped = len(rejected)
                 self.held[b] += held
                 self.dropped[b] += dropped
                 self.step_held[-1][b] = held
