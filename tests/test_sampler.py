@@ -297,6 +297,7 @@ def test_a_settled_row_rides_along_in_its_batch(model, monkeypatch):
     for e in events:
         counter.update(e)
     assert counter.nfe == [8, 2]                                        # as if each were decoded alone
+    assert counter.context == [2, 1]         # row 0: prefill + the extend before block 1; row 1 ended in block 0
 
 
 def test_diffusion_keeps_going_without_stop(model, monkeypatch):

@@ -284,8 +284,8 @@ def test_a_one_position_block_is_left_to_its_pass(model, prompts):
 
 @pytest.mark.parametrize("end", [3, 8, None])
 def test_eval_counts_the_context_passes_of_a_reply(model, prompts, monkeypatch, end):
-    """eval's tokens per pass with both towers counted: a reply's context passes, from its length
-    alone, are what the run made (prefill + one extend per block before its last)."""
+    """eval's tokens per pass with both towers counted: a reply's context passes, counted from the
+    events as its NFE is, are what the run made (prefill + one extend per block before its last)."""
     from twotower import evaluate
     c = dict(max_new_tokens=20, block_size=8, steps=8, repetition_penalty=1.3, no_repeat_ngram_size=3)
     prompt = prompts[2:]
@@ -295,9 +295,9 @@ def test_eval_counts_the_context_passes_of_a_reply(model, prompts, monkeypatch, 
         assert ending not in ar.token_ids[0][:end]
         monkeypatch.setattr(TwoTower, "eos_token_ids", property(lambda self: {ending}))
     cfg = SamplerConfig(remasking="verify", threshold=0.9, **c)
-    done = list(diffusion_generate(model, prompt, cfg))[-1]
+    done, counts = evaluate.run_batch(model, prompt, cfg, "diffusion")
     assert len(done.token_ids[0]) == (end if end is not None else 20)
-    assert evaluate.context_passes(len(done.token_ids[0]), cfg) == done.context_passes == {3: 1, 8: 2, None: 3}[end]
+    assert counts.context == [done.context_passes] == [{3: 1, 8: 2, None: 3}[end]]
 
 
 def test_a_dropped_draft_refilled_unchecked_does_not_count_as_held():

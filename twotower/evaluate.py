@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from . import metrics
-from .events import BlockCommitted, Done, Step, Token
+from .events import BlockCommitted, BlockStart, Done, Step, Token
 from .generate_cmd import tuned
 from .sampler import ar_generate, diffusion_generate
 from .sampling import REMASKING, SamplerConfig
@@ -113,14 +113,18 @@ class RowNFE:
     A batch keeps stepping while any row is unfinished; a row is charged only for the steps
     that were for it (diffusion: `Step.active`; traces without it: while it had masked
     positions) or where it still produced tokens (AR), and never after it ended at end-of-text.
+    `context` counts a diffusion row's context-tower passes the same way: the one before each
+    block it started (the prefill, then an extend per block after the first).
     """
 
     def __init__(self, batch: int, eos: set[int], stop_at_eos: bool):
-        self.nfe, self.ended = [0] * batch, [False] * batch
+        self.nfe, self.context, self.ended = [0] * batch, [0] * batch, [False] * batch
         self.eos, self.stop = eos, stop_at_eos
 
     def update(self, event) -> None:
-        if isinstance(event, Step):
+        if isinstance(event, BlockStart):
+            self.context = [n + (not ended) for n, ended in zip(self.context, self.ended)]
+        elif isinstance(event, Step):
             active = event.active or [t > 0 for t in event.t]
             for b, is_active in enumerate(active):
                 self.nfe[b] += int(is_active and not self.ended[b])
@@ -141,8 +145,8 @@ def sampler_for(mode: str):
 
 
 def run_batch(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str,
-              drafts: DraftTally | None = None) -> tuple[Done, list[int]]:
-    """Decode one batch; returns the Done event and the per-row NFE (drafts: counted into)."""
+              drafts: DraftTally | None = None) -> tuple[Done, RowNFE]:
+    """Decode one batch; returns the Done event and the per-row counts (drafts: counted into)."""
     counter = RowNFE(len(prompt_ids), model.eos_token_ids, cfg.stop_at_eos)
     done = None
     for event in sampler_for(mode)(model, prompt_ids, cfg):
@@ -150,7 +154,7 @@ def run_batch(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str,
         if drafts is not None:
             drafts.update(event)
         done = event if isinstance(event, Done) else done
-    return done, counter.nfe
+    return done, counter
 
 
 def generate(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str, batch_size: int,
@@ -159,29 +163,20 @@ def generate(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str, 
     from tqdm.auto import tqdm
 
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    rows: dict[int, tuple[str, list[int], int]] = {}
+    rows: dict[int, tuple[str, list[int], int, int]] = {}
     seconds, held, dropped, tree_rows = 0.0, 0, 0, 0
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc=desc or mode, unit="batch", leave=False, file=sys.stderr):
         idx = order[s: s + batch_size]
         drafts = DraftTally(len(idx))
-        done, nfe = run_batch(model, [prompt_ids[i] for i in idx], cfg, mode, drafts)
+        done, counts = run_batch(model, [prompt_ids[i] for i in idx], cfg, mode, drafts)
         seconds, held, dropped = seconds + done.seconds, held + sum(drafts.held), dropped + sum(drafts.dropped)
         tree_rows += sum(drafts.rows)
         for j, i in enumerate(idx):
-            rows[i] = (done.texts[j], done.token_ids[j], nfe[j])
-    texts, ids, nfes = zip(*(rows[i] for i in range(len(prompt_ids)))) if rows else ((), (), ())
-    context = [context_passes(len(r), cfg) for r in ids] if mode == "diffusion" else []
+            rows[i] = (done.texts[j], done.token_ids[j], counts.nfe[j], counts.context[j])
+    texts, ids, nfes, context = zip(*(rows[i] for i in range(len(prompt_ids)))) if rows else ((), (), (), ())
+    context = list(context) if mode == "diffusion" else []     # AR counts all its passes as NFE
     return Generation(list(texts), list(ids), list(nfes), seconds, held, dropped, tree_rows, context)
-
-
-def context_passes(length: int, cfg: SamplerConfig) -> int:
-    """The context tower's passes of a diffusion reply of `length` tokens decoded alone: the
-    prefill and one extend per block before its last, i.e. the blocks it started (a reply that
-    ended at end-of-text started the block holding that token; AR counts all its passes as NFE)."""
-    if length < cfg.max_new_tokens:                    # ended at end-of-text, at position `length`
-        return length // cfg.block_size + 1
-    return math.ceil(cfg.max_new_tokens / cfg.block_size)
 
 
 def measure_speed(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str) -> dict:
