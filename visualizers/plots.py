@@ -138,15 +138,12 @@ def _verify_passes(trace, steps, row: int, x: list[int], text: list[str]) -> tup
         go.Bar(x=x, y=[len(e.rejected[row]) if e.rejected else 0 for e in steps], name="drafts dropped", marker_color="#999",
                offsetgroup="dropped", hovertext=text),
     ])
-    first = {}
-    for i, e in enumerate(steps):
-        first.setdefault(e.block, i)
-    given = [b for b in trace.blocks() if b.given and b.given[row] >= 0 and b.block in first]
+    given = [c for c in commit_table(trace, row) if c.step == GIVEN]   # c.frame: its block's first pass
     if given:
-        fig.add_trace(go.Scatter(x=[first[b.block] + 0.6 for b in given], y=[1] * len(given), mode="markers",
+        fig.add_trace(go.Scatter(x=[c.frame + 0.6 for c in given], y=[1] * len(given), mode="markers",
                                  marker=dict(symbol="star", size=12, color=GREEN, line=dict(width=1, color="#333")),
                                  name="a block's first token, from the context pass before it",
-                                 hovertext=[f"block {b.block}: {label(trace, b.given[row], 20)!r}" for b in given],
+                                 hovertext=[f"block {c.block}: {label(trace, c.token, 20)!r}" for c in given],
                                  hoverinfo="text"))
     n_held, n_own = sum(held), sum(own)
     return fig, (f"Where the {n_held + n_own + len(given)} committed tokens came from: {n_own} the AR model's own in the "
