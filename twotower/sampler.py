@@ -7,7 +7,8 @@ iteration (or closing the generator) stops the computation.
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -18,7 +19,7 @@ from .model import TwoTower
 from .prefix_reuse import PrefixReuse
 from .draft_tree import DraftTrees
 from .guards import RepeatGuard, history_tensor
-from .sampling import SamplerConfig, choose_tokens, decide_pass, settled_rows
+from .sampling import Decision, SamplerConfig, choose_tokens, decide_pass, settled_rows
 
 
 def check_request(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig) -> None:
@@ -115,6 +116,132 @@ def check_resume(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig, 
     check_ids(model, [t for r in point.prefix + point.tokens for t in r], "fork")
 
 
+class _BlockPlan(NamedTuple):
+    """How a block begins: its rows, the step it starts at and its step budget, and its given tokens."""
+    rows: list[list[int]]              # (B, S) mask id where masked
+    first: int
+    budget: int
+    given: list[int] | None            # verify: per row the AR model's next token (-1 where the row ended)
+    given_conf: list[float] | None
+
+
+def _plan_block(model: TwoTower, cfg: SamplerConfig, resume: ForkPoint | None, block: int, produced: int,
+                 last: torch.Tensor, guard: RepeatGuard, ended: list[bool], gen: torch.Generator) -> _BlockPlan:
+    """The forked block goes on from its recorded state; any other block starts all masked, and
+    under verify (two or more positions) with the AR model's next token from `last` (B, V), the
+    context tower's logits after the text so far, written first."""
+    if resume and block == resume.block:
+        return _BlockPlan([list(row) for row in resume.tokens], resume.step + 1,
+                           max(cfg.steps, resume.step + 2), None, None)
+    mask_id = model.mask_token_id
+    rows = [[mask_id] * min(cfg.block_size, cfg.max_new_tokens - produced) for _ in ended]
+    if cfg.remasking != "verify" or len(rows[0]) == 1:             # a one-position block is left to its pass:
+        return _BlockPlan(rows, 0, cfg.steps, None, None)          # every block with a token to write has a step
+    given, given_conf = _next_tokens(last, guard, ended, cfg, gen, mask_id)
+    rows = [[tok] + row[1:] if tok >= 0 else row for tok, row in zip(given, rows)]
+    return _BlockPlan(rows, 0, cfg.steps, given, given_conf)
+
+
+@dataclass
+class _Block:
+    """A block's state across its denoiser passes."""
+    x: torch.Tensor                    # (B, S) committed tokens, mask id where masked
+    inputs: dict                       # the context view, built once per block
+    guard: RepeatGuard                 # the repeat guards over the text before the block
+    settled: torch.Tensor              # (B,) rows that need no more passes
+    reuse: PrefixReuse                 # what earlier passes computed for the unchanged prefix
+    trees: DraftTrees | None           # the verify order's draft trees
+    drafts: torch.Tensor               # (B, S) the verify order's proposals, mask id where none
+    draft_probs: torch.Tensor | None = None   # (B, S, V) what each draft was drawn from (temperature > 0)
+
+    def take(self, d: Decision, mask_id: int, eos_ids: torch.Tensor | None) -> None:
+        """The block as a pass's decision leaves it."""
+        self.x, self.drafts, self.draft_probs = d.x, d.drafts, d.draft_probs
+        self.settled = self.settled | settled_rows(d.x, mask_id, eos_ids)
+
+
+def _open_block(model: TwoTower, cfg: SamplerConfig, ctx, rows: list[list[int]], guard: RepeatGuard,
+                ended: list[bool], eos_ids: torch.Tensor | None, capturing: bool) -> _Block:
+    """A block's state before its first pass; its context view is built here, once."""
+    mask_id = model.mask_token_id
+    x = torch.tensor(rows, dtype=torch.long, device=model.device)                    # (B, S)
+    inputs = model.block_inputs(ctx, x.shape[1])
+    settled = torch.tensor(ended, device=model.device) | settled_rows(x, mask_id, eos_ids)   # (B,)
+    reusable = model.can_reuse_prefix(inputs, capturing=capturing)
+    trees = (DraftTrees(len(rows), reusable, cfg.draft_nodes + 1 if inputs.get("static") else None)
+             if cfg.draft_nodes else None)                         # static caches: fixed rows per pass
+    return _Block(x, inputs, guard, settled, PrefixReuse(reusable and trees is None, rows, mask_id), trees,
+                  torch.full_like(x, mask_id))
+
+
+class _Pass(NamedTuple):
+    """One denoiser pass over a block and the commit decision on it."""
+    decision: Decision
+    t: torch.Tensor                    # (B,) masked fraction the pass was told
+    open_: torch.Tensor                # (B, S) positions it could commit
+    begin: int                         # the first block input it computed (earlier ones were reused)
+    rows: int | None = None            # draft trees: block rows it ran
+    tree: list | None = None           # draft trees: the paths it checked
+
+
+def _denoiser_pass(model: TwoTower, blk: _Block, capture, steps_left: int, cfg: SamplerConfig,
+                   gen: torch.Generator) -> _Pass:
+    """Run the denoiser over the block (with its drafts read as written; a tree: a row per node)
+    and decide what the pass commits."""
+    mask_id = model.mask_token_id
+    open_ = (blk.x == mask_id) & ~blk.settled[:, None]             # settled rows commit nothing more
+    if blk.trees is not None:                                      # a row per node of each draft tree
+        d, t, rows, tree = blk.trees.step(model, blk.x, blk.drafts, blk.inputs, blk.guard, capture, open_,
+                                          steps_left, cfg, gen)
+        return _Pass(d, t, open_, 0, rows, tree)
+    drafted = blk.drafts != mask_id                                # (B, S) the verify order's drafts
+    seen = torch.where(drafted, blk.drafts, blk.x)                 # (B, S) what the pass reads
+    t = (seen == mask_id).float().mean(-1)
+    begin = blk.reuse.start()                                      # inputs before it: kept from earlier passes
+    logits = blk.reuse.logits_of_pass(model.denoise(seen, blk.inputs, t, capture, begin), begin)   # (B, S, V)
+    logits = blk.guard.denoiser_pass(logits.float(), seen, mask_id, drafted if cfg.remasking == "verify" else None)
+    return _Pass(decide_pass(logits, blk.x, blk.drafts, blk.draft_probs, open_, steps_left, cfg, gen, mask_id),
+                 t, open_, begin)
+
+
+def _step_event(model: TwoTower, blk: _Block, p: _Pass, capture, cfg: SamplerConfig, block: int, step: int,
+                nfe: int, start: float) -> tuple[Step, bool]:
+    """The pass as a Step event, from ONE device-to-host copy; and whether every row is settled."""
+    d, mask_id, verify = p.decision, model.mask_token_id, cfg.remasking == "verify"
+    top_ids, top_probs = _top(d.probs, cfg.top_candidates)
+    h_t, h_x, h_commit, h_planned, h_conf, h_ids, h_probs, h_active, h_settled, h_drafts, h_rejected = _to_host(
+        p.t, blk.x, d.commit, d.planned, d.confidence, top_ids, top_probs, p.open_.any(-1), blk.settled,
+        blk.drafts, d.rejected)
+    event = Step(block=block, step=step, t=h_t.tolist(), tokens=h_x.long().tolist(),
+                 committed=_positions(h_commit), planned=h_planned.long().tolist(), confidence=h_conf.tolist(),
+                 top_ids=h_ids.long().tolist(), top_probs=h_probs.tolist(),
+                 elapsed=time.perf_counter() - start, nfe=nfe,
+                 attention={i: a.tolist() for i, a in capture.probs.items()} if capture else None,
+                 anchor=int(model.anchor), active=h_active.bool().tolist(),
+                 drafts=[[-1 if tok == mask_id else tok for tok in row] for row in h_drafts.long().tolist()]
+                 if verify else None,
+                 rejected=_positions(h_rejected) if verify else None, rows=p.rows, tree=p.tree)
+    return event, bool(h_settled.all())
+
+
+def _readable(rows: list[list[int]], mask_id: int) -> bool:
+    """Whether the text's first token is written in every row of a block."""
+    return all(row[0] != mask_id for row in rows)
+
+
+def _append_block(out: list[list[int]], ended: list[bool], tokens: list[list[int]], cfg: SamplerConfig,
+                  eos: set[int]) -> None:
+    """Add a finished block to each row still going; with stop_at_eos cut at end-of-text and end the row."""
+    for b, row in enumerate(tokens):
+        if ended[b]:
+            continue
+        if cfg.stop_at_eos:
+            kept, [ended[b]] = _end_of_text([row], eos)
+            out[b].extend(kept[0])
+        else:
+            out[b].extend(row)
+
+
 @torch.no_grad()
 def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig,
                        capture_layers: tuple[int, ...] = (), resume: ForkPoint | None = None) -> Iterator[Event]:
@@ -140,101 +267,50 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
     if resume is not None:
         check_resume(model, prompts, cfg, resume)
     gen, eos, mask_id = _generator(model, cfg.seed), model.eos_token_ids, model.mask_token_id
-    verify = cfg.remasking == "verify"
     eos_ids = torch.tensor(sorted(eos), device=model.device) if cfg.stop_at_eos and eos else None
     start = time.perf_counter()
     prefix = resume.prefix if resume else [[] for _ in prompts]
     ctx, last = model.prefill([p + q for p, q in zip(prompts, prefix)], room=cfg.max_new_tokens)   # last: (B, V)
-    batch = len(prompts)
     yield Prefill(prompt_tokens=[len(p) for p in prompts], seconds=time.perf_counter() - start)
 
     if cfg.stop_at_eos:                                            # rows that ended before a fork stay ended
         out, ended = _end_of_text([list(r) for r in prefix], eos)
     else:
-        out, ended = [list(r) for r in prefix], [False] * batch
+        out, ended = [list(r) for r in prefix], [False] * len(prompts)
     nfe, passes, first_token = 0, 1, None
     block, produced = (resume.block, resume.start) if resume else (0, 0)
-    if resume and (produced > 0 or all(row[0] != mask_id for row in resume.tokens)):
+    if resume and (produced > 0 or _readable(resume.tokens, mask_id)):
         first_token = time.perf_counter() - start                  # the text's first token is already there
     while produced < cfg.max_new_tokens and not all(ended):
         guard = _guard(model, out, cfg)                            # over the text so far: once per block
-        given = given_conf = None
-        if resume and block == resume.block:                       # the forked block, from its recorded state
-            rows = [list(row) for row in resume.tokens]
-            first, budget = resume.step + 1, max(cfg.steps, resume.step + 2)
-        else:
-            rows = [[mask_id] * min(cfg.block_size, cfg.max_new_tokens - produced) for _ in range(batch)]
-            first, budget = 0, cfg.steps
-            if verify and len(rows[0]) > 1:                        # the AR model's next token, already predicted
-                # (a one-position block is left to its pass: every block with a token to write has a step)
-                given, given_conf = _next_tokens(last, guard, ended, cfg, gen, mask_id)
-                rows = [[tok] + row[1:] if tok >= 0 else row for tok, row in zip(given, rows)]
-        x, size = torch.tensor(rows, dtype=torch.long, device=model.device), len(rows[0])   # (B, S)
-        now = time.perf_counter() - start
-        yield BlockStart(block=block, start=produced, size=size, steps=budget, given=given, given_confidence=given_conf,
-                         elapsed=now)
-        if first_token is None and all(row[0] != mask_id for row in rows):
-            first_token = now                                      # the text's first token is readable
-        inputs = model.block_inputs(ctx, size)                     # context view: once per block
-        settled = torch.tensor(ended, device=model.device) | settled_rows(x, mask_id, eos_ids)   # (B,)
-        used, unsettled = first, not bool(settled.all())
-        drafts, draft_probs = torch.full_like(x, mask_id), None    # the verify order's proposals
-        reusable = model.can_reuse_prefix(inputs, capturing=bool(capture_layers))
-        trees = (DraftTrees(batch, reusable, cfg.draft_nodes + 1 if inputs.get("static") else None)
-                 if cfg.draft_nodes else None)                     # verify with draft trees (static: fixed rows)
-        reuse = PrefixReuse(reusable and trees is None, rows, mask_id)
-        for step in range(first, budget):
-            if not unsettled:
+        plan = _plan_block(model, cfg, resume, block, produced, last, guard, ended, gen)
+        size, now = len(plan.rows[0]), time.perf_counter() - start
+        yield BlockStart(block=block, start=produced, size=size, steps=plan.budget, given=plan.given,
+                         given_confidence=plan.given_conf, elapsed=now)
+        if first_token is None and _readable(plan.rows, mask_id):
+            first_token = now
+        blk = _open_block(model, cfg, ctx, plan.rows, guard, ended, eos_ids, capturing=bool(capture_layers))
+        used, all_settled = plan.first, bool(blk.settled.all())
+        for step in range(plan.first, plan.budget):
+            if all_settled:
                 break
-            open_ = (x == mask_id) & ~settled[:, None]             # settled rows commit nothing more
             capture = AttentionCapture(capture_layers) if capture_layers else None
-            begin, n_rows, tree = 0, None, None
-            if trees is not None:                                  # a row per node of each draft tree
-                d, t, n_rows, tree = trees.step(model, x, drafts, inputs, guard, capture, open_, budget - step, cfg, gen)
-            else:
-                drafted = drafts != mask_id                        # (B, S) the verify order's drafts
-                seen = torch.where(drafted, drafts, x)             # (B, S) what the pass reads
-                t = (seen == mask_id).float().mean(-1)
-                begin = reuse.start()                              # inputs before it: kept from earlier passes
-                logits = reuse.logits_of_pass(model.denoise(seen, inputs, t, capture, begin), begin)   # (B, S, V)
-                logits = guard.denoiser_pass(logits.float(), seen, mask_id, drafted if verify else None)
-                d = decide_pass(logits, x, drafts, draft_probs, open_, budget - step, cfg, gen, mask_id)
-            x, drafts, draft_probs = d.x, d.drafts, d.draft_probs
-            active, settled = open_.any(-1), settled | settled_rows(x, mask_id, eos_ids)
+            p = _denoiser_pass(model, blk, capture, plan.budget - step, cfg, gen)
+            blk.take(p.decision, mask_id, eos_ids)
             nfe, used = nfe + 1, step + 1
-            top_ids, top_probs = _top(d.probs, cfg.top_candidates)
-            h_t, h_x, h_commit, h_planned, h_conf, h_ids, h_probs, h_active, h_settled, h_drafts, h_rejected = _to_host(
-                t, x, d.commit, d.planned, d.confidence, top_ids, top_probs, active, settled, drafts, d.rejected)
-            event = Step(block=block, step=step, t=h_t.tolist(), tokens=h_x.long().tolist(),   # (the step's one sync)
-                         committed=_positions(h_commit), planned=h_planned.long().tolist(), confidence=h_conf.tolist(),
-                         top_ids=h_ids.long().tolist(), top_probs=h_probs.tolist(),
-                         elapsed=time.perf_counter() - start, nfe=nfe,
-                         attention={i: p.tolist() for i, p in capture.probs.items()} if capture else None,
-                         anchor=int(model.anchor), active=h_active.bool().tolist(),
-                         drafts=[[-1 if tok == mask_id else tok for tok in row] for row in h_drafts.long().tolist()]
-                         if verify else None,
-                         rejected=_positions(h_rejected) if verify else None, rows=n_rows, tree=tree)
-            reuse.record(begin, event.tokens, event.drafts)
-            if first_token is None and all(row[0] != mask_id for row in event.tokens):
-                first_token = event.elapsed                        # the text's first token is readable
-            unsettled = not bool(h_settled.all())
+            event, all_settled = _step_event(model, blk, p, capture, cfg, block, step, nfe, start)   # the step's one sync
+            blk.reuse.record(p.begin, event.tokens, event.drafts)
+            if first_token is None and _readable(event.tokens, mask_id):
+                first_token = event.elapsed
             yield event
-        tokens = x.tolist()
-        for b in range(batch):
-            if ended[b]:
-                continue
-            if cfg.stop_at_eos:
-                kept, [ended[b]] = _end_of_text([tokens[b]], eos)
-                out[b].extend(kept[0])
-            else:
-                out[b].extend(tokens[b])
+        tokens = blk.x.tolist()
+        _append_block(out, ended, tokens, cfg, eos)
         produced += size
         if not all(ended) and produced < cfg.max_new_tokens:
-            ctx, logits = model.extend(ctx, x, last_only=True)     # one context pass per block
+            ctx, logits = model.extend(ctx, blk.x, last_only=True)   # one context pass per block
             last = logits[:, -1]                                   # (B, V) the AR model's next token after it
             passes += 1
-        yield BlockCommitted(block=block, tokens=tokens, steps_used=used,
-                             elapsed=time.perf_counter() - start)
+        yield BlockCommitted(block=block, tokens=tokens, steps_used=used, elapsed=time.perf_counter() - start)
         block += 1
     seconds = time.perf_counter() - start
     yield Done(texts=_decode(model, out), token_ids=out, nfe=nfe, seconds=seconds,
