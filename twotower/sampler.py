@@ -117,8 +117,9 @@ def check_resume(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig, 
 
 
 class _BlockPlan(NamedTuple):
-    """How a block begins: its rows, the step it starts at and its step budget, and its given tokens."""
+    """How a block begins: its tokens, the step it starts at and its step budget, its given tokens."""
     rows: list[list[int]]              # (B, S) mask id where masked
+    x: torch.Tensor                    # (B, S) the same on the model's device
     first: int
     budget: int
     given: list[int] | None            # verify: per row the AR model's next token (-1 where the row ended)
@@ -127,22 +128,27 @@ class _BlockPlan(NamedTuple):
 
 def _plan_block(model: TwoTower, cfg: SamplerConfig, resume: ForkPoint | None, block: int, produced: int,
                  last: torch.Tensor, guard: RepeatGuard, ended: list[bool], gen: torch.Generator) -> _BlockPlan:
-    """The forked block goes on from its recorded state; any other block starts all masked, and
-    under verify (two or more positions) with the AR model's next token from `last` (B, V), the
-    context tower's logits after the text so far, written first."""
+    """How the next block begins. The forked block (resume) goes on from its recorded state. Any
+    other block starts all masked; under verify, one of two or more positions starts with its
+    first token written: the AR model's next token, chosen from `last` (B, V), the context
+    tower's logits after the text so far (this draws from `gen` when sampling, and syncs once)."""
     if resume and block == resume.block:
-        return _BlockPlan([list(row) for row in resume.tokens], resume.step + 1,
-                           max(cfg.steps, resume.step + 2), None, None)
+        rows, first, budget = [list(row) for row in resume.tokens], resume.step + 1, max(cfg.steps, resume.step + 2)
+        return _BlockPlan(rows, _on_device(model, rows), first, budget, None, None)
     mask_id = model.mask_token_id
-    rows = [[mask_id] * min(cfg.block_size, cfg.max_new_tokens - produced) for _ in ended]
-    if cfg.remasking != "verify" or len(rows[0]) == 1:             # a one-position block is left to its pass:
-        return _BlockPlan(rows, 0, cfg.steps, None, None)          # every block with a token to write has a step
-    given, given_conf = _next_tokens(last, guard, ended, cfg, gen, mask_id)
-    rows = [[tok] + row[1:] if tok >= 0 else row for tok, row in zip(given, rows)]
-    return _BlockPlan(rows, 0, cfg.steps, given, given_conf)
+    rows = [[mask_id] * min(cfg.block_size, cfg.max_new_tokens - produced) for _ in range(len(ended))]
+    given = given_conf = None
+    if cfg.remasking == "verify" and len(rows[0]) > 1:             # a one-position block is left to its pass,
+        given, given_conf = _next_tokens(last, guard, ended, cfg, gen, mask_id)   # so every block has a step
+        rows = [[tok] + row[1:] if tok >= 0 else row for tok, row in zip(given, rows)]
+    return _BlockPlan(rows, _on_device(model, rows), 0, cfg.steps, given, given_conf)
 
 
-@dataclass
+def _on_device(model: TwoTower, rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=model.device)
+
+
+@dataclass(eq=False)
 class _Block:
     """A block's state across its denoiser passes."""
     x: torch.Tensor                    # (B, S) committed tokens, mask id where masked
@@ -154,23 +160,22 @@ class _Block:
     drafts: torch.Tensor               # (B, S) the verify order's proposals, mask id where none
     draft_probs: torch.Tensor | None = None   # (B, S, V) what each draft was drawn from (temperature > 0)
 
-    def take(self, d: Decision, mask_id: int, eos_ids: torch.Tensor | None) -> None:
+    def advance(self, d: Decision, mask_id: int, eos_ids: torch.Tensor | None) -> None:
         """The block as a pass's decision leaves it."""
         self.x, self.drafts, self.draft_probs = d.x, d.drafts, d.draft_probs
         self.settled = self.settled | settled_rows(d.x, mask_id, eos_ids)
 
 
-def _open_block(model: TwoTower, cfg: SamplerConfig, ctx, rows: list[list[int]], guard: RepeatGuard,
+def _open_block(model: TwoTower, cfg: SamplerConfig, ctx: dict, plan: _BlockPlan, guard: RepeatGuard,
                 ended: list[bool], eos_ids: torch.Tensor | None, capturing: bool) -> _Block:
     """A block's state before its first pass; its context view is built here, once."""
-    mask_id = model.mask_token_id
-    x = torch.tensor(rows, dtype=torch.long, device=model.device)                    # (B, S)
+    mask_id, x = model.mask_token_id, plan.x
     inputs = model.block_inputs(ctx, x.shape[1])
     settled = torch.tensor(ended, device=model.device) | settled_rows(x, mask_id, eos_ids)   # (B,)
     reusable = model.can_reuse_prefix(inputs, capturing=capturing)
-    trees = (DraftTrees(len(rows), reusable, cfg.draft_nodes + 1 if inputs.get("static") else None)
+    trees = (DraftTrees(len(ended), reusable, cfg.draft_nodes + 1 if inputs.get("static") else None)
              if cfg.draft_nodes else None)                         # static caches: fixed rows per pass
-    return _Block(x, inputs, guard, settled, PrefixReuse(reusable and trees is None, rows, mask_id), trees,
+    return _Block(x, inputs, guard, settled, PrefixReuse(reusable and trees is None, plan.rows, mask_id), trees,
                   torch.full_like(x, mask_id))
 
 
@@ -179,34 +184,39 @@ class _Pass(NamedTuple):
     decision: Decision
     t: torch.Tensor                    # (B,) masked fraction the pass was told
     open_: torch.Tensor                # (B, S) positions it could commit
-    begin: int                         # the first block input it computed (earlier ones were reused)
-    rows: int | None = None            # draft trees: block rows it ran
-    tree: list | None = None           # draft trees: the paths it checked
+    begin: int                         # plain passes: the first block input computed (PrefixReuse kept
+                                       # the earlier ones); 0 with trees, which reuse on their own
+    rows: list[int] | None = None      # draft trees: block rows run per prompt
+    tree: list | None = None           # draft trees: the paths checked per prompt
 
 
-def _denoiser_pass(model: TwoTower, blk: _Block, capture, steps_left: int, cfg: SamplerConfig,
-                   gen: torch.Generator) -> _Pass:
-    """Run the denoiser over the block (with its drafts read as written; a tree: a row per node)
-    and decide what the pass commits."""
+def _denoiser_pass(model: TwoTower, blk: _Block, capture: AttentionCapture | None, steps_left: int,
+                   cfg: SamplerConfig, gen: torch.Generator, eos_ids: torch.Tensor | None) -> _Pass:
+    """Run the denoiser over the block (its drafts read as written text; with trees a row per
+    node), decide what the pass commits, and advance the block to that decision."""
     mask_id = model.mask_token_id
     open_ = (blk.x == mask_id) & ~blk.settled[:, None]             # settled rows commit nothing more
     if blk.trees is not None:                                      # a row per node of each draft tree
         d, t, rows, tree = blk.trees.step(model, blk.x, blk.drafts, blk.inputs, blk.guard, capture, open_,
                                           steps_left, cfg, gen)
-        return _Pass(d, t, open_, 0, rows, tree)
-    drafted = blk.drafts != mask_id                                # (B, S) the verify order's drafts
-    seen = torch.where(drafted, blk.drafts, blk.x)                 # (B, S) what the pass reads
-    t = (seen == mask_id).float().mean(-1)
-    begin = blk.reuse.start()                                      # inputs before it: kept from earlier passes
-    logits = blk.reuse.logits_of_pass(model.denoise(seen, blk.inputs, t, capture, begin), begin)   # (B, S, V)
-    logits = blk.guard.denoiser_pass(logits.float(), seen, mask_id, drafted if cfg.remasking == "verify" else None)
-    return _Pass(decide_pass(logits, blk.x, blk.drafts, blk.draft_probs, open_, steps_left, cfg, gen, mask_id),
-                 t, open_, begin)
+        p = _Pass(d, t, open_, 0, rows, tree)
+    else:
+        drafted = blk.drafts != mask_id                            # (B, S) the verify order's drafts
+        seen = torch.where(drafted, blk.drafts, blk.x)             # (B, S) what the pass reads
+        t = (seen == mask_id).float().mean(-1)
+        begin = blk.reuse.start()                                  # inputs before it: kept from earlier passes
+        logits = blk.reuse.logits_of_pass(model.denoise(seen, blk.inputs, t, capture, begin), begin)   # (B, S, V)
+        logits = blk.guard.denoiser_pass(logits.float(), seen, mask_id, drafted if cfg.remasking == "verify" else None)
+        p = _Pass(decide_pass(logits, blk.x, blk.drafts, blk.draft_probs, open_, steps_left, cfg, gen, mask_id),
+                  t, open_, begin)
+    blk.advance(p.decision, mask_id, eos_ids)
+    return p
 
 
-def _step_event(model: TwoTower, blk: _Block, p: _Pass, capture, cfg: SamplerConfig, block: int, step: int,
-                nfe: int, start: float) -> tuple[Step, bool]:
-    """The pass as a Step event, from ONE device-to-host copy; and whether every row is settled."""
+def _step_event(model: TwoTower, blk: _Block, p: _Pass, capture: AttentionCapture | None, cfg: SamplerConfig,
+                block: int, step: int, nfe: int, start: float) -> tuple[Step, bool]:
+    """The pass `p` as a Step event, read off the block it advanced in one device-to-host copy
+    (attention capture and trees copy their own); and whether every row is now settled."""
     d, mask_id, verify = p.decision, model.mask_token_id, cfg.remasking == "verify"
     top_ids, top_probs = _top(d.probs, cfg.top_candidates)
     h_t, h_x, h_commit, h_planned, h_conf, h_ids, h_probs, h_active, h_settled, h_drafts, h_rejected = _to_host(
@@ -224,8 +234,8 @@ def _step_event(model: TwoTower, blk: _Block, p: _Pass, capture, cfg: SamplerCon
     return event, bool(h_settled.all())
 
 
-def _readable(rows: list[list[int]], mask_id: int) -> bool:
-    """Whether the text's first token is written in every row of a block."""
+def _first_written(rows: list[list[int]], mask_id: int) -> bool:
+    """Whether every row of a block has its first position written."""
     return all(row[0] != mask_id for row in rows)
 
 
@@ -279,29 +289,28 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         out, ended = [list(r) for r in prefix], [False] * len(prompts)
     nfe, passes, first_token = 0, 1, None
     block, produced = (resume.block, resume.start) if resume else (0, 0)
-    if resume and (produced > 0 or _readable(resume.tokens, mask_id)):
+    if resume and (produced > 0 or _first_written(resume.tokens, mask_id)):
         first_token = time.perf_counter() - start                  # the text's first token is already there
     while produced < cfg.max_new_tokens and not all(ended):
         guard = _guard(model, out, cfg)                            # over the text so far: once per block
         plan = _plan_block(model, cfg, resume, block, produced, last, guard, ended, gen)
-        size, now = len(plan.rows[0]), time.perf_counter() - start
+        size, now = len(plan.rows[0]), time.perf_counter() - start   # (after the block's ids reached the device)
         yield BlockStart(block=block, start=produced, size=size, steps=plan.budget, given=plan.given,
                          given_confidence=plan.given_conf, elapsed=now)
-        if first_token is None and _readable(plan.rows, mask_id):
-            first_token = now
-        blk = _open_block(model, cfg, ctx, plan.rows, guard, ended, eos_ids, capturing=bool(capture_layers))
+        if first_token is None and _first_written(plan.rows, mask_id):
+            first_token = now                                      # the text's first token is readable
+        blk = _open_block(model, cfg, ctx, plan, guard, ended, eos_ids, capturing=bool(capture_layers))
         used, all_settled = plan.first, bool(blk.settled.all())
         for step in range(plan.first, plan.budget):
             if all_settled:
                 break
             capture = AttentionCapture(capture_layers) if capture_layers else None
-            p = _denoiser_pass(model, blk, capture, plan.budget - step, cfg, gen)
-            blk.take(p.decision, mask_id, eos_ids)
+            p = _denoiser_pass(model, blk, capture, plan.budget - step, cfg, gen, eos_ids)
             nfe, used = nfe + 1, step + 1
             event, all_settled = _step_event(model, blk, p, capture, cfg, block, step, nfe, start)   # the step's one sync
             blk.reuse.record(p.begin, event.tokens, event.drafts)
-            if first_token is None and _readable(event.tokens, mask_id):
-                first_token = event.elapsed
+            if first_token is None and _first_written(event.tokens, mask_id):
+                first_token = event.elapsed                        # the text's first token is readable
             yield event
         tokens = blk.x.tolist()
         _append_block(out, ended, tokens, cfg, eos)
