@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from twotower import bench
+from twotower import bandwidth, bench, random_weights
 from twotower.cli import main
 
 TINY_NEMOTRON_H = {   # the pattern and sizes of tests/test_nemotron_h.py's tiny model
@@ -114,8 +114,8 @@ def test_random_weights_tiny_nemotron_h(capsys, tiny_config):
 
 
 def test_random_spec_names_and_errors(capsys, tmp_path):
-    assert bench.config_path("nemotron-h-small") == bench.CONFIG_DIR / "nemotron_h_small.json"
-    assert bench.config_path("nemotron_h_release").is_file()
+    assert random_weights.config_path("nemotron-h-small") == random_weights.CONFIG_DIR / "nemotron_h_small.json"
+    assert random_weights.config_path("nemotron_h_release").is_file()
     for argv, message in ((["--model", "random:no-such-config"], "no config named 'no-such-config'"),
                           (["--random-weights", str(tmp_path / "x.json")], "config not found"),
                           (["--batch", "0", "--random-weights", "nemotron_h_small"], "--batch")):
@@ -125,7 +125,7 @@ def test_random_spec_names_and_errors(capsys, tmp_path):
 
 
 def test_materialise_bfloat16_in_place(tiny_config):
-    model = bench.random_model(str(tiny_config), "cpu", torch.bfloat16, seed=3)
+    model = random_weights.random_model(str(tiny_config), "cpu", torch.bfloat16, seed=3)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     assert not any(t.is_meta for t in tensors.values())
     for name, t in tensors.items():
@@ -138,7 +138,7 @@ def test_materialise_bfloat16_in_place(tiny_config):
     inputs = model.block_inputs(ctx, 4)
     out = model.denoise(torch.full((1, 4), 3), inputs)
     assert out.shape == (1, 4, 96) and torch.isfinite(out.float()).all()
-    again = bench.random_model(str(tiny_config), "cpu", torch.bfloat16, seed=3)   # seeded: reproducible
+    again = random_weights.random_model(str(tiny_config), "cpu", torch.bfloat16, seed=3)   # seeded: reproducible
     assert torch.equal(again.denoiser_lm.lm_head.weight, model.denoiser_lm.lm_head.weight)
 
 
@@ -150,7 +150,7 @@ def test_random_llama_keeps_rotary_frequencies(tmp_path):
     path = tmp_path / "tiny_llama.json"
     path.write_text(json.dumps({"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}))
-    model = bench.random_model(str(path), "cpu", torch.bfloat16)
+    model = random_weights.random_model(str(path), "cpu", torch.bfloat16)
     rotary = model.context_lm.model.rotary_emb
     expected = LlamaRotaryEmbedding(LlamaConfig(**json.loads(path.read_text()))).inv_freq
     assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, expected)
@@ -160,28 +160,28 @@ def test_random_llama_keeps_rotary_frequencies(tmp_path):
 
 
 def test_weight_bytes_counts_active_experts(tiny_config):
-    model = bench.meta_twotower(bench.read_config(tiny_config))
+    model = random_weights.meta_twotower(random_weights.read_config(tiny_config))
     lm = model.context_lm
     experts = sum(p.numel() * 4 for n, p in lm.named_parameters() if ".experts." in n)
     emb = lm.get_input_embeddings().weight
-    one = bench.weight_bytes(lm, 1)
+    one = bandwidth.weight_bytes(lm, 1)
     assert one["routed_expert_bytes"] == pytest.approx(experts * 2 / 4)            # top-2 of 4 experts
     dense = sum(p.numel() * 4 for p in lm.parameters()) - experts - emb.numel() * 4
     assert one["bytes"] == pytest.approx(dense + experts / 2 + emb.shape[1] * 4)    # one embedding row
-    many = bench.weight_bytes(lm, 10_000)
+    many = bandwidth.weight_bytes(lm, 10_000)
     assert many["routed_expert_bytes"] == pytest.approx(experts)                   # every expert hit
-    assert bench.expected_experts(128, 6, 1) == pytest.approx(6)
-    assert 6 < bench.expected_experts(128, 6, 16) < 96
+    assert bandwidth.expected_experts(128, 6, 1) == pytest.approx(6)
+    assert 6 < bandwidth.expected_experts(128, 6, 16) < 96
 
 
 def test_release_config_plan_matches_design():
     """The release's backbone: 52 layers (23 Mamba-2, 23 MoE, 6 attention), ~31.6B params per
     tower, ~3.6B active per token (DESIGN.md) of which the 0.35B input embedding is only read
     one row at a time; built on the meta device, no memory used."""
-    config = bench.read_config(bench.config_path("nemotron_h_release"))
+    config = random_weights.read_config(random_weights.config_path("nemotron_h_release"))
     kinds = list(config.layers_block_type)
     assert len(kinds) == 52 and kinds.count("moe") == 23 and kinds.count("full_attention") == 6
-    plan = bench.plan(config, batch=1, block=16, bandwidth=4800)
+    plan = bandwidth.plan(config, batch=1, block=16, bandwidth=4800)
     assert plan["context_params"] == pytest.approx(31.6e9, rel=0.01)
     assert plan["ar_step_weight_gb"] == pytest.approx(2 * (3.58 - 0.35), rel=0.01)   # bf16, embedding excluded
     assert plan["both_towers_gb"] == pytest.approx(126, rel=0.01)
@@ -192,7 +192,7 @@ def test_release_config_plan_matches_design():
 def test_grouped_experts_match_the_expert_loop(tiny_config):
     """transformers' default MoE path (grouped_mm) equals its per-expert Python loop ('eager')."""
     torch.manual_seed(0)
-    model = bench.random_model(str(tiny_config), "cpu", torch.float32, seed=1)
+    model = random_weights.random_model(str(tiny_config), "cpu", torch.float32, seed=1)
     moe = next(l.mixer for l in model.context_lm.model.layers if l.block_type == "moe")
     with torch.no_grad():
         moe.experts.up_proj.normal_(0, 0.3)

@@ -27,7 +27,6 @@ built on the meta device and materialised directly on the target device in the t
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -41,17 +40,16 @@ from pathlib import Path
 
 import torch
 
+from .bandwidth import bandwidth_report, default_bandwidth, expected_experts, plan
 from .generate_cmd import tuned
 from .guards import RepeatGuard
+from .random_weights import config_path, random_model, read_config
 from .sampling import REMASKING, SamplerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "bench" / "configs"
 OPEN_PROMPTS = ROOT / "assets" / "eval" / "open_prompts.txt"
 FIRST_PROMPT = "Write a short story about a lost dog."      # the prompt of the first GPU figures
-RANDOM_MASK_ID = 3                                         # the release's mask id
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BANDWIDTH_GBPS = (("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0), ("H200", 4800.0))
 
 
 # ---- timing and memory ----------------------------------------------------------------------
@@ -128,177 +126,6 @@ def git_commit() -> dict:
     if head.returncode != 0:
         return {"commit": None, "dirty": None}
     return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-
-
-def default_bandwidth(device) -> float | None:
-    """Peak HBM bandwidth (GB/s) of a known GPU by name; None on CPU or an unknown GPU."""
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((gbps for key, gbps in BANDWIDTH_GBPS if key in name), None)
-
-
-# ---- random-weight models -------------------------------------------------------------------
-def config_path(name_or_path: str) -> Path:
-    """A config file path, or bench/configs/NAME.json for a bare name ('-' read as '_')."""
-    path = Path(name_or_path)
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise ValueError(f"random-weights config not found: {path}")
-        return path
-    named = CONFIG_DIR / f"{name_or_path.replace('-', '_')}.json"
-    if not named.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
-        raise ValueError(f"no config named {name_or_path!r} in {CONFIG_DIR} (known: {known})")
-    return named
-
-
-def read_config(path: Path):
-    """A transformers config from a JSON file (remote-code and comment fields dropped)."""
-    from transformers import CONFIG_MAPPING
-
-    try:
-        raw = json.loads(Path(path).read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    model_type = raw.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"{path}: unknown model_type {model_type!r}")
-    fields = {k: v for k, v in raw.items()
-              if not k.startswith("_") and k not in ("architectures", "auto_map", "torch_dtype", "dtype")}
-    return CONFIG_MAPPING[model_type].from_dict(fields)
-
-
-def meta_twotower(config, name: str = "random"):
-    """Both towers and the time conditioning on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    from .model import TwoTower
-
-    with torch.device("meta"):
-        context_lm = AutoModelForCausalLM.from_config(config).eval()
-        denoiser_lm = AutoModelForCausalLM.from_config(copy.deepcopy(config)).eval()
-        return TwoTower(context_lm, denoiser_lm, RANDOM_MASK_ID, name=name).eval()
-
-
-def _keep_fp32(lm) -> tuple[str, ...]:
-    """Names transformers keeps in fp32 whatever the dtype (Nemotron-H: the router's score bias)."""
-    return tuple(getattr(lm, "_keep_in_fp32_modules_strict", None) or ())
-
-
-@torch.no_grad()
-def materialise(model, device, dtype: torch.dtype, context_device=None, seed: int = 0):
-    """Allocate a meta TwoTower on its devices in `dtype` (once, no copy) and fill random weights.
-
-    The context tower goes to `context_device` (default `device`), the rest to `device`.
-    Parameters take `dtype`, except those transformers keeps in fp32; buffers keep their dtype.
-    """
-    keep = _keep_fp32(model.context_lm)
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and not any(k in name for k in keep):
-            param.data = param.data.to(dtype)                     # meta: free
-    model.context_lm.to_empty(device=context_device or device)
-    model.denoiser_lm.to_empty(device=device)
-    model.time.to_empty(device=device)
-    init_random_(model.context_lm, seed)
-    init_random_(model.denoiser_lm, seed + 1)
-    init_random_(model.time, seed + 2)
-    model.time.reset_to_identity()
-    return model.eval()
-
-
-@torch.no_grad()
-def init_random_(module, seed: int, std: float | None = None) -> None:
-    """Random weights in place: matrices N(0, std), norms 1, biases and buffers 0, Mamba A/D/dt
-    as the backbone initialises them, rotary frequencies recomputed from the config."""
-    config = getattr(module, "config", None)
-    std = std or float(getattr(config, "initializer_range", 0.02) or 0.02)
-    gens = {}
-    for name, p in module.named_parameters():
-        gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("A_log", "D", "dt_bias"):
-            continue                                              # set by the mixer's own init below
-        if p.dim() >= 2:
-            p.normal_(0.0, std, generator=gen)
-        elif "norm" in name or "layernorm" in name:
-            p.fill_(1.0)
-        else:
-            p.zero_()
-    for _, b in module.named_buffers():
-        if b.is_floating_point():
-            b.zero_()
-    for m in module.modules():
-        if hasattr(m, "init_nemotron_h_mamba2_weights"):
-            m.init_nemotron_h_mamba2_weights()
-        if hasattr(m, "inv_freq") and hasattr(m, "config"):      # RoPE: a fresh module's buffers
-            fresh = type(m)(m.config)
-            for key, value in fresh.named_buffers():
-                setattr(m, key, value.to(m.inv_freq.device))
-            m.attention_scaling = getattr(fresh, "attention_scaling", 1.0)
-
-
-def random_model(name_or_path: str, device: str, dtype: torch.dtype, context_device=None, seed: int = 0):
-    """A TwoTower with random weights built from a config file (see `config_path`)."""
-    path = config_path(name_or_path)
-    model = meta_twotower(read_config(path), name=f"random:{path.stem}")
-    return materialise(model, device, dtype, context_device, seed)
-
-
-# ---- weight bytes and the bandwidth bound ------------------------------------------------------
-def expected_experts(num_experts: int, top_k: int, tokens: int) -> float:
-    """Expected distinct experts a pass over `tokens` tokens touches, routing uniform at random."""
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
-
-
-def weight_bytes(lm, tokens: int) -> dict:
-    """Weight bytes one forward pass of `lm` over `tokens` tokens reads from memory.
-
-    Dense matrices are read once per pass; an untied input embedding only for the rows used;
-    routed experts (3-D parameters of an experts module) for the expected distinct experts
-    hit (exact at one token; uniform random routing above). Caches and activations excluded.
-    """
-    emb, out = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
-    top_k = int(getattr(lm.config, "num_experts_per_tok", 0) or 0)
-    total = experts = 0.0
-    seen = set()
-    for module in lm.modules():
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            nbytes = p.numel() * p.element_size()
-            if p is emb and emb is not out:
-                nbytes = min(tokens, p.shape[0]) * p.shape[1] * p.element_size()
-            elif p.dim() == 3 and getattr(module, "num_experts", None) == p.shape[0] and top_k:
-                nbytes *= expected_experts(p.shape[0], top_k, tokens) / p.shape[0]
-                experts += nbytes
-            total += nbytes
-    params = sum(p.numel() for p in lm.parameters())
-    return {"tokens": tokens, "bytes": total, "routed_expert_bytes": experts, "params": params}
-
-
-def bandwidth_report(model, batch: int, block: int, gbps: float | None, ar: dict, diffusion: dict) -> dict:
-    """The memory-bandwidth bound of an AR decode step and of a denoiser pass, and how close we are."""
-    step = weight_bytes(model.context_lm, batch)
-    tokens = batch * (block + int(model.anchor))
-    denoise = weight_bytes(model.denoiser_lm, tokens)
-    out = {"gbps": gbps, "ar_step_weight_bytes": int(step["bytes"]), "ar_step_weight_gb": round(step["bytes"] / 1e9, 4),
-           "denoiser_pass_weight_bytes": int(denoise["bytes"]),
-           "denoiser_pass_weight_gb": round(denoise["bytes"] / 1e9, 4), "denoiser_pass_tokens": tokens,
-           "context_params": step["params"], "denoiser_params": denoise["params"],
-           "ar_bound_tokens_per_second": None, "ar_fraction_of_bound": None,
-           "denoiser_bound_ms_per_pass": None, "denoiser_fraction_of_bound": None}
-    if gbps:
-        bound = batch * gbps * 1e9 / step["bytes"]
-        out["ar_bound_tokens_per_second"] = round(bound, 1)
-        if ar.get("decode_tokens_per_second"):
-            out["ar_fraction_of_bound"] = round(ar["decode_tokens_per_second"] / bound, 4)
-        bound_ms = denoise["bytes"] / (gbps * 1e9) * 1e3
-        out["denoiser_bound_ms_per_pass"] = round(bound_ms, 4)
-        if diffusion.get("denoiser_ms_per_pass"):
-            out["denoiser_fraction_of_bound"] = round(bound_ms / diffusion["denoiser_ms_per_pass"], 4)
-    return out
 
 
 # ---- prompts --------------------------------------------------------------------------------
@@ -759,18 +586,6 @@ def load_bench_model(args):
         checkpoints.check_device(args.context_device)
         return release.load_release(spec, device, dtype, context_device=args.context_device).eval(), False
     return checkpoints.load(args.model, device=device, dtype=dtype), False
-
-
-def plan(config, batch: int, block: int, bandwidth: float | None) -> dict:
-    """Parameter counts, weight bytes per pass and bandwidth bounds of a config, built on meta."""
-    model = meta_twotower(config)
-    dtype = torch.bfloat16
-    for _, t in list(model.named_parameters()):
-        t.data = t.data.to(dtype)
-    out = bandwidth_report(model, batch, block, bandwidth, {}, {})
-    out["bytes_per_param"] = 2
-    out["both_towers_gb"] = round(sum(p.numel() for p in model.parameters()) * 2 / 1e9, 2)
-    return out
 
 
 def count(n: int) -> str:
