@@ -95,6 +95,8 @@ def check_objective_terms(model, clean: torch.Tensor, block: int) -> dict:
     assert parts["agree"].item() == pytest.approx(same.float().mean().item())
     first = [not masked[b, j - j % block:j].any() for b, j in rows]    # nothing masked before it in its block
     assert parts["agree_next"].item() == pytest.approx(same[torch.tensor(first)].float().mean().item())
+    second = [masked[b, j - j % block:j].sum() == 1 for b, j in rows]   # one masked before it in its block
+    assert parts["agree_ahead"].item() == pytest.approx(same[torch.tensor(second)].float().mean().item())
     batch, n = clean.shape
     hard = torch.stack([q[b, j - start] for b in range(batch) for j in range(start, n) if masked[b, j]])
     expected = torch.nn.functional.cross_entropy(hard, clean[:, start:][masked[:, start:]])
@@ -106,6 +108,8 @@ def test_first_masked_marks_each_blocks_first_masked_position():
     masked = torch.tensor([[0, 1, 1, 0, 0, 0, 0, 1], [1, 0, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
     expected = torch.tensor([[0, 1, 0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(first_masked(masked, 4), expected)
+    second = torch.tensor([[0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(first_masked(masked, 4, nth=2), second)
 
 
 @pytest.mark.parametrize("anchor", [True, False])
@@ -265,7 +269,7 @@ def test_a_few_steps_train_save_and_load(tmp_path, ar_dir, corpus, anchor, disti
     assert [h["step"] for h in meta["history"]] == [0, 2, 4]       # step 0: where it starts from
     assert meta["history"][0]["train_loss"] is None
     assert all(0 < h["eval_loss"] < 20 for h in meta["history"])
-    assert all(0 <= h["eval_agree"] <= 1 and 0 <= h["eval_agree_next"] <= 1 for h in meta["history"])
+    assert all(0 <= h[k] <= 1 for h in meta["history"] for k in ("eval_agree", "eval_agree_next", "eval_agree_ahead"))
     model = checkpoints.load(str(final), device="cpu")
     base = checkpoints.build(*checkpoints.load_ar(ar_dir, "cpu", torch.float32), MASK_ID, True, "b", anchor=anchor)
     assert model.anchor is anchor and model.clean_as_ar is clean_as_ar

@@ -145,11 +145,11 @@ def add_noise(clean: torch.Tensor, block_size: int, mask_id: int, min_t: float, 
     return torch.where(masked, torch.full_like(clean, mask_id), clean), masked, t
 
 
-def first_masked(masked: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(B, N) bool: each block's first masked position. masked: (B, N), N a multiple of block_size."""
+def first_masked(masked: torch.Tensor, block_size: int, nth: int = 1) -> torch.Tensor:
+    """(B, N) bool: each block's first (nth) masked position. masked: (B, N), N a multiple of block_size."""
     b, n = masked.shape
     blocks = masked.reshape(b, n // block_size, block_size)
-    return (blocks & (blocks.cumsum(-1) == 1)).reshape(b, n)
+    return (blocks & (blocks.cumsum(-1) == nth)).reshape(b, n)
 
 
 def soft_cross_entropy(log_probs: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -199,22 +199,23 @@ class DiffusionObjective(torch.nn.Module):
               prefix_share: float | None = None, next_weight: float = 1.0, inputs: dict | None = None) -> dict:
         """Loss terms on one batch: "ce" (against the clean tokens) and, with teacher, "distill"
         (against the AR distribution), "agree" (share of masked positions whose argmax is
-        the AR model's argmax, no grad) and "agree_next" (the same at each block's first masked
-        position, the token a left-to-right commit writes next). The losses are means over
+        the AR model's argmax, no grad), "agree_next" (the same at each block's first masked
+        position, the token a left-to-right commit writes next) and "agree_ahead" (at its second:
+        under revealed-prefix masks the verify order's first draft). The losses are means over
         masked positions, each block's first masked one weighted `next_weight`. `inputs`: the
         context tower's pass over `clean` (`training_inputs`) when the caller already has it."""
         m, n = self.model, clean.shape[1] // self.block_size * self.block_size
         clean = clean[:, :n]
         share = self.prefix_share if prefix_share is None else prefix_share
         noisy, masked, t = add_noise(clean, self.block_size, m.mask_token_id, self.min_t, gen, share)
-        first = first_masked(masked, self.block_size)
+        first, second = first_masked(masked, self.block_size), first_masked(masked, self.block_size, 2)
         inputs = m.training_inputs(clean, self.block_size) if inputs is None else inputs
         hidden = m.training_hidden(clean, noisy, t, self.block_size, inputs)   # (B, N - start, H)
         start = m.training_start(self.block_size)
-        masked, targets, first = masked[:, start:], clean[:, start:], first[:, start:]
+        masked, targets, first, second = masked[:, start:], clean[:, start:], first[:, start:], second[:, start:]
         picked = m.denoiser_lm.get_output_embeddings()(hidden[masked]).float()   # (M, V): masked only
         picked[:, m.mask_token_id] = float("-inf")                          # as in sampling
-        first = first[masked]                                               # (M,)
+        first, second = first[masked], second[masked]                       # (M,)
         weights = None if next_weight == 1 else 1 + (next_weight - 1) * first.float()
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.distill < 1):   # no graph at weight 0
             out = {"ce": weighted_mean(F.cross_entropy(picked, targets[masked], reduction="none"), weights)}
@@ -225,13 +226,13 @@ class DiffusionObjective(torch.nn.Module):
             ar = m.context_logits(before[masked][has_ar])                      # (M', V)
             ar[:, m.mask_token_id] = float("-inf")
             if start == 0:                                                      # (M',) rows from here
-                picked, first = picked[has_ar], first[has_ar]
+                picked, first, second = picked[has_ar], first[has_ar], second[has_ar]
                 weights = None if weights is None else weights[has_ar]
             rows = (F.cross_entropy(picked, ar.argmax(-1), reduction="none") if self.temperature == 0 else
                     soft_cross_entropy(picked.log_softmax(-1), (ar.float() / self.temperature).softmax(-1)))
             out["distill"] = weighted_mean(rows, weights)
             same = (picked.argmax(-1) == ar.argmax(-1)).float().detach()   # (M',)
-            out["agree"], out["agree_next"] = same.mean(), same[first].mean()
+            out["agree"], out["agree_next"], out["agree_ahead"] = same.mean(), same[first].mean(), same[second].mean()
         return out
 
 
@@ -318,18 +319,22 @@ def evaluate(objective, data: TokenWindows, cfg: TrainConfig, device: str) -> di
     `distill` is) and the agreement with the AR model's argmax at masked positions ("agree");
     with every block a revealed prefix and a masked rest (what left-to-right commits feed the
     denoiser), the agreement at the first masked position ("agree_next"): how often the token
-    that greedy `leftmost` decoding writes next is the AR model's."""
+    that greedy `leftmost` decoding writes next is the AR model's (1 under clean_as_ar, where the
+    AR model's reading writes it), and at the second ("agree_ahead"): how often the verify
+    order's first draft, one token past the AR model's next, is the AR model's token, the figure
+    its tokens per pass hang on (a block with one masked position has no second and does not count)."""
     gen = torch.Generator(device=device).manual_seed(1234)
     prefix_gen = torch.Generator(device=device).manual_seed(4321)   # its own: the paper masks stay as before
     windows = torch.Generator().manual_seed(cfg.seed + 4321)
-    sums = {"ce": 0.0, "agree": 0.0, "agree_next": 0.0}
+    sums = {"ce": 0.0, "agree": 0.0, "agree_next": 0.0, "agree_ahead": 0.0}
     for _ in range(cfg.eval_batches):
         clean = data.batch(cfg.batch_size, windows)[:, :cfg.seq_len // cfg.block_size * cfg.block_size].to(device)
         with autocast(device):
             inputs = objective.model.training_inputs(clean, cfg.block_size)   # one context pass for both masks
             paper = objective.parts(clean, gen, prefix_share=0.0, inputs=inputs)
             prefix = objective.parts(clean, prefix_gen, prefix_share=1.0, inputs=inputs)
-        for key, value in (("ce", paper["ce"]), ("agree", paper["agree"]), ("agree_next", prefix["agree_next"])):
+        for key, value in (("ce", paper["ce"]), ("agree", paper["agree"]), ("agree_next", prefix["agree_next"]),
+                           ("agree_ahead", prefix["agree_ahead"])):
             sums[key] += value.item() / cfg.eval_batches
     return sums
 
@@ -343,10 +348,11 @@ def eval_row(objective, data: TokenWindows, cfg: TrainConfig, device: str, step:
     objective.model.train()
     train = "" if train_loss is None else f" train {train_loss:.3f}"
     tqdm.write(f"[train] step {step}{train} eval {ev['ce']:.3f} agree-with-AR {ev['agree']:.3f} "
-               f"next-token {ev['agree_next']:.3f}", file=sys.stderr)
+               f"next-token {ev['agree_next']:.3f} first-draft {ev['agree_ahead']:.3f}", file=sys.stderr)
     return {"step": step, "train_loss": None if train_loss is None else round(train_loss, 4),
             "eval_loss": round(ev["ce"], 4), "eval_agree": round(ev["agree"], 4),
-            "eval_agree_next": round(ev["agree_next"], 4), "seconds": round(seconds, 1)}
+            "eval_agree_next": round(ev["agree_next"], 4), "eval_agree_ahead": round(ev["agree_ahead"], 4),
+            "seconds": round(seconds, 1)}
 
 
 def elapsed_seconds(t0: float, world: int, device: str, sync: bool) -> float:
