@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from twotower.checkpoints import load  # noqa: E402
-from twotower.evaluate import device_name, encode_all, generate, load_prompts, load_qa, score_qa, speed_of  # noqa: E402
+from twotower.eval_report import device_name  # noqa: E402
+from twotower.evaluate import encode_all, generate, load_prompts, load_qa, score_qa, speed_of  # noqa: E402
 from twotower.sampling import REMASKING, SamplerConfig  # noqa: E402
 
 

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from twotower.checkpoints import load  # noqa: E402
-from twotower.evaluate import device_name, encode_all, generate, load_qa  # noqa: E402
+from twotower.eval_report import device_name  # noqa: E402
+from twotower.evaluate import encode_all, generate, load_qa  # noqa: E402
 from twotower.sampling import SamplerConfig  # noqa: E402
 
 BLOCK, AHEAD, TOP = 16, 3, 3

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from twotower import cli, evaluate, metrics
+from twotower import cli, eval_report, evaluate, metrics
 from twotower.events import BlockCommitted, Step, Token
 
 
@@ -232,7 +232,7 @@ def test_generate_keeps_prompt_order_across_batches(ar_dir_tok):
 
 
 def test_the_report_names_the_repeat_guards():
-    assert evaluate.guards_text({"repetition_penalty": 1.1, "no_repeat_ngram_size": 4}) == \
+    assert eval_report.guards_text({"repetition_penalty": 1.1, "no_repeat_ngram_size": 4}) == \
         "repetition penalty 1.1, no repeated 4-grams"
-    assert evaluate.guards_text({"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}) == "no repeat guards"
-    assert evaluate.guards_text({}) == "no repeat guards"                  # results from before the guards
+    assert eval_report.guards_text({"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}) == "no repeat guards"
+    assert eval_report.guards_text({}) == "no repeat guards"                  # results from before the guards
