@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -110,6 +111,22 @@ def test_first_masked_marks_each_blocks_first_masked_position():
     assert torch.equal(first_masked(masked, 4), expected)
     second = torch.tensor([[0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(first_masked(masked, 4, nth=2), second)
+
+
+def test_first_draft_pools_second_positions_and_is_none_without_any():
+    """evaluate() pools first-draft agreement over every batch's second masked positions; with
+    blocks of one position there are none: NaN in the figures, None in the history row."""
+    from twotower.train import TokenWindows, eval_row, evaluate
+    model = objective_model()
+    data = TokenWindows(torch.randint(4, VOCAB, (400,), generator=torch.Generator().manual_seed(2)), 32, 0)
+    for block, expect_none in ((8, False), (1, True)):
+        cfg = TrainConfig(block_size=block, batch_size=2, seq_len=32, eval_batches=2, device="cpu")
+        objective = DiffusionObjective(model, block, 0.02, distill=1.0, temperature=0.0)
+        ev = evaluate(objective, data, cfg, "cpu")
+        row = eval_row(objective, data, cfg, "cpu", 0, None, 0.0)
+        assert math.isnan(ev["agree_ahead"]) is expect_none
+        assert (row["eval_agree_ahead"] is None) is expect_none
+        assert expect_none or 0 <= row["eval_agree_ahead"] <= 1
 
 
 @pytest.mark.parametrize("anchor", [True, False])

@@ -233,6 +233,7 @@ class DiffusionObjective(torch.nn.Module):
             out["distill"] = weighted_mean(rows, weights)
             same = (picked.argmax(-1) == ar.argmax(-1)).float().detach()   # (M',)
             out["agree"], out["agree_next"], out["agree_ahead"] = same.mean(), same[first].mean(), same[second].mean()
+            out["ahead_count"] = second.sum()                                 # (agree_ahead is NaN at 0)
         return out
 
 
@@ -322,21 +323,24 @@ def evaluate(objective, data: TokenWindows, cfg: TrainConfig, device: str) -> di
     that greedy `leftmost` decoding writes next is the AR model's (1 under clean_as_ar, where the
     AR model's reading writes it), and at the second ("agree_ahead"): how often the verify
     order's first draft, one token past the AR model's next, is the AR model's token, the figure
-    its tokens per pass hang on (a block with one masked position has no second and does not count)."""
+    its tokens per pass hang on, pooled over the batches' second positions (a block with one masked
+    position has none; NaN, and None in the history, if no block had one)."""
     gen = torch.Generator(device=device).manual_seed(1234)
     prefix_gen = torch.Generator(device=device).manual_seed(4321)   # its own: the paper masks stay as before
     windows = torch.Generator().manual_seed(cfg.seed + 4321)
-    sums = {"ce": 0.0, "agree": 0.0, "agree_next": 0.0, "agree_ahead": 0.0}
+    sums, ahead, ahead_count = {"ce": 0.0, "agree": 0.0, "agree_next": 0.0}, 0.0, 0
     for _ in range(cfg.eval_batches):
         clean = data.batch(cfg.batch_size, windows)[:, :cfg.seq_len // cfg.block_size * cfg.block_size].to(device)
         with autocast(device):
             inputs = objective.model.training_inputs(clean, cfg.block_size)   # one context pass for both masks
             paper = objective.parts(clean, gen, prefix_share=0.0, inputs=inputs)
             prefix = objective.parts(clean, prefix_gen, prefix_share=1.0, inputs=inputs)
-        for key, value in (("ce", paper["ce"]), ("agree", paper["agree"]), ("agree_next", prefix["agree_next"]),
-                           ("agree_ahead", prefix["agree_ahead"])):
+        for key, value in (("ce", paper["ce"]), ("agree", paper["agree"]), ("agree_next", prefix["agree_next"])):
             sums[key] += value.item() / cfg.eval_batches
-    return sums
+        count = int(prefix["ahead_count"])
+        if count:
+            ahead, ahead_count = ahead + prefix["agree_ahead"].item() * count, ahead_count + count
+    return {**sums, "agree_ahead": ahead / ahead_count if ahead_count else math.nan}
 
 
 def eval_row(objective, data: TokenWindows, cfg: TrainConfig, device: str, step: int,
@@ -351,7 +355,7 @@ def eval_row(objective, data: TokenWindows, cfg: TrainConfig, device: str, step:
                f"next-token {ev['agree_next']:.3f} first-draft {ev['agree_ahead']:.3f}", file=sys.stderr)
     return {"step": step, "train_loss": None if train_loss is None else round(train_loss, 4),
             "eval_loss": round(ev["ce"], 4), "eval_agree": round(ev["agree"], 4),
-            "eval_agree_next": round(ev["agree_next"], 4), "eval_agree_ahead": round(ev["agree_ahead"], 4),
+            "eval_agree_next": round(ev["agree_next"], 4), "eval_agree_ahead": None if math.isnan(ev["agree_ahead"]) else round(ev["agree_ahead"], 4),
             "seconds": round(seconds, 1)}
 
 
