@@ -8,15 +8,11 @@ import math
 import platform
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from . import metrics
 from .sampling import SamplerConfig
-
-if TYPE_CHECKING:
-    from .evaluate import EvalData
 
 
 def device_name(device) -> str:
@@ -176,19 +172,19 @@ def public(res: dict) -> dict:
     return clean(res)
 
 
-def write_outputs(out: Path, res: dict, data: EvalData) -> None:
-    """results.json, report.md, qa_outputs.jsonl and open_outputs.jsonl."""
+def write_outputs(out: Path, res: dict, qa: list[dict], open_prompts: list[str]) -> None:
+    """results.json, report.md, qa_outputs.jsonl (per QA item) and open_outputs.jsonl (per open prompt)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(public(res), indent=2))
     (out / "report.md").write_text(report_markdown(res))
     ar, diff, n = res["ar"], res["diffusion"], res["settings"]["agree_tokens"]
     with open(out / "qa_outputs.jsonl", "w") as f:
-        for i, item in enumerate(data.qa):
+        for i, item in enumerate(qa):
             f.write(json.dumps({**item, "ar": ar["_gen"]["qa"].texts[i], "diffusion": diff["_gen"]["qa"].texts[i],
                                 "ar_correct": ar["qa"]["correct"][i],
                                 "diffusion_correct": diff["qa"]["correct"][i]}) + "\n")
     with open(out / "open_outputs.jsonl", "w") as f:
-        for i, prompt in enumerate(data.open_prompts):
+        for i, prompt in enumerate(open_prompts):
             a, d = ar["_gen"]["open"], diff["_gen"]["open"]
             f.write(json.dumps({"prompt": prompt, "ar": a.texts[i], "diffusion": d.texts[i],
                                 "agreement": metrics.agreement(d.ids[i], a.ids[i], n),

@@ -380,7 +380,7 @@ def cmd_eval(args) -> int:
     res["seconds"] = round(time.perf_counter() - start, 2)
     out = Path(args.out) if args.out else (Path("eval_out") if args.sweep else None)
     if out is not None:
-        write_outputs(out, res, res["_data"])
+        write_outputs(out, res, res["_data"].qa, res["_data"].open_prompts)
         if res.get("sweep"):
             res["sweep_files"] = write_sweep(out, res["sweep"], res["ar"])
         print(f"[eval] results written to {out}", file=sys.stderr)
