@@ -248,3 +248,16 @@ def test_a_draft_tree_run_reports_its_rows_per_pass():
     tree = summarise([run_ours(model, prompts, SamplerConfig(draft_nodes=3, **c), "diffusion")], "diffusion")
     plain = summarise([run_ours(model, prompts, SamplerConfig(**c), "diffusion")], "diffusion")
     assert 1 < tree["rows_per_pass"] <= 4 and "rows_per_pass" not in plain
+
+
+def test_part_sizes_count_a_shared_backbone_once():
+    """memory.part_sizes: a denoiser copy weighs a backbone more; a shared one only what it adds."""
+    from twotower.checkpoints import build
+    from twotower.memory import part_sizes, tensor_bytes
+    from tests.tiny import MASK_ID, tiny_llama
+    lm = tiny_llama()
+    backbone = tensor_bytes([lm])[0]
+    copied, shared = (part_sizes(build(tiny_llama(), None, MASK_ID, True, "t", share_base=s)) for s in (False, True))
+    assert copied["context_weight_bytes"] == shared["context_weight_bytes"] == backbone
+    assert copied["denoiser_weight_bytes"] - shared["denoiser_weight_bytes"] == backbone
+    assert shared["denoiser_weight_bytes"] > 0                     # time conditioning and mask vector

@@ -118,6 +118,9 @@ def test_info(capsys, ar_dir):
     assert info["architecture"] == "llama" and info["layers"] == 2 and info["vocab"] == 96
     assert info["max_context"] == 256 and info["dtype"] == "float32" and info["name"] == ar_dir.name
     assert info["static_cache"] is False and info["compiled"] is False
+    assert info["context_weight_bytes"] >= info["context_params"] * 4              # float32 (+ buffers)
+    assert info["denoiser_weight_bytes"] >= info["context_weight_bytes"]          # its own backbone copy, and more
+    assert info["peak_memory_kind"] == "process_peak_rss" and info["peak_memory_gb"] > 0
     rc, out, _ = cli(capsys, "info", str(ar_dir), "--device", "cpu")
     assert rc == 0 and "architecture" in out and "llama" in out and "context_params" in out
 

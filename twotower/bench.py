@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import torch
 from .bandwidth import bandwidth_report, default_bandwidth, expected_experts, plan
 from .generate_cmd import tuned
 from .guards import RepeatGuard
+from .memory import peak_memory_gb, reset_peak
 from .random_weights import config_path, random_model, read_config
 from .sampling import REMASKING, SamplerConfig
 
@@ -71,23 +71,6 @@ def timed(device, into: dict, key: str = "seconds"):
     finally:
         sync(device)
         into[key] = into.get(key, 0.0) + time.perf_counter() - start
-
-
-def reset_peak(device) -> None:
-    """Start a new CUDA peak-memory window on every GPU (no-op on CPU)."""
-    if torch.device(device).type == "cuda":
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(i)
-
-
-def peak_memory_gb(device) -> dict:
-    """CUDA: max_memory_allocated since the last reset, summed over GPUs; CPU: the process's
-    peak RSS (ru_maxrss, process-wide, never reset)."""
-    if torch.device(device).type == "cuda":
-        total = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-        return {"kind": "cuda_max_memory_allocated", "gb": round(total / 1e9, 3)}
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # kilobytes on Linux
-    return {"kind": "process_peak_rss", "gb": round(kb * 1024 / 1e9, 3)}
 
 
 # ---- machine and commit -----------------------------------------------------------------------

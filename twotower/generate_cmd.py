@@ -114,11 +114,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch
+    from .memory import part_sizes, peak_memory_gb
     model = load_model(args)
-    info = model.info()
-    if torch.cuda.is_available():
-        info["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    peak = peak_memory_gb(model.device)              # loading's peak: weights plus what loading held
+    info = model.info() | part_sizes(model) | {"peak_memory_gb": peak["gb"], "peak_memory_kind": peak["kind"]}
+    if "by_device" in peak:
+        info["peak_memory_by_device_gb"] = peak["by_device"]
     if args.json:
         print(json.dumps(info, indent=2))
     else:
