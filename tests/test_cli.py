@@ -125,6 +125,20 @@ def test_info(capsys, ar_dir):
     assert rc == 0 and "architecture" in out and "llama" in out and "context_params" in out
 
 
+def test_info_of_random_weights_says_where_each_part_lives(capsys):
+    """random:NAME specs load anywhere a spec is read; a context device needs random weights or a
+    release directory."""
+    rc, out, err = cli(capsys, "info", "random:nemotron-h-small", "--json", "--device", "cpu", "--context-device", "cpu")
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["architecture"] == "nemotron_h" and info["context_device"] == info["denoiser_device"] == "cpu"
+    assert info["context_weight_bytes"] > 0 and info["denoiser_weight_bytes"] >= info["context_weight_bytes"]
+    rc, _, err = cli(capsys, "info", "default", "--device", "cpu", "--context-device", "cpu")
+    assert rc != 0 and "random weights or a release directory only" in err
+    rc, _, err = cli(capsys, "info", "random:no-such-config", "--device", "cpu")
+    assert rc != 0 and "no config named 'no-such-config'" in err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--threshold", "1.5"], "error: threshold must lie in [0, 1], got 1.5"),
     (["--threshold", "-0.2"], "error: threshold must lie in [0, 1]"),

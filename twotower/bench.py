@@ -43,7 +43,7 @@ from .bandwidth import bandwidth_report, default_bandwidth, expected_experts, pl
 from .generate_cmd import tuned
 from .guards import RepeatGuard
 from .memory import peak_memory_gb, reset_peak
-from .random_weights import config_path, random_model, read_config
+from .random_weights import config_path, read_config
 from .sampling import REMASKING, SamplerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -551,24 +551,15 @@ def run_bench(model, prompts, cfg: SamplerConfig, batch: int = 1, warmup: int = 
 
 
 def load_bench_model(args):
-    """The model of `--model` / `--random-weights`, on `--device` in `--dtype`."""
+    """The model of `--model` / `--random-weights`, on `--device` in `--dtype` (the context tower
+    on `--context-device` when given); returns (model, whether its weights are random)."""
     from . import checkpoints
 
     device = checkpoints.check_device(args.device or checkpoints.default_device())
     dtype = DTYPES[args.dtype] if args.dtype else checkpoints.default_dtype(device)
-    spec = args.model or ""
-    source = args.random_weights or (spec[len("random:"):] if spec.startswith("random:") else None)
-    if source:
-        if args.context_device:
-            checkpoints.check_device(args.context_device)
-        return random_model(source, device, dtype, args.context_device, args.seed), True
-    if args.context_device:
-        from . import release
-        if not (spec and release.is_release_dir(spec)):
-            raise ValueError("--context-device works with random weights or a release directory only")
-        checkpoints.check_device(args.context_device)
-        return release.load_release(spec, device, dtype, context_device=args.context_device).eval(), False
-    return checkpoints.load(args.model, device=device, dtype=dtype), False
+    spec = checkpoints.RANDOM + args.random_weights if args.random_weights else args.model
+    model = checkpoints.load(spec, device=device, dtype=dtype, context_device=args.context_device, seed=args.seed)
+    return model, bool(spec and spec.startswith(checkpoints.RANDOM))
 
 
 def count(n: int) -> str:

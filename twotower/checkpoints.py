@@ -8,6 +8,8 @@ A model SPEC names what to load:
   DIR of a plain AR model  (config.json + safetensors) as context tower, denoiser initialised from it
   ctx=DIR,denoiser=FILE   a plain AR checkpoint plus a denoiser file saved by `save`
   ORG/NAME                a hub id, read from the local hub cache only (never downloaded here)
+  random:NAME             random weights from bench/configs/NAME.json (or random:PATH.json), built
+                          on the meta device and materialised once on the target device
 
 Our format, a directory:
   twotower.json        {"format": "twotower", "context": ..., "mask_token_id", "learned_mask",
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / "assets" / "default_model"
 FORMAT = "twotower"
 SMOLLM2_MASK_ID = 16   # "<empty_output>": a special token that never occurs in text
+RANDOM = "random:"     # spec prefix of random weights from a config (twotower.random_weights)
 
 
 def default_device() -> str:
@@ -244,14 +247,20 @@ def save(model: TwoTower, path: str | Path, context: str, lora_model=None, lora:
 
 # ---- specs --------------------------------------------------------------------------------
 def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-         share_base: bool = False) -> TwoTower:
+         share_base: bool = False, context_device: str | None = None, seed: int = 0) -> TwoTower:
     """Resolve a model spec (see the module docstring) into a ready TwoTower in eval mode.
 
     share_base: for a LoRA checkpoint in our format, keep ONE backbone in memory and run the
     adapter unmerged (less memory, a little slower); by default the adapter is merged into a
-    copy of the backbone.
+    copy of the backbone. context_device: put the context tower there (e.g. a second GPU), for
+    random weights and release directories. seed: the random weights' seed.
     """
-    model = _load(spec, device, dtype, share_base)
+    if spec and spec.startswith(RANDOM):
+        model = _load_random(spec[len(RANDOM):], device, dtype, share_base, context_device, seed)
+    elif context_device is not None:
+        model = _load_release_split(spec, device, dtype, context_device)
+    else:
+        model = _load(spec, device, dtype, share_base)
     head_for_one_row(model.context_lm)
     return model
 
@@ -270,6 +279,31 @@ def head_for_one_row(lm) -> None:
     if embedding is not None and embedding.weight is w:
         embedding.weight = relaid
     head.weight = relaid
+
+
+def _load_random(source: str, device: str | None, dtype: torch.dtype | None, share_base: bool,
+                 context_device: str | None, seed: int) -> TwoTower:
+    """Random weights from a config (twotower.random_weights), the context tower on context_device."""
+    from .random_weights import random_model
+    if share_base:
+        raise SpecError("share_base works for LoRA checkpoints in our format; random weights are not one")
+    device = check_device(device or default_device())
+    context_device = check_device(context_device) if context_device else None
+    try:
+        return random_model(source, device, dtype or default_dtype(device), context_device, seed).eval()
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
+def _load_release_split(spec: str | None, device: str | None, dtype: torch.dtype | None,
+                        context_device: str) -> TwoTower:
+    """A release directory with its context tower on another device (two GPUs)."""
+    from . import release
+    if not (spec and release.is_release_dir(spec)):
+        raise SpecError("a separate context device works with random weights or a release directory only")
+    device = check_device(device or default_device())
+    return release.load_release(spec, device, dtype or default_dtype(device),
+                                context_device=check_device(context_device)).eval()
 
 
 def _load(spec: str | None, device: str | None, dtype: torch.dtype | None, share_base: bool) -> TwoTower:
@@ -310,7 +344,7 @@ def _load(spec: str | None, device: str | None, dtype: torch.dtype | None, share
         raise SpecError(f"model spec {spec!r} is a file; give its directory (or ctx=DIR,denoiser=FILE)")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _load_hub(spec, device, dtype)
-    raise SpecError(f"unknown model spec {spec!r}: not 'default', 'smollm2', a directory, or a hub id")
+    raise SpecError(f"unknown model spec {spec!r}: not 'default', 'smollm2', a directory, a hub id or random:NAME")
 
 
 def _pick_mask(tokenizer) -> int:

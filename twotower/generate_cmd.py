@@ -58,7 +58,8 @@ def sampler_config(args, model_defaults: dict | None = None) -> SamplerConfig:
 
 def load_model(args):
     from . import checkpoints
-    model = checkpoints.load(args.model, device=args.device, share_base=getattr(args, "share_base", False))
+    model = checkpoints.load(args.model, device=args.device, share_base=getattr(args, "share_base", False),
+                             context_device=getattr(args, "context_device", None))
     if getattr(args, "mask_token_id", None) is not None:
         vocab = model.context_lm.config.vocab_size
         if not 0 <= args.mask_token_id < vocab:
@@ -143,8 +144,10 @@ def add_parser(sub) -> None:
     add_sampler_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("info", help="describe a model (architecture, layers, params, devices)")
-    p.add_argument("model", nargs="?", default=None, help="model spec")
+    p = sub.add_parser("info", help="describe a model (architecture, params, where each part lives, memory)")
+    p.add_argument("model", nargs="?", default=None, help="model spec (also random:NAME, see bench/configs)")
     p.add_argument("--device", default=None)
+    p.add_argument("--context-device", default=None,
+                   help="put the context tower on another device (random weights or a release directory)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
