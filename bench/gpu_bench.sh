@@ -6,7 +6,8 @@
 # Stage "default" (call 2, carry .gpu/b): the default model on this GPU, eager / static /
 #   draft trees (verify, 16 nodes: more rows per pass, which a GPU at batch 1 runs nearly free) /
 #   compiled / CUDA graphs / draft trees under CUDA graphs; every JSON (7) lands in $OUT.
-# Stage "release" (an H200 call): the full-size model with random weights, eager and CUDA graphs.
+# Stage "release" (an H200 call): the full-size model with random weights: `info` (where each part
+#   lives, its weight bytes, the peak after loading), then bench eager and under CUDA graphs.
 set -euo pipefail
 stage=$1
 export PYTHONUNBUFFERED=1 TWOTOWER_CACHE=/root/twotower-cache TWOTOWER_SMOLLM2_GGUF=/root/g/smollm2.gguf
@@ -38,6 +39,8 @@ default)
   bench default_tree16_cudagraphs "${common[@]}" --warmup 3 --draft-nodes 16 --compile --compile-mode reduce-overhead \
       --stream-repeats 0 ;;
 release)
+  python3 -m twotower info random:nemotron-h-release --device cuda --json > "$OUT/${gpu}_release_info.json" \
+      && grep -E "device|weight_bytes|peak" "$OUT/${gpu}_release_info.json"   # where each part lives, loading's peak
   common=(--model random:nemotron-h-release --prompts 2 --max-new-tokens 64 --no-hf)
   bench release_random_T16 "${common[@]}" --warmup 1 --stream-repeats 1
   bench release_random_T4 "${common[@]}" --warmup 1 --steps 4 --stream-repeats 0
