@@ -218,6 +218,9 @@ def test_eval_counts_the_drafts_kept_and_dropped(model, prompts, monkeypatch):
     speed = evaluate.speed_of(gen)
     assert speed["drafts_checked"] == gen.drafts_held + gen.drafts_dropped
     assert 0 < speed["draft_acceptance"] < 1
+    assert sum(gen.held_at) == gen.drafts_held and gen.reached[0] >= gen.reached[-1] > 0   # by depth, the same drafts
+    assert speed["acceptance_by_depth"] == [h / n for h, n in zip(gen.held_at, gen.reached)]
+    assert 0 < speed["acceptance_by_depth"][0] < 1        # every fifth draft is wrong
     assert "draft_acceptance" not in evaluate.speed_of(evaluate.generate(
         model, prompts, SamplerConfig(remasking="prefix", **c), "diffusion", 3))
 
@@ -314,3 +317,22 @@ def test_a_dropped_draft_refilled_unchecked_does_not_count_as_held():
     for e in (BlockStart(block=0, start=0, size=3, steps=2), first, last):
         tally.update(e)
     assert tally.held == [0] and tally.dropped == [2] and tally.step_held == [[0], [0]]
+    assert tally.reached == [1] and tally.held_at == [0]     # the check reached the first draft only
+
+
+def test_draft_acceptance_by_depth_counts_the_drafts_the_check_reached():
+    """Three drafts, the first holds and the second fails: depth 1 reached and held, depth 2
+    reached and dropped, depth 3 never checked (dropped after the failure)."""
+    from twotower.trace import DraftTally
+    def step(n, tokens, committed, drafts, rejected):
+        return Step(block=0, step=n, t=[0.5], tokens=[tokens], committed=[committed], planned=[0],
+                    confidence=[[0.9] * 5], top_ids=[[[7]] * 5], top_probs=[[[0.9]] * 5], elapsed=0.1, nfe=n + 1,
+                    drafts=[drafts], rejected=[rejected])
+    m = MASK_ID
+    tally = DraftTally(1)
+    for e in (BlockStart(block=0, start=0, size=5, steps=5),
+              step(0, [7, m, m, m, m], [0], [-1, 8, 9, 4, -1], []),
+              step(1, [7, 8, 5, m, m], [1, 2], [-1, -1, -1, -1, -1], [2, 3])):
+        tally.update(e)
+    assert tally.held == [1] and tally.dropped == [2]
+    assert tally.reached == [1, 1] and tally.held_at == [1, 0]

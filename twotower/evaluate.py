@@ -99,6 +99,8 @@ class Generation:
     drafts_held: int = 0                                # verify order: drafts the AR model's reading kept
     drafts_dropped: int = 0                             # ... and dropped
     tree_rows: int = 0                                  # draft trees: block rows the passes ran (as if alone)
+    reached: list[int] = field(default_factory=list)    # verify order, by draft depth - 1: drafts the check reached
+    held_at: list[int] = field(default_factory=list)    # ... and drafts that held
     context: list[int] = field(default_factory=list)    # diffusion: context-tower passes per reply, as if alone
 
     @property
@@ -163,7 +165,7 @@ def generate(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str, 
 
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     rows: dict[int, tuple[str, list[int], int, int]] = {}
-    seconds, held, dropped, tree_rows = 0.0, 0, 0, 0
+    seconds, held, dropped, tree_rows, reached, held_at = 0.0, 0, 0, 0, [], []
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc=desc or mode, unit="batch", leave=False, file=sys.stderr):
         idx = order[s: s + batch_size]
@@ -171,11 +173,18 @@ def generate(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str, 
         done, counts = run_batch(model, [prompt_ids[i] for i in idx], cfg, mode, drafts)
         seconds, held, dropped = seconds + done.seconds, held + sum(drafts.held), dropped + sum(drafts.dropped)
         tree_rows += sum(drafts.rows)
+        reached, held_at = add_lists(reached, drafts.reached), add_lists(held_at, drafts.held_at)
         for j, i in enumerate(idx):
             rows[i] = (done.texts[j], done.token_ids[j], counts.nfe[j], counts.context[j])
     texts, ids, nfes, context = zip(*(rows[i] for i in range(len(prompt_ids)))) if rows else ((), (), (), ())
     context = list(context) if mode == "diffusion" else []     # AR counts all its passes as NFE
-    return Generation(list(texts), list(ids), list(nfes), seconds, held, dropped, tree_rows, context)
+    return Generation(list(texts), list(ids), list(nfes), seconds, held, dropped, tree_rows, context=context,
+                      reached=reached, held_at=held_at)
+
+
+def add_lists(a: list[int], b: list[int]) -> list[int]:
+    """Element-wise sum of two count lists of any lengths."""
+    return [x + y for x, y in zip(a + [0] * (len(b) - len(a)), b + [0] * (len(a) - len(b)))]
 
 
 def measure_speed(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str) -> dict:
@@ -251,7 +260,9 @@ def speed_of(gen: Generation) -> dict:
            "batched_tokens_per_second": gen.tokens / gen.seconds if gen.seconds > 0 else math.nan}
     checked = gen.drafts_held + gen.drafts_dropped
     if checked:                                        # the verify order: how its drafts fared
-        out.update(drafts_checked=checked, draft_acceptance=gen.drafts_held / checked)
+        out.update(drafts_checked=checked, draft_acceptance=gen.drafts_held / checked,
+                   drafts_reached_by_depth=gen.reached,
+                   acceptance_by_depth=[h / r for h, r in zip(gen.held_at, gen.reached)])
     if gen.tree_rows:                                  # draft trees: what a pass costs, in block rows
         out["rows_per_pass"] = gen.tree_rows / nfe
     if gen.context:                                    # diffusion: counting the context tower's passes too

@@ -26,7 +26,9 @@ def held_depth(tree: list[list[int]], tokens: list[int], start: int) -> int:
 class DraftTally:
     """The verify order's drafts, per row: how many the next pass kept (committed as drafted)
     and dropped. A draft tree counts as deep as its longest path: the positions it drafted,
-    of which the held path kept some. Feed it a run's events in order."""
+    of which the held path kept some. By depth (1 = the first draft after the written text):
+    how often the check reached a draft (every draft before it held) and how often it held,
+    so held / reached at depth d is the acceptance of a d-th draft. Feed it a run's events in order."""
 
     def __init__(self, batch: int):
         self.held, self.dropped = [0] * batch, [0] * batch
@@ -34,6 +36,8 @@ class DraftTally:
         self.tree_passes = [0] * batch            # ... and those passes
         self.pending: list[dict[int, int]] = [{} for _ in range(batch)]   # the last pass's drafts: position -> id
         self.step_held: list[list[int]] = []      # per Step event (all of them, in order), per row: the drafts it kept
+        self.reached: list[int] = []              # by depth - 1, over all rows: drafts the check reached
+        self.held_at: list[int] = []              # ... and drafts that held
 
     def update(self, event: Event) -> None:
         if isinstance(event, BlockStart):
@@ -46,14 +50,17 @@ class DraftTally:
                 tokens = event.tokens[b]
                 if event.tree is not None:
                     tree, committed = event.tree[b], event.committed[b]
-                    held = dropped = 0
+                    held = dropped = depth = 0
                     if tree and committed:               # a pass that checked a tree for this row
                         held = held_depth(tree, tokens, min(committed))
-                        dropped = max(len(path) for path in tree) - held
+                        depth = max(len(path) for path in tree)
+                        dropped = depth - held
                 else:                                    # a dropped draft may be refilled with its token unchecked
                     rejected = set(event.rejected[b])    # (a block's last step): it did not hold
                     held = sum(self.pending[b].get(j) == tokens[j] and j not in rejected for j in event.committed[b])
                     dropped = len(rejected)
+                    depth = len(self.pending[b]) if event.committed[b] else 0   # a settled row checks nothing
+                self._count_depths(min(depth, held + 1), held)
                 self.held[b] += held
                 self.dropped[b] += dropped
                 self.step_held[-1][b] = held
@@ -61,6 +68,16 @@ class DraftTally:
                 if event.rows is not None and (event.active is None or event.active[b]):
                     self.rows[b] += event.rows[b]
                     self.tree_passes[b] += 1
+
+    def _count_depths(self, reached: int, held: int) -> None:
+        """One row's check: it reached the first `reached` drafts and the first `held` held."""
+        grow = reached - len(self.reached)
+        if grow > 0:
+            self.reached += [0] * grow
+            self.held_at += [0] * grow
+        for d in range(reached):
+            self.reached[d] += 1
+            self.held_at[d] += d < held
 
 
 @dataclass
