@@ -41,7 +41,8 @@ commits more (the gap); at least one token is committed per pass: the most confi
 the *leftmost* commit order the leftmost masked ones. Under *verify* the plot says where the tokens
 came from: per pass its new drafts, its commits (the drafts that held, stacked under the AR model's
 own next token) and the drafts it dropped; a star marks each block's first token, which the context
-tower's pass over the text before the block gave it (no denoiser pass)."""),
+tower's pass over the text before the block gave it (no denoiser pass). The subtitle counts the
+drafts by depth: how many the check reached (every draft before them held) and how many held."""),
     ("tokens_plot", """**Tokens per step, per block.** How many tokens each step committed. Early blocks often
 need many small steps; once the context is rich, blocks fill in two or three passes: that is where
 diffusion beats one-token-per-pass AR decoding."""),

@@ -52,8 +52,8 @@ def test_a_tree_keeps_the_second_candidate_that_one_run_loses(model, prompts, mo
         tally.update(s)
     if not guards:     # passes 2..4 of each block hold their tree's right first token: 3 x 5 blocks
         assert tally.held == [15] * len(prompts) and tally.dropped == [0] * len(prompts)
-        assert tally.held_at == tally.reached == [15 * len(prompts)]   # trees one deep, every check held
-    assert sum(tally.held_at) == sum(tally.held)
+        assert tally.held_at == tally.reached == [[15]] * len(prompts)   # trees one deep, every check held
+    assert [sum(h) for h in tally.held_at] == tally.held
     # the tree keeps the second candidate and the AR token after it: per block of 8, the context
     # pass gives token 0, a first pass (nothing drafted yet) writes token 1, then 3 passes write 2
     # each (with the guards on, the penalty lowers a repeated right token below the floor now and then)

@@ -317,7 +317,7 @@ def test_a_dropped_draft_refilled_unchecked_does_not_count_as_held():
     for e in (BlockStart(block=0, start=0, size=3, steps=2), first, last):
         tally.update(e)
     assert tally.held == [0] and tally.dropped == [2] and tally.step_held == [[0], [0]]
-    assert tally.reached == [1] and tally.held_at == [0]     # the check reached the first draft only
+    assert tally.reached == [[1]] and tally.held_at == [[0]]     # the check reached the first draft only
 
 
 def test_draft_acceptance_by_depth_counts_the_drafts_the_check_reached():
@@ -335,4 +335,4 @@ def test_draft_acceptance_by_depth_counts_the_drafts_the_check_reached():
               step(1, [7, 8, 5, m, m], [1, 2], [-1, -1, -1, -1, -1], [2, 3])):
         tally.update(e)
     assert tally.held == [1] and tally.dropped == [2]
-    assert tally.reached == [1, 1] and tally.held_at == [1, 0]
+    assert tally.reached == [[1, 1]] and tally.held_at == [[1, 0]]

@@ -395,12 +395,14 @@ def test_verify_frames_carry_drafts_and_the_plot_counts_dropped_ones():
                                           "drafts dropped"]
     held, own, dropped = (list(fig.data[k].y) for k in (1, 2, 3))
     assert held == [0, 1] and own == [1, 1] and list(fig.data[2].base) == held and dropped == [0, 1]
-    assert fig.layout.title.text == "Where the 3 committed tokens came from: 2 the AR model's own in the 2 denoiser passes, 1 held draft"
+    title, depths = fig.layout.title.text.split("<br>")
+    assert title == "Where the 3 committed tokens came from: 2 the AR model's own in the 2 denoiser passes, 1 held draft"
+    assert depths.endswith("depth 1: 1 of 1 · depth 2: 0 of 1</sup>")   # the first draft held, the second did not
     # a block whose first token came from the context pass gets a star before its first pass
     trace.events[1] = BlockStart(block=0, start=0, size=4, steps=4, given=[10], given_confidence=[0.9], elapsed=0.02)
     fig = plots.commits_per_step(trace)
     assert fig.data[-1].name == "a block's first token, from the context pass before it" and list(fig.data[-1].x) == [0.6]
-    assert fig.layout.title.text.endswith("1 held draft, 1 from the context pass")
+    assert fig.layout.title.text.split("<br>")[0].endswith("1 held draft, 1 from the context pass")
 
 
 def test_a_block_first_token_from_the_context_pass_is_drawn_and_counted():

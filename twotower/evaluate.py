@@ -173,7 +173,8 @@ def generate(model, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: str, 
         done, counts = run_batch(model, [prompt_ids[i] for i in idx], cfg, mode, drafts)
         seconds, held, dropped = seconds + done.seconds, held + sum(drafts.held), dropped + sum(drafts.dropped)
         tree_rows += sum(drafts.rows)
-        reached, held_at = add_lists(reached, drafts.reached), add_lists(held_at, drafts.held_at)
+        for row_reached, row_held in zip(drafts.reached, drafts.held_at):
+            reached, held_at = add_lists(reached, row_reached), add_lists(held_at, row_held)
         for j, i in enumerate(idx):
             rows[i] = (done.texts[j], done.token_ids[j], counts.nfe[j], counts.context[j])
     texts, ids, nfes, context = zip(*(rows[i] for i in range(len(prompt_ids)))) if rows else ((), (), (), ())

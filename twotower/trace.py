@@ -36,8 +36,8 @@ class DraftTally:
         self.tree_passes = [0] * batch            # ... and those passes
         self.pending: list[dict[int, int]] = [{} for _ in range(batch)]   # the last pass's drafts: position -> id
         self.step_held: list[list[int]] = []      # per Step event (all of them, in order), per row: the drafts it kept
-        self.reached: list[int] = []              # by depth - 1, over all rows: drafts the check reached
-        self.held_at: list[int] = []              # ... and drafts that held
+        self.reached: list[list[int]] = [[] for _ in range(batch)]   # per row, by depth - 1: drafts the check reached
+        self.held_at: list[list[int]] = [[] for _ in range(batch)]   # ... and drafts that held
 
     def update(self, event: Event) -> None:
         if isinstance(event, BlockStart):
@@ -60,7 +60,7 @@ class DraftTally:
                     held = sum(self.pending[b].get(j) == tokens[j] and j not in rejected for j in event.committed[b])
                     dropped = len(rejected)
                     depth = len(self.pending[b]) if event.committed[b] else 0   # a settled row checks nothing
-                self._count_depths(min(depth, held + 1), held)
+                self._count_depths(b, min(depth, held + 1), held)
                 self.held[b] += held
                 self.dropped[b] += dropped
                 self.step_held[-1][b] = held
@@ -69,15 +69,15 @@ class DraftTally:
                     self.rows[b] += event.rows[b]
                     self.tree_passes[b] += 1
 
-    def _count_depths(self, reached: int, held: int) -> None:
+    def _count_depths(self, row: int, reached: int, held: int) -> None:
         """One row's check: it reached the first `reached` drafts and the first `held` held."""
-        grow = reached - len(self.reached)
-        if grow > 0:
-            self.reached += [0] * grow
-            self.held_at += [0] * grow
+        counts, kept = self.reached[row], self.held_at[row]
+        if reached > len(counts):
+            counts += [0] * (reached - len(counts))
+            kept += [0] * (reached - len(kept))
         for d in range(reached):
-            self.reached[d] += 1
-            self.held_at[d] += d < held
+            counts[d] += 1
+            kept[d] += d < held
 
 
 @dataclass

@@ -148,7 +148,17 @@ def _verify_passes(trace, steps, row: int, x: list[int], text: list[str]) -> tup
     n_held, n_own = sum(held), sum(own)
     return fig, (f"Where the {n_held + n_own + len(given)} committed tokens came from: {n_own} the AR model's own in the "
                  f"{len(steps)} denoiser passes, {n_held} held draft{'' if n_held == 1 else 's'}"
-                 + (f", {len(given)} from the context pass" if given else ""))
+                 + (f", {len(given)} from the context pass" if given else "") + _by_depth(tally, row))
+
+
+def _by_depth(tally: DraftTally, row: int) -> str:
+    """A subtitle: per draft depth, how many drafts the check reached and how many held."""
+    reached, held = tally.reached[row], tally.held_at[row]
+    if not reached:
+        return ""
+    parts = [f"depth {d}: {h} of {n}" for d, (h, n) in enumerate(zip(held, reached), 1)]
+    return "<br><sup>drafts that held, of those the check reached (depth 1 = the first draft after the written text): " \
+           + " · ".join(parts) + "</sup>"
 
 
 def tokens_per_step(trace, row: int = 0) -> go.Figure:
