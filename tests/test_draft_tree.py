@@ -14,7 +14,7 @@ from tests.tiny import MASK_ID
 from twotower.draft_tree import keep_rows, leaves, likeliest_chain, likeliest_paths, tree_nodes
 from twotower.sampler import ar_generate, diffusion_generate
 from twotower.sampling import SamplerConfig
-from twotower.trace import DraftTally, held_depth
+from twotower.trace import DraftTally, held_depth, tree_reached
 
 
 def second_best_drafter(monkeypatch, model, prompts, truth: list[list[int]]):
@@ -268,3 +268,13 @@ def test_a_prompt_that_ended_checks_no_more_trees(model, prompts, monkeypatch):
     for s in steps[:steps.index(ended[0])]:
         before.update(s)
     assert (tally.held[0], tally.dropped[0]) == (before.held[0], before.dropped[0])
+
+
+def test_a_trees_check_reaches_one_draft_past_the_kept_path_only_where_a_path_goes_on():
+    """Leaf paths [8, 9] and [5]; the text follows 5: the kept path is one deep and no path goes
+    on past it, so the check reached depth 1 only. Following 8 then 7: depth 2 was reached and failed."""
+    tree = [[8, 9], [5]]
+    assert held_depth(tree, [0, 5, 6], 1) == 1 and tree_reached(tree, [0, 5, 6], 1, 1) == 1
+    assert held_depth(tree, [0, 8, 7], 1) == 1 and tree_reached(tree, [0, 8, 7], 1, 1) == 2
+    assert held_depth(tree, [0, 8, 9], 1) == 2 and tree_reached(tree, [0, 8, 9], 1, 2) == 2
+    assert held_depth(tree, [0, 4, 9], 1) == 0 and tree_reached(tree, [0, 4, 9], 1, 0) == 1

@@ -162,6 +162,16 @@ def test_a_spliced_verify_fork_keeps_the_blocks_given_tokens_and_clock():
     assert sorted(c.pos for c in commit_table(joined)) == list(range(12))
     assert joined.done.first_token_seconds == starts[0].elapsed
     assert all(b.elapsed >= starts[1].elapsed for b in joined.blocks()[2:])
+    # the drafts: the parent's up to the fork point, then the child's, whose first pass in the
+    # forked block checked none (it resumed without the parent's drafts)
+    from twotower.trace import DraftTally
+    cut = next(i for i, e in enumerate(parent.events) if getattr(e, "block", None) == 1 and getattr(e, "step", None) == 0)
+    head = DraftTally(1)
+    for e in parent.events[:cut + 1]:
+        head.update(e)
+    tail, whole = child.draft_tally(), joined.draft_tally()
+    assert sum(whole.reached[0]) == sum(head.reached[0]) + sum(tail.reached[0])
+    assert whole.held == [head.held[0] + tail.held[0]] and whole.dropped == [head.dropped[0] + tail.dropped[0]]
 
 
 def test_a_verify_run_forked_to_another_order_draws_its_commits_plot():

@@ -540,6 +540,7 @@ def run_bench(model, prompts, cfg: SamplerConfig, batch: int = 1, warmup: int = 
     if stream_repeats:
         result["streaming"] = streaming_cost(model, groups[0], cfg, stream_repeats)
     overall = peak_memory_gb(device)
+    overall.pop("by_device", None)                      # (the last window's only: not comparable to gb below)
     if torch.device(device).type == "cuda":             # windows were reset per decoder: the max of all
         overall["gb"] = max([overall["gb"], *peaks.values()])
     else:
@@ -633,8 +634,9 @@ def text_report(r: dict) -> str:
 
 def cmd_plan(args) -> int:
     """`bench --plan`: counts and bounds of a random-weights config, on the meta device."""
-    source = args.random_weights or (args.model or "")[len("random:"):]
-    if not (args.random_weights or (args.model or "").startswith("random:")) or not source:
+    from .checkpoints import RANDOM
+    source = args.random_weights or (args.model or "")[len(RANDOM):]
+    if not (args.random_weights or (args.model or "").startswith(RANDOM)) or not source:
         raise ValueError("--plan needs --random-weights CONFIG or --model random:NAME")
     config = read_config(config_path(source))
     block_size = args.block_size or SamplerConfig().block_size

@@ -285,6 +285,8 @@ def _load_random(source: str, device: str | None, dtype: torch.dtype | None, sha
                  context_device: str | None, seed: int) -> TwoTower:
     """Random weights from a config (twotower.random_weights), the context tower on context_device."""
     from .random_weights import random_model
+    if not source:
+        raise SpecError("random: needs a config: random:NAME (bench/configs/NAME.json) or random:PATH.json")
     if share_base:
         raise SpecError("share_base works for LoRA checkpoints in our format; random weights are not one")
     device = check_device(device or default_device())
@@ -300,7 +302,8 @@ def _load_release_split(spec: str | None, device: str | None, dtype: torch.dtype
     """A release directory with its context tower on another device (two GPUs)."""
     from . import release
     if not (spec and release.is_release_dir(spec)):
-        raise SpecError("a separate context device works with random weights or a release directory only")
+        raise SpecError("a separate context device (--context-device) works with random weights or a release "
+                        "directory only")
     device = check_device(device or default_device())
     return release.load_release(spec, device, dtype or default_dtype(device),
                                 context_device=check_device(context_device)).eval()

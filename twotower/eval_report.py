@@ -78,10 +78,10 @@ def summary_table(res: dict) -> str:
                      + (f"; draft trees: {fmt(drafts['rows_per_pass'])} block rows per pass, each tree counted "
                         "as deep as its longest path" if "rows_per_pass" in drafts else ""))
         if drafts.get("acceptance_by_depth"):
-            lines.append("- acceptance by draft depth (held / reached; 1 = the first draft after the written text): "
-                         + ", ".join(f"{d}: {fmt(a, 2)} of {n}" for d, (a, n) in
-                                     enumerate(zip(drafts["acceptance_by_depth"], drafts["drafts_reached_by_depth"]), 1)
-                                     if d <= 8))
+            lines.append("- acceptance by draft depth (of the d-th drafts the check reached, the share that held; "
+                         "depth 1 = the first draft after the written text): "
+                         + ", ".join(f"depth {d}: {fmt(a, 2)} ({n} reached)" for d, (a, n) in
+                                     enumerate(zip(drafts["acceptance_by_depth"], drafts["drafts_reached_by_depth"]), 1)))
     if "speedup_tokens_per_second" in cmp:
         lines.append(f"- wall-clock speedup (batch 1): {fmt(cmp['speedup_tokens_per_second'], 2)}x")
     return table + "\n\n" + "\n".join(lines)

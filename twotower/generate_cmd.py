@@ -115,9 +115,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
+    import torch
+
     from .memory import part_sizes, peak_memory_gb
     model = load_model(args)
-    peak = peak_memory_gb(model.device)              # loading's peak: weights plus what loading held
+    devices = {model.device, next(model.context_lm.parameters()).device}
+    gpu = next((d for d in devices if torch.device(d).type == "cuda"), None)
+    peak = peak_memory_gb(gpu or "cpu")              # loading's peak: weights plus what loading held
     info = model.info() | part_sizes(model) | {"peak_memory_gb": peak["gb"], "peak_memory_kind": peak["kind"]}
     if "by_device" in peak:
         info["peak_memory_by_device_gb"] = peak["by_device"]

@@ -23,6 +23,13 @@ def held_depth(tree: list[list[int]], tokens: list[int], start: int) -> int:
     return max((agree(path) for path in tree), default=0)
 
 
+def tree_reached(tree: list[list[int]], tokens: list[int], start: int, held: int) -> int:
+    """How deep the check of a draft tree reached: the `held` drafts of the kept path, and one
+    more where a path goes on past them (that draft was checked and failed)."""
+    goes_on = any(len(path) > held and path[:held] == tokens[start:start + held] for path in tree)
+    return held + goes_on
+
+
 class DraftTally:
     """The verify order's drafts, per row: how many the next pass kept (committed as drafted)
     and dropped. A draft tree counts as deep as its longest path: the positions it drafted,
@@ -50,17 +57,18 @@ class DraftTally:
                 tokens = event.tokens[b]
                 if event.tree is not None:
                     tree, committed = event.tree[b], event.committed[b]
-                    held = dropped = depth = 0
+                    held = dropped = reached = 0
                     if tree and committed:               # a pass that checked a tree for this row
                         held = held_depth(tree, tokens, min(committed))
-                        depth = max(len(path) for path in tree)
-                        dropped = depth - held
+                        dropped = max(len(path) for path in tree) - held
+                        reached = tree_reached(tree, tokens, min(committed), held)
                 else:                                    # a dropped draft may be refilled with its token unchecked
                     rejected = set(event.rejected[b])    # (a block's last step): it did not hold
                     held = sum(self.pending[b].get(j) == tokens[j] and j not in rejected for j in event.committed[b])
                     dropped = len(rejected)
                     depth = len(self.pending[b]) if event.committed[b] else 0   # a settled row checks nothing
-                self._count_depths(b, min(depth, held + 1), held)
+                    reached = min(depth, held + 1)       # the drafts are one run: the check stops at a failure
+                self._count_depths(b, reached, held)
                 self.held[b] += held
                 self.dropped[b] += dropped
                 self.step_held[-1][b] = held
@@ -68,6 +76,10 @@ class DraftTally:
                 if event.rows is not None and (event.active is None or event.active[b]):
                     self.rows[b] += event.rows[b]
                     self.tree_passes[b] += 1
+
+    def forget_drafts(self) -> None:
+        """The next pass checks no drafts (a fork resumed a block without its parent's)."""
+        self.pending = [{} for _ in self.pending]
 
     def _count_depths(self, row: int, reached: int, held: int) -> None:
         """One row's check: it reached the first `reached` drafts and the first `held` held."""
@@ -134,16 +146,27 @@ class Trace:
 
     def draft_stats(self) -> dict:
         """Verify-order runs: drafts checked and kept, over all rows ({} for other runs)."""
-        steps = self.steps()
-        if not steps or steps[0].drafts is None:
+        tally = self.draft_tally()
+        if tally is None:
             return {}
-        tally = DraftTally(len(steps[0].drafts))
-        for event in self.events:
-            tally.update(event)
         stats = {"drafts_checked": sum(tally.held) + sum(tally.dropped), "drafts_kept": sum(tally.held)}
         if sum(tally.tree_passes):                # draft trees: rows per pass, the cost of a pass in rows
             stats["rows_per_pass"] = sum(tally.rows) / sum(tally.tree_passes)
         return stats
+
+    def draft_tally(self) -> DraftTally | None:
+        """The verify order's drafts of this run (None for other runs). In a spliced fork the
+        first step after the fork point checked none: the fork resumed without the parent's."""
+        steps = self.steps()
+        if not steps or steps[0].drafts is None:
+            return None
+        tally, inherited, seen = DraftTally(len(steps[0].drafts)), (self.fork or {}).get("inherited"), 0
+        for event in self.events:
+            tally.update(event)
+            seen += isinstance(event, Step)
+            if isinstance(event, Step) and seen == inherited:
+                tally.forget_drafts()
+        return tally
 
     # ---- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -124,9 +124,7 @@ def _verify_passes(trace, steps, row: int, x: list[int], text: list[str]) -> tup
     """The verify order, per pass: the new drafts; the committed tokens split into the drafts
     that held and the AR model's own token (stacked); the drafts dropped; and a star at each
     block's first pass for the token the context tower's pass gave the block before it."""
-    tally = DraftTally(len(steps[0].drafts))
-    for event in trace.events:
-        tally.update(event)
+    tally = trace.draft_tally()
     held = [h[row] for h in tally.step_held]
     own = [len(e.committed[row]) - h for e, h in zip(steps, held)]
     fig = go.Figure([
@@ -156,7 +154,8 @@ def _by_depth(tally: DraftTally, row: int) -> str:
     reached, held = tally.reached[row], tally.held_at[row]
     if not reached:
         return ""
-    parts = [f"depth {d}: {h} of {n}" for d, (h, n) in enumerate(zip(held, reached), 1)]
+    parts = [f"depth {d}: {h} of {n}" for d, (h, n) in enumerate(zip(held, reached), 1)][:6]
+    parts += ["…"] if len(reached) > 6 else []
     return "<br><sup>drafts that held, of those the check reached (depth 1 = the first draft after the written text): " \
            + " · ".join(parts) + "</sup>"
 
