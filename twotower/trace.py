@@ -48,7 +48,7 @@ class DraftTally:
 
     def update(self, event: Event) -> None:
         if isinstance(event, BlockStart):
-            self.pending = [{} for _ in self.pending]
+            self.forget_drafts()
         elif isinstance(event, Step) and event.drafts is None:
             self.step_held.append([0] * len(event.tokens))    # a pass that checked no drafts (a fork to another order)
         elif isinstance(event, Step):
@@ -78,7 +78,7 @@ class DraftTally:
                     self.tree_passes[b] += 1
 
     def forget_drafts(self) -> None:
-        """The next pass checks no drafts (a fork resumed a block without its parent's)."""
+        """The next pass checks no drafts (a new block; a fork resumed one without its parent's)."""
         self.pending = [{} for _ in self.pending]
 
     def _count_depths(self, row: int, reached: int, held: int) -> None:
@@ -163,9 +163,10 @@ class Trace:
         tally, inherited, seen = DraftTally(len(steps[0].drafts)), (self.fork or {}).get("inherited"), 0
         for event in self.events:
             tally.update(event)
-            seen += isinstance(event, Step)
-            if isinstance(event, Step) and seen == inherited:
-                tally.forget_drafts()
+            if isinstance(event, Step):
+                seen += 1
+                if seen == inherited:
+                    tally.forget_drafts()
         return tally
 
     # ---- JSON --------------------------------------------------------------------------
