@@ -54,7 +54,8 @@ def model_info() -> str:
                  "for a while; later runs are faster.")
     return (f"**Model** `{info['name']}` · {info['architecture']} · {info['layers']} layers · "
             f"{info['context_params'] / 1e6:.0f}M + {info['denoiser_params'] / 1e6:.0f}M parameters · "
-            f"mask id {info['mask_token_id']} · {info['denoiser_device']} {info['dtype']}{note}")
+            f"mask id {info['mask_token_id']} · {info['denoiser_device']} {info['dtype']}"
+            f"{' (oneDNN-packed linear layers)' if info.get('packed_linears') else ''}{note}")
 
 
 def status_line(trace: Trace, stopped: bool = False) -> str:

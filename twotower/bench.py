@@ -559,7 +559,8 @@ def load_bench_model(args):
     device = checkpoints.check_device(args.device or checkpoints.default_device())
     dtype = DTYPES[args.dtype] if args.dtype else checkpoints.default_dtype(device)
     spec = checkpoints.RANDOM + args.random_weights if args.random_weights else args.model
-    model = checkpoints.load(spec, device=device, dtype=dtype, context_device=args.context_device, seed=args.seed)
+    model = checkpoints.load(spec, device=device, dtype=dtype, context_device=args.context_device, seed=args.seed,
+                             pack=not args.no_pack)
     return model, bool(spec and spec.startswith(checkpoints.RANDOM))
 
 
@@ -572,7 +573,8 @@ def table_lines(r: dict) -> list[str]:
     """Header and one row per decoder of a result dict."""
     s, m = r["settings"], r["model"]
     lines = [f"bench: {m['name']} ({m['architecture']}, {count(m['context_params'])} + "
-             f"{count(m['denoiser_params'])} params) on {r['machine']['device']} {m['dtype']}, "
+             f"{count(m['denoiser_params'])} params) on {r['machine']['device']} {m['dtype']}"
+             f"{' (oneDNN-packed linears)' if m.get('packed_linears') else ''}, "
              f"commit {r['commit']['commit']}{' (dirty)' if r['commit']['dirty'] else ''}",
              f"       {s['prompts']} prompts x {s['max_new_tokens']} new tokens, batch {s['batch']}, block "
              f"{s['block_size']}, steps {s['steps']}, {s['schedule']} (threshold {s['threshold']}), "
@@ -722,6 +724,8 @@ def add_parser(sub) -> None:
     p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--plan", action="store_true",
                    help="with random weights: print params, weight bytes per pass and bounds (meta device, no run)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="CPU float32: PyTorch's own linear layers (MKL) instead of oneDNN-packed ones")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU; default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)

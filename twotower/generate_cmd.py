@@ -20,6 +20,9 @@ def tuned(default) -> str:
     return f"(default: the model's recommended setting, else {default})"
 
 
+NO_PACK_HELP = "CPU float32: keep PyTorch's own linear layers (MKL) instead of oneDNN-packed ones (same text, slower)"
+
+
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
     d = SamplerConfig()
     p.add_argument("--model", default=None, help="model spec (default: the shipped default model)")
@@ -47,6 +50,7 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     p.add_argument("--share-base", action="store_true",
                    help="LoRA checkpoints: one backbone in memory, adapter unmerged (less memory, a bit slower)")
+    p.add_argument("--no-pack", action="store_true", help=NO_PACK_HELP)
 
 
 def sampler_config(args, model_defaults: dict | None = None) -> SamplerConfig:
@@ -59,7 +63,8 @@ def sampler_config(args, model_defaults: dict | None = None) -> SamplerConfig:
 def load_model(args):
     from . import checkpoints
     model = checkpoints.load(args.model, device=args.device, share_base=getattr(args, "share_base", False),
-                             context_device=getattr(args, "context_device", None))
+                             context_device=getattr(args, "context_device", None),
+                             pack=not getattr(args, "no_pack", False))
     if getattr(args, "mask_token_id", None) is not None:
         vocab = model.context_lm.config.vocab_size
         if not 0 <= args.mask_token_id < vocab:
@@ -153,5 +158,6 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--context-device", default=None,
                    help="put the context tower on another device (random weights or a release directory)")
+    p.add_argument("--no-pack", action="store_true", help=NO_PACK_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
