@@ -9,15 +9,9 @@ import torch
 
 from tests.tiny import LORA, MASK_ID, VOCAB, random_lora, tiny_llama
 from twotower import checkpoints
-from twotower.checkpoints import SpecError, build, load_ar, read_safetensors, save
+from twotower.checkpoints import SpecError, build, load, load_ar, read_safetensors, save
 
 F32 = torch.float32
-
-
-def load(*args, **kwargs):
-    """checkpoints.load with PyTorch's own linear layers: the round trips compare outputs to 1e-6,
-    finer than oneDNN's float32 rounding (tests/test_packed_linear.py checks packing)."""
-    return checkpoints.load(*args, pack=False, **kwargs)
 
 
 def perturb(model, seed=0, std=0.05):
@@ -60,7 +54,7 @@ def test_full_denoiser_round_trip(ar_dir, tmp_path, anchor):
     meta = json.loads((out / "twotower.json").read_text())
     assert meta["format"] == "twotower" and meta["denoiser"] == "full" and meta["mask_token_id"] == MASK_ID
     assert meta["learned_mask"] is True and meta.get("anchor", False) is anchor
-    loaded = load(str(out), device="cpu", dtype=F32)
+    loaded = load(str(out), device="cpu", dtype=F32, pack=False)   # compared to 1e-6: PyTorch's own layers
     assert loaded.mask_token_id == MASK_ID and loaded.mask_embedding is not None and not loaded.training
     assert getattr(loaded, "anchor", False) is anchor
     assert_same(probe(loaded), expected)
@@ -132,7 +126,7 @@ def test_relative_context_path(ar_dir, tmp_path):
     model = perturb(fresh(ar_dir), seed=2)
     ck = tmp_path / "runs" / "ck"
     save(model, ck, context=os.path.relpath(ar_dir, ck), dtype=F32)
-    assert_same(probe(load(str(ck), device="cpu", dtype=F32)), probe(model))
+    assert_same(probe(load(str(ck), device="cpu", dtype=F32, pack=False)), probe(model))
 
 
 def test_lora_round_trip_merges(ar_dir, tmp_path):
@@ -314,28 +308,3 @@ def test_devices_and_dtypes():
     assert checkpoints.default_dtype("cpu") == torch.float32
     assert checkpoints.default_dtype("cuda:0") == torch.bfloat16
     assert checkpoints.default_device() in ("cpu", "cuda")
-
-
-def test_head_for_one_row_keeps_the_logits_and_the_tie():
-    from twotower.checkpoints import head_for_one_row
-    lm = tiny_llama(seed=7)                                      # tied input embedding and head
-    ids = torch.tensor([[5, 9, 2, 40]])
-    with torch.no_grad():
-        before = lm(ids).logits
-    head_for_one_row(lm)
-    w = lm.get_output_embeddings().weight
-    assert w.stride() == (1, w.shape[0])                         # (V, H) read from a contiguous (H, V)
-    assert lm.get_input_embeddings().weight is w                 # still one matrix
-    with torch.no_grad():
-        assert torch.allclose(lm(ids).logits, before, atol=1e-5)
-    head_for_one_row(lm)                                         # a second call changes nothing
-    assert lm.get_output_embeddings().weight is w
-
-
-def test_head_for_one_row_leaves_an_untied_embedding_alone():
-    from twotower.checkpoints import head_for_one_row
-    lm = tiny_llama(seed=7, tie_word_embeddings=False)
-    embedding = lm.get_input_embeddings().weight
-    head_for_one_row(lm)
-    assert lm.get_input_embeddings().weight is embedding and embedding.is_contiguous()
-    assert lm.get_output_embeddings().weight.stride(0) == 1

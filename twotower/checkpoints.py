@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import SpecError
 from .model import TwoTower
-from .packed_linear import pack_linears
+from .cpu_linear import prepare as prepare_cpu_linears
 from .sampling import SamplerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,8 +256,10 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
     adapter unmerged (less memory, a little slower); by default the adapter is merged into a
     copy of the backbone. context_device: put the context tower there (e.g. a second GPU), for
     random weights and release directories. seed: the random weights' seed. pack: on the CPU in
-    float32, run the linear layers on oneDNN-packed weights (twotower.packed_linear; same
-    outputs to float32 rounding, about 1.7x faster decoding here); False keeps PyTorch's default.
+    float32, run the linear layers on oneDNN-packed weights (twotower.cpu_linear; outputs equal
+    to float32 rounding, about 1.8x faster decoding on the 2-core CPU, and memory for the packed
+    copies: +0.55 GB for the default model, whose denoiser shares its context tower's; a full
+    second copy of every large linear weight otherwise); False keeps PyTorch's own layers.
     """
     if spec and spec.startswith(RANDOM):
         model = _load_random(spec[len(RANDOM):], device, dtype, share_base, context_device, seed)
@@ -265,25 +267,8 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
         model = _load_release_split(spec, device, dtype, context_device)
     else:
         model = _load(spec, device, dtype, share_base)
-    if not (pack and pack_linears(model)):
-        head_for_one_row(model.context_lm)
+    prepare_cpu_linears(model, pack)
     return model
-
-
-def head_for_one_row(lm) -> None:
-    """Without oneDNN packing, on the CPU in float32, keep the AR head's weight (V, H) as the transpose of a contiguous
-    (H, V) matrix: MKL multiplies one row by it in half the time (SmolLM2's head, 2 threads:
-    5.8 against 10.1 ms; 58.5 against 63.4 ms per AR step), and from 4 rows on both layouts cost
-    the same. A tied input embedding stays tied to it: its rows are then strided, which costs a
-    few microseconds per token looked up (1 ms for a 500-token prompt)."""
-    head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
-    w = head.weight
-    if w.device.type != "cpu" or w.dtype != torch.float32 or w.stride(0) == 1:
-        return
-    relaid = torch.nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
-    if embedding is not None and embedding.weight is w:
-        embedding.weight = relaid
-    head.weight = relaid
 
 
 def _load_random(source: str, device: str | None, dtype: torch.dtype | None, share_base: bool,
@@ -351,7 +336,7 @@ def _load(spec: str | None, device: str | None, dtype: torch.dtype | None, share
     if path.exists():
         raise SpecError(f"model spec {spec!r} is a file; give its directory (or ctx=DIR,denoiser=FILE)")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        return _load_hub(spec, device, dtype)
+        return _load_hub(spec, device, dtype, share_base)
     raise SpecError(f"unknown model spec {spec!r}: not 'default', 'smollm2', a directory, a hub id or random:NAME")
 
 
@@ -363,7 +348,7 @@ def _pick_mask(tokenizer) -> int:
     return specials[-1] if specials else 0
 
 
-def _load_hub(repo_id: str, device: str, dtype: torch.dtype) -> TwoTower:
+def _load_hub(repo_id: str, device: str, dtype: torch.dtype, share_base: bool) -> TwoTower:
     """A hub id resolved from the local hub cache only; nothing is downloaded."""
     from huggingface_hub import snapshot_download
     try:
@@ -372,4 +357,4 @@ def _load_hub(repo_id: str, device: str, dtype: torch.dtype) -> TwoTower:
     except Exception as e:  # huggingface_hub raises several types for "not cached"
         raise SpecError(f"hub model {repo_id!r} is not in the local hub cache ({type(e).__name__}); "
                         "download it on a connected machine first") from None
-    return load(local, device, dtype)
+    return _load(local, device, dtype, share_base)

@@ -34,7 +34,7 @@ import torch
 from . import metrics
 from .events import BlockCommitted, BlockStart, Done, Step, Token
 from .eval_report import device_name, public, summary_table, sweep_markdown, write_outputs, write_sweep
-from .generate_cmd import tuned
+from .generate_cmd import NO_PACK_HELP, tuned
 from .sampler import ar_generate, diffusion_generate
 from .sampling import REMASKING, SamplerConfig
 from .trace import DraftTally
@@ -444,6 +444,7 @@ def add_parser(sub) -> None:
     p.add_argument("--qa", default=str(QA_PATH), help="QA file (JSON lines)")
     p.add_argument("--open-prompts", default=str(OPEN_PATH), help="open-ended prompts, one per line")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--no-pack", action="store_true", help=NO_PACK_HELP)
     p.add_argument("--out", default=None, help="directory for results (default with --sweep: eval_out)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_eval)

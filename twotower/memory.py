@@ -5,6 +5,8 @@ import resource
 
 import torch
 
+from .cpu_linear import packed_bytes
+
 
 def tensor_bytes(modules, exclude: set[int] = frozenset()) -> tuple[int, set[int]]:
     """Bytes of the parameters and buffers of `modules`, each tensor once and none in `exclude`
@@ -21,10 +23,11 @@ def tensor_bytes(modules, exclude: set[int] = frozenset()) -> tuple[int, set[int
 def part_sizes(model) -> dict:
     """Bytes of weights (parameters and buffers) per part: the context tower, and what the
     denoiser adds to it (its backbone unless it shares the context tower's, adapter, time
-    conditioning, mask vector)."""
+    conditioning, mask vector); and the oneDNN-packed copies of both (twotower.cpu_linear)."""
     context, counted = tensor_bytes([model.context_lm])
     denoiser, _ = tensor_bytes([model], exclude=counted)
-    return {"context_weight_bytes": context, "denoiser_weight_bytes": denoiser}
+    return {"context_weight_bytes": context, "denoiser_weight_bytes": denoiser,
+            "packed_weight_bytes": packed_bytes(model)}
 
 
 def reset_peak(device) -> None:

@@ -18,12 +18,12 @@ from .backbones import family_for
 from .conditioning import TimeConditioning
 from .context import ContextState, clean_reads_as_ar
 from .gating import AdapterGate
-from .packed_linear import PackedLinear, packed_count, unpack_linears
+from .cpu_linear import PackedLinear, packed_layers, unprepare as unprepare_cpu_linears
 
 
 def vocab_logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """head(h): (B, S, H) -> (B, S, V). On the CPU in float32 without oneDNN packing
-    (twotower.packed_linear), MKL runs the vocabulary-wide product of a few rows on a slow path
+    (twotower.cpu_linear), MKL runs the vocabulary-wide product of a few rows on a slow path
     unless their count is a multiple of 4 (SmolLM2's head, 2 threads: 34 ms for 3 rows, 32 ms for
     7 and 11, 17 / 16 / 16 ms for 4 / 8 / 12, 10 ms for 1), so there 2 to 11 rows are padded with
     zero rows to the next multiple of 4 (a packed head needs no padding: 1.5 ms for 3 rows, 1.7
@@ -138,13 +138,13 @@ class TwoTower(nn.Module):
         the context tower's AR step / block extend and the whole denoiser pass (embedding,
         time conditioning, layers, head). mode="reduce-overhead" adds CUDA graphs on a GPU.
         Prefills and passes that capture attention stay eager. oneDNN-packed linear layers
-        (twotower.packed_linear) go back to plain ones: the compiler lays out weights its own way."""
+        (twotower.cpu_linear) go back to plain ones: the compiler lays out weights its own way."""
         options = {"backend": backend, "dynamic": False, **({"mode": mode} if mode else {})}
         try:
             fixed_step, denoise = torch.compile(self.context_lm, **options), torch.compile(self._denoise, **options)
         except (RuntimeError, ValueError) as e:     # an unknown mode or backend
             raise ValueError(f"cannot compile with {options}: {e}") from None
-        unpack_linears(self)
+        unprepare_cpu_linears(self)
         self.use_static()
         self.compile_options, self.family.fixed_step, self._compiled_denoise = options, fixed_step, denoise
         return self
@@ -328,7 +328,7 @@ class TwoTower(nn.Module):
             "context_device": str(next(self.context_lm.parameters()).device),
             "denoiser_device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
-            "packed_linears": packed_count(self),   # oneDNN-packed linear layers (CPU, float32)
+            "packed_linears": len(packed_layers(self)),   # oneDNN-packed linear layers (CPU, float32)
             "static_cache": self.static_cache,
             "compiled": self.compile_options or False,
             "max_context": self.max_context,

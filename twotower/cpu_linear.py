@@ -1,0 +1,167 @@
+"""The CPU's fast paths for linear layers in float32: oneDNN-packed weights, else MKL's head layout.
+
+PyTorch multiplies float32 matrices on the CPU with MKL, which runs the few-row products of
+decoding (1 row per AR step, about 17 per denoiser pass) far below memory speed. oneDNN, given
+each weight reordered once into its blocked layout, runs them about twice as fast: SmolLM2's 211
+linear layers in a row at 2 threads (AVX-512, cold caches) take 14.7 against 30.6 ms for one
+row and 20.0 against 56.2 ms for 16 (bench/RESULTS.md, "oneDNN-packed linear layers"). Outputs
+equal F.linear's to float32 rounding (the summation order differs).
+
+`prepare` (run by checkpoints.load) swaps every large float32 CPU nn.Linear for a
+`PackedLinear`, which keeps the original weight and bias as parameters (what parameter counts,
+tied embeddings, state dicts and saving read) and runs PyTorch's oneDNN ops
+(`torch.ops.mkldnn`) on the packed copy; autograd, autocast, other dtypes and devices take
+F.linear. Layers under MIN_WEIGHT elements stay plain: a packed call carries ~11 us of
+overhead, more than a LoRA adapter's rank-32 products cost on MKL. Equal weights (a denoiser
+copied from its context tower) share one packed copy; a weight changed in place or moved is
+packed again on its next call. Where packing is off or unavailable (not x86 AVX2/AVX-512), the
+AR head gets MKL's faster one-row layout instead (`head_for_one_row`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_WEIGHT = 1 << 16          # elements; smaller layers run faster unpacked
+
+
+def available() -> bool:
+    """Whether this PyTorch build and CPU pack linear weights for oneDNN (measured on x86 only)."""
+    mkldnn, ops = torch.backends.mkldnn, torch.ops.mkldnn
+    return (mkldnn.is_available() and mkldnn.enabled and torch.backends.cpu.get_cpu_capability().startswith("AVX")
+            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+
+
+def _reorder(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach())    # opaque oneDNN tensor
+
+
+def _identity(w: torch.Tensor) -> tuple:
+    """What a packed copy was made from: changes when the weight is written in place (load_state_dict,
+    in-place ops) or replaced by another tensor; conversions (`_apply`) reset it too."""
+    return w._version, w.data_ptr(), w.dtype, w.device
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear that runs a oneDNN-packed copy of its weight on the CPU in float32."""
+
+    def __init__(self, linear: nn.Linear, packed: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias       # the originals, still parameters
+        self.packed, self._packed_from = packed, _identity(linear.weight)
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        w, b = self.weight, self.bias
+        if x.device.type != "cpu" or x.dtype != torch.float32 or w.device.type != "cpu" or w.dtype != torch.float32:
+            return False
+        if torch.is_autocast_enabled("cpu"):
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                 or (b is not None and b.requires_grad)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fast(x):
+            return F.linear(x, self.weight, self.bias)
+        if self._packed_from != _identity(self.weight):           # written in place or moved since
+            self.packed, self._packed_from = _reorder(self.weight), _identity(self.weight)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .float(), .cpu() ...: the weight may come back in other storage (even at its old
+        address), so the next call packs it again."""
+        self._packed_from = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        """deepcopy and pickle: the opaque packed copy cannot be copied; it is made again on first use."""
+        return {**self.__dict__, "packed": None, "_packed_from": None}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed for oneDNN"
+
+
+def _packable(module: nn.Module, min_weight: int) -> bool:
+    return (type(module) is nn.Linear and module.weight.device.type == "cpu"
+            and module.weight.dtype == torch.float32 and module.weight.numel() >= min_weight)
+
+
+def pack_linears(model: nn.Module, min_weight: int = MIN_WEIGHT) -> int:
+    """Swap every float32 CPU nn.Linear of at least `min_weight` elements for a PackedLinear;
+    returns how many (0 where `available()` is False)."""
+    if not available():
+        return 0
+    packed: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}   # fingerprint -> [(weight, packed)]
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _packable(child, min_weight):
+                setattr(parent, name, PackedLinear(child, _packed_weight(child.weight, packed)))
+                count += 1
+    return count
+
+
+def _packed_weight(w: torch.Tensor, seen: dict) -> torch.Tensor:
+    """w reordered for oneDNN, or the packed copy of an equal weight packed before."""
+    sample = w.detach().reshape(-1)[:: max(1, w.numel() // 16)]
+    key = (tuple(w.shape), tuple(sample.tolist()))
+    for other, packed in seen.get(key, ()):
+        if torch.equal(other, w):
+            return packed
+    packed = _reorder(w)
+    seen.setdefault(key, []).append((w, packed))
+    return packed
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Put plain nn.Linear layers back (the same parameters); returns how many. torch.compile
+    wants them: its CPU backend lays weights out its own way and rejects packed ones."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PackedLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                linear.weight, linear.bias = child.weight, child.bias
+                setattr(parent, name, linear)
+                count += 1
+    return count
+
+
+def packed_layers(model: nn.Module) -> list[PackedLinear]:
+    return [m for m in model.modules() if isinstance(m, PackedLinear)]
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Memory the packed copies hold, each once."""
+    unique = {id(m.packed): m.packed for m in packed_layers(model) if m.packed is not None}
+    return sum(p.numel() * p.element_size() for p in unique.values())
+
+
+def head_for_one_row(lm) -> None:
+    """Without packing, on the CPU in float32, keep the AR head's weight (V, H) as the transpose
+    of a contiguous (H, V) matrix: MKL multiplies one row by it in half the time (SmolLM2's head,
+    2 threads: 5.8 against 10.1 ms; 58.5 against 63.4 ms per AR step), and from 4 rows on both
+    layouts cost the same. A tied input embedding stays tied to it: its rows are then strided,
+    which costs a few microseconds per token looked up (1 ms for a 500-token prompt)."""
+    head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
+    w = head.weight
+    if type(head) is not nn.Linear or w.device.type != "cpu" or w.dtype != torch.float32 or w.stride(0) == 1:
+        return
+    relaid = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+    if embedding is not None and embedding.weight is w:
+        embedding.weight = relaid
+    head.weight = relaid
+
+
+def prepare(model, pack: bool = True) -> None:
+    """A loaded TwoTower's linear layers for the CPU in float32 (elsewhere nothing changes):
+    oneDNN-packed where `pack` and `available()`, else the AR head in MKL's one-row layout."""
+    if not (pack and pack_linears(model)):
+        head_for_one_row(model.context_lm)
+
+
+def unprepare(model) -> None:
+    """Plain layers again (for torch.compile), with the head in MKL's one-row layout."""
+    unpack_linears(model)
+    head_for_one_row(model.context_lm)
