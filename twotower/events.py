@@ -39,6 +39,13 @@ class BlockStart(Event):
     elapsed: float | None = None    # seconds since the run started, when the block began (its given token
                                     # is readable from then on)
 
+    def given_at(self, row: int) -> tuple[int, float] | None:
+        """(token, its AR probability) where the context tower's pass gave this row the block's
+        first token, else None."""
+        if self.given and self.given[row] >= 0:
+            return self.given[row], self.given_confidence[row]
+        return None
+
 
 @dataclass
 class Step(Event):

@@ -66,8 +66,7 @@ def frames(trace, row: int = 0, top: bool = False) -> tuple[list[list], list | N
 def given_tokens(trace, row: int = 0) -> list[list[int] | None]:
     """Per block: [token, p as 0..100] of its first token when the context tower's pass wrote it
     before the block's first denoiser step (the verify order, `BlockStart.given`), else None."""
-    return [[b.given[row], _pct(b.given_confidence[row])] if b.given and b.given[row] >= 0 else None
-            for b in trace.blocks()]
+    return [[g[0], _pct(g[1])] if (g := b.given_at(row)) else None for b in trace.blocks()]
 
 
 def layout_blocks(trace, n_frames: int) -> list[list[int]]:
