@@ -9,7 +9,7 @@ MODEL_ENV = "TWOTOWER_MODEL"      # model spec for checkpoints.load; unset = the
 COMPILE_ENV = "TWOTOWER_COMPILE"  # "1": static caches + torch.compile; or a compile mode, e.g.
                                   # "reduce-overhead" (CUDA graphs); for GPU hosts (compiling
                                   # takes minutes on a CPU, at the first run of each shape)
-PACK_ENV = "TWOTOWER_PACK"        # "0": PyTorch's own linear layers on the CPU instead of
+PACK_ENV = "TWOTOWER_PACK"        # "0" (or false/no/off): PyTorch's own linear layers on the CPU instead of
                                   # oneDNN-packed ones (twotower.cpu_linear)
 
 _lock = threading.Lock()
@@ -39,7 +39,8 @@ def get_model():
     with _lock:
         if _model is None:
             from twotower import checkpoints
-            model = checkpoints.load(os.environ.get(MODEL_ENV) or None, pack=os.environ.get(PACK_ENV, "1") != "0")
+            pack = os.environ.get(PACK_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+            model = checkpoints.load(os.environ.get(MODEL_ENV) or None, pack=pack)
             _model = compiled(model, os.environ.get(COMPILE_ENV, ""))
         return _model
 

@@ -7,15 +7,16 @@ linear layers in a row at 2 threads (AVX-512, cold caches) take 14.7 against 30.
 row and 20.0 against 56.2 ms for 16 (bench/RESULTS.md, "oneDNN-packed linear layers"). Outputs
 equal F.linear's to float32 rounding (the summation order differs).
 
-`prepare` (run by checkpoints.load) swaps every large float32 CPU nn.Linear for a
-`PackedLinear`, which keeps the original weight and bias as parameters (what parameter counts,
-tied embeddings, state dicts and saving read) and runs PyTorch's oneDNN ops
-(`torch.ops.mkldnn`) on the packed copy; autograd, autocast, other dtypes and devices take
-F.linear. Layers under MIN_WEIGHT elements stay plain: a packed call carries ~11 us of
-overhead, more than a LoRA adapter's rank-32 products cost on MKL. Equal weights (a denoiser
-copied from its context tower) share one packed copy; a weight changed in place or moved is
-packed again on its next call. Where packing is off or unavailable (not x86 AVX2/AVX-512), the
-AR head gets MKL's faster one-row layout instead (`head_for_one_row`).
+`prepare` (run by checkpoints.load) swaps every float32 CPU nn.Linear with at least MIN_SIDE
+inputs and outputs for a `PackedLinear`, which keeps the original weight and bias as
+parameters (what parameter counts, tied embeddings, state dicts and saving read) and runs
+PyTorch's oneDNN ops (`torch.ops.mkldnn`) on the packed copy; autograd, autocast, other dtypes
+and devices take F.linear. Narrower layers (a LoRA adapter's rank-32 A and B) stay plain: a
+packed call carries ~11 us of overhead, more than such products cost on MKL. Equal weights (a
+denoiser copied from its context tower) share one packed copy; a weight written in place or
+replaced is packed again on its next call (see PackedLinear). Where packing is off or
+unavailable (not x86 AVX2/AVX-512), the AR head gets MKL's faster one-row layout instead
+(`head_for_one_row`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_WEIGHT = 1 << 16          # elements; smaller layers run faster unpacked
+MIN_SIDE = 128                # layers with fewer inputs or outputs (a LoRA adapter's A and B) stay plain
 
 
 def available() -> bool:
@@ -37,24 +38,44 @@ def _reorder(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach())    # opaque oneDNN tensor
 
 
-def _identity(w: torch.Tensor) -> tuple:
-    """What a packed copy was made from: changes when the weight is written in place (load_state_dict,
-    in-place ops) or replaced by another tensor; conversions (`_apply`) reset it too."""
-    return w._version, w.data_ptr(), w.dtype, w.device
+def _version(w: torch.Tensor) -> int:
+    return 0 if w.is_inference() else w._version                # inference tensors keep no counter
+
+
+def _fast_path_weight(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype == torch.float32
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear that runs a oneDNN-packed copy of its weight on the CPU in float32."""
+    """An nn.Linear that runs a oneDNN-packed copy of its weight on the CPU in float32.
+
+    The copy follows the weight: the next call packs it again after the weight was written in
+    place (load_state_dict, optimiser steps, in-place ops: its version counter moves) or
+    replaced by another tensor (assignment, .to() round trips). Writes through `weight.data`
+    move no counter: call `repack()` after them."""
 
     def __init__(self, linear: nn.Linear, packed: torch.Tensor):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias       # the originals, still parameters
-        self.packed, self._packed_from = packed, _identity(linear.weight)
+        self._keep(packed)
+
+    def _keep(self, packed: torch.Tensor | None) -> None:
+        """Hold a packed copy of the current weight; `_source` keeps the weight's storage alive,
+        so a replacement can never land at the address the copy was made from."""
+        w = self.weight
+        self.packed, self._source, self._packed_version = packed, w.detach(), _version(w)
+
+    def repack(self) -> None:
+        self._keep(_reorder(self.weight))
+
+    def _stale(self) -> bool:
+        w = self.weight
+        return self.packed is None or w.data_ptr() != self._source.data_ptr() or _version(w) != self._packed_version
 
     def _fast(self, x: torch.Tensor) -> bool:
         w, b = self.weight, self.bias
-        if x.device.type != "cpu" or x.dtype != torch.float32 or w.device.type != "cpu" or w.dtype != torch.float32:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or not _fast_path_weight(w):
             return False
         if torch.is_autocast_enabled("cpu"):
             return False
@@ -64,39 +85,41 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):
             return F.linear(x, self.weight, self.bias)
-        if self._packed_from != _identity(self.weight):           # written in place or moved since
-            self.packed, self._packed_from = _reorder(self.weight), _identity(self.weight)
+        if self._stale():
+            self.repack()
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def _apply(self, fn, recurse=True):
-        """.to(), .float(), .cpu() ...: the weight may come back in other storage (even at its old
-        address), so the next call packs it again."""
-        self._packed_from = None
-        return super()._apply(fn, recurse)
+        """.to(), .half(), .cuda() ...: a weight moved off the fast path frees its packed copy."""
+        out = super()._apply(fn, recurse)
+        if not _fast_path_weight(self.weight):
+            self.packed = self._source = None
+        return out
 
     def __getstate__(self) -> dict:
-        """deepcopy and pickle: the opaque packed copy cannot be copied; it is made again on first use."""
-        return {**self.__dict__, "packed": None, "_packed_from": None}
+        """deepcopy and pickle: the opaque packed copy cannot be copied; it is made again on first
+        use (one per layer: a copy's equal weights no longer share one)."""
+        return {**self.__dict__, "packed": None, "_source": None}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed for oneDNN"
 
 
-def _packable(module: nn.Module, min_weight: int) -> bool:
-    return (type(module) is nn.Linear and module.weight.device.type == "cpu"
-            and module.weight.dtype == torch.float32 and module.weight.numel() >= min_weight)
+def _packable(module: nn.Module, min_side: int) -> bool:
+    return (type(module) is nn.Linear and _fast_path_weight(module.weight)
+            and min(module.in_features, module.out_features) >= min_side)
 
 
-def pack_linears(model: nn.Module, min_weight: int = MIN_WEIGHT) -> int:
-    """Swap every float32 CPU nn.Linear of at least `min_weight` elements for a PackedLinear;
-    returns how many (0 where `available()` is False)."""
+def pack_linears(model: nn.Module, min_side: int = MIN_SIDE) -> int:
+    """Swap every float32 CPU nn.Linear with at least `min_side` inputs and outputs for a
+    PackedLinear; returns how many (0 where `available()` is False)."""
     if not available():
         return 0
     packed: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}   # fingerprint -> [(weight, packed)]
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _packable(child, min_weight):
+            if _packable(child, min_side):
                 setattr(parent, name, PackedLinear(child, _packed_weight(child.weight, packed)))
                 count += 1
     return count

@@ -33,8 +33,8 @@ def commit_table(trace, row: int = 0) -> list[Commit]:
     starts, out, frame = block_starts(trace), [], 0
     stepped = {e.block for e in trace.steps()}   # a block whose given token ended every row ran no step
     for e in trace.events:
-        if isinstance(e, BlockStart) and e.given_at(row) and e.block in stepped:
-            out.append(Commit(e.start, e.block, GIVEN, frame, *e.given_at(row)))
+        if isinstance(e, BlockStart) and e.block in stepped and (given := e.given_at(row)):
+            out.append(Commit(e.start, e.block, GIVEN, frame, *given))
         elif isinstance(e, Step):
             start = starts.get(e.block, 0)
             for j in e.committed[row]:
