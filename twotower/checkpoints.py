@@ -257,8 +257,8 @@ def load(spec: str | None = None, device: str | None = None, dtype: torch.dtype 
     copy of the backbone. context_device: put the context tower there (e.g. a second GPU), for
     random weights and release directories. seed: the random weights' seed. pack: on the CPU in
     float32, run the linear layers on oneDNN-packed weights (twotower.cpu_linear; outputs equal
-    to float32 rounding, about 1.8x faster decoding on the 2-core CPU, and memory for the packed
-    copies: +0.55 GB for the default model, whose denoiser shares its context tower's; a full
+    to float32 rounding, 1.5-1.9x faster decoding on the 2-core CPU, and memory for the packed
+    copies: +0.5 GB for the default model, whose denoiser shares its context tower's; a full
     second copy of every large linear weight otherwise); False keeps PyTorch's own layers.
     """
     if spec and spec.startswith(RANDOM):
