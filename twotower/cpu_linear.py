@@ -2,10 +2,11 @@
 
 PyTorch multiplies float32 matrices on the CPU with MKL, which runs the few-row products of
 decoding (1 row per AR step, about 17 per denoiser pass) far below memory speed. oneDNN, given
-each weight reordered once into its blocked layout, runs them about twice as fast: SmolLM2's 211
-linear layers in a row at 2 threads (AVX-512, cold caches) take 14.7 against 30.6 ms for one
-row and 20.0 against 56.2 ms for 16 (bench/RESULTS.md, "oneDNN-packed linear layers"). Outputs
-equal F.linear's to float32 rounding (the summation order differs).
+each weight reordered once into its blocked layout, runs them two to three times as fast:
+SmolLM2's 211 linear layers in a row at 2 threads (AVX-512, cold caches) take 13.0 against 33.7
+ms for one row and 21.7 against 66.4 ms for 16 (`bench/linear_layers.py`; bench/RESULTS.md,
+"oneDNN-packed linear layers"). Outputs equal F.linear's to float32 rounding (the summation
+order differs).
 
 `prepare` (run by checkpoints.load) swaps every float32 CPU nn.Linear with at least MIN_SIDE
 inputs and outputs for a `PackedLinear`, which keeps the original weight and bias as
