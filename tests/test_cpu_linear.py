@@ -210,6 +210,11 @@ def test_a_gated_lora_denoiser_packs_its_base_shares_it_and_keeps_its_text(wide_
         for run in (ar_generate, diffusion_generate):
             (done_p, ran), done_q = ran_packed(lambda: list(run(packed, prompt, cfg))[-1]), list(run(plain, prompt, cfg))[-1]
             assert ran and done_p.token_ids == done_q.token_ids, (share_base, run.__name__)
+        ctx, _ = packed.prefill(prompt)                              # the gated pass runs its base layers packed
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            packed.denoise(torch.tensor([[MASK_ID] * 4]), packed.block_inputs(ctx, 4))
+        calls = sum(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+        assert calls >= len(packed_layers(packed.denoiser_lm)) > 0, share_base
 
 
 @needs_packing
