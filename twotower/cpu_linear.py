@@ -117,11 +117,18 @@ def pack_linears(model: nn.Module, min_side: int = MIN_SIDE) -> int:
     if not available():
         return 0
     packed: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}   # fingerprint -> [(weight, packed)]
+    return _swap_children(model, lambda m: PackedLinear(m, _packed_weight(m.weight, packed))
+                          if _packable(m, min_side) else None)
+
+
+def _swap_children(model: nn.Module, swap) -> int:
+    """Put swap(m) in place of every submodule m for which it returns a module; returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _packable(child, min_side):
-                setattr(parent, name, PackedLinear(child, _packed_weight(child.weight, packed)))
+            new = swap(child)
+            if new is not None:
+                setattr(parent, name, new)
                 count += 1
     return count
 
@@ -141,15 +148,13 @@ def _packed_weight(w: torch.Tensor, seen: dict) -> torch.Tensor:
 def unpack_linears(model: nn.Module) -> int:
     """Put plain nn.Linear layers back (the same parameters); returns how many. torch.compile
     wants them: its CPU backend lays weights out its own way and rejects packed ones."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, PackedLinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                linear.weight, linear.bias = child.weight, child.bias
-                setattr(parent, name, linear)
-                count += 1
-    return count
+    return _swap_children(model, lambda m: _plain(m) if isinstance(m, PackedLinear) else None)
+
+
+def _plain(layer: PackedLinear) -> nn.Linear:
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight, linear.bias = layer.weight, layer.bias
+    return linear
 
 
 def packed_layers(model: nn.Module) -> list[PackedLinear]:
@@ -170,7 +175,7 @@ def head_for_one_row(lm) -> None:
     which costs a few microseconds per token looked up (1 ms for a 500-token prompt)."""
     head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
     w = head.weight
-    if type(head) is not nn.Linear or w.device.type != "cpu" or w.dtype != torch.float32 or w.stride(0) == 1:
+    if type(head) is not nn.Linear or not _fast_path_weight(w) or w.stride(0) == 1:
         return
     relaid = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
     if embedding is not None and embedding.weight is w:
