@@ -159,6 +159,17 @@ def test_attention_figure_has_a_step_slider(diffusion_trace):
     assert list(fig.data[0].x) == ["1:·there", "2:⏎"]
 
 
+def test_attention_labels_never_written_positions_as_masked(diffusion_trace):
+    """A row that ended before its block did leaves positions masked: they read as masked,
+    not as the mask token's own piece."""
+    events = diffusion_trace.events
+    events[6] = step(1, 0, [14, EOS, MASK, MASK], [0, 1], [0.9, 0.99, 0.1, 0.1], 0.15, 3,
+                     attention_maps={0: attn(4, 7), 1: attn(4, 7)})
+    fig = attention.figure(diffusion_trace, block=1, layer=0, include_block=True)
+    assert list(fig.data[0].y)[2:] == ["2:▢ masked", "3:▢ masked"]
+    assert list(fig.data[0].x)[-2:] == ["B2:▢ masked", "B3:▢ masked"]
+
+
 def test_attention_survives_a_json_round_trip(diffusion_trace):
     loaded = Trace.from_dict(json.loads(json.dumps(diffusion_trace.to_dict())))   # layer keys become strings
     assert attention.options(loaded)["layers"] == [0, 1]

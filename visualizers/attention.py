@@ -77,6 +77,14 @@ def matrix(step, layer: int, head, sink: int = 0, renormalise: bool = True,
     return a
 
 
+MASKED = "▢ masked"
+
+
+def block_label(trace, token_id: int) -> str:
+    """A block token's label; a position never written (after end-of-text) reads as masked."""
+    return MASKED if token_id == trace.model.get("mask_token_id") else label(trace, token_id)
+
+
 def key_labels(trace, block: int, context: int, sink: int, include_block: bool,
                final_block: list[int], row: int = 0) -> list[str]:
     """'i:piece' per context key kept (and 'Bj:piece' per block key); unique, for category axes."""
@@ -85,7 +93,7 @@ def key_labels(trace, block: int, context: int, sink: int, include_block: bool,
         ids = [None] * context
     names = [f"{i}:{label(trace, t) if t is not None else '?'}" for i, t in enumerate(ids)][sink:]
     if include_block:
-        names += [f"B{j}:{label(trace, t)}" for j, t in enumerate(final_block)]
+        names += [f"B{j}:{block_label(trace, t)}" for j, t in enumerate(final_block)]
     return names
 
 
@@ -123,12 +131,11 @@ def figure(trace, block: int, layer: int, head=MEAN, sink: int = 0, renormalise:
     keys = key_labels(trace, block, context, sink, include_block, final, row)
     if not keys:
         return note_figure("Every context key was dropped: lower 'drop first k keys'.")
-    queries = [f"{j}:{label(trace, t)}" for j, t in enumerate(final)]
+    queries = [f"{j}:{block_label(trace, t)}" for j, t in enumerate(final)]
     zmax = max(float(m.max()) for m in mats) or 1.0
-    mask = trace.model.get("mask_token_id")
     fig = go.Figure()
     for k, (s, m) in enumerate(zip(steps, mats)):
-        now = [label(trace, t) if t != mask else "▢ masked" for t in s.tokens[row]]
+        now = [block_label(trace, t) for t in s.tokens[row]]
         fig.add_trace(go.Heatmap(
             z=m, x=keys, y=queries, colorscale=SCALE, zmin=0, zmax=zmax, visible=(k == 0),
             customdata=[[now[j]] * m.shape[1] for j in range(m.shape[0])],
