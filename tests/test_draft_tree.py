@@ -174,6 +174,31 @@ def test_a_tree_run_forked_from_a_block_with_gaps_keeps_its_commits(model, promp
     assert all(MASK_ID not in row for row in done.token_ids)
 
 
+def test_a_tree_fork_checks_the_tree_its_parent_checked_next(model, prompts, monkeypatch):
+    """A fork of a tree run carries the tree the parent's next pass checked: with the same
+    settings it takes the parent's passes, although the likeliest run alone (what the step
+    shows as drafts) would fail. With fewer nodes than that tree has, it checks that run."""
+    from twotower.fork import fork_point, splice
+    from twotower.runner import run as record
+    c = dict(max_new_tokens=24, block_size=8, steps=8, stop_at_eos=False, remasking="verify", threshold=0.5)
+    _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
+    second_best_drafter(monkeypatch, model, prompts, ar.token_ids)
+    cfg = SamplerConfig(draft_nodes=2, **c)
+    trace, events = record(model, prompts, cfg, "diffusion")
+    list(events)
+    forked = [e for e in trace.steps() if e.step > 0 and any(d >= 0 for row in e.drafts for d in row)]
+    assert forked
+    for e in forked:
+        point = fork_point(trace, e.block, e.step)
+        child, events = record(model, prompts, cfg, "diffusion", resume=point)
+        list(events)
+        assert child.done.token_ids == ar.token_ids
+        assert splice(trace, child).done.nfe == trace.done.nfe, (e.block, e.step)
+        one, events = record(model, prompts, SamplerConfig(draft_nodes=1, **c), "diffusion", resume=point)
+        list(events)
+        assert one.steps()[0].tree == [[[d for d in row if d >= 0]] for row in e.drafts]   # the shown run
+
+
 def test_a_tree_trace_reports_rows_per_pass(model, prompts):
     from twotower.generate_cmd import summary
     from twotower.runner import run as record

@@ -163,15 +163,20 @@ def test_a_spliced_verify_fork_keeps_the_blocks_given_tokens_and_clock():
     assert joined.done.first_token_seconds == starts[0].elapsed
     assert all(b.elapsed >= starts[1].elapsed for b in joined.blocks()[2:])
     # the drafts: the parent's up to the fork point, then the child's, whose first pass in the
-    # forked block checked none (it resumed without the parent's drafts)
-    from twotower.trace import DraftTally
+    # forked block checked the drafts the parent's step left (the fork carried them)
+    assert child.fork == {"block": 1, "step": 0, "resumed_drafts": True} and joined.fork["resumed_drafts"]
     cut = next(i for i, e in enumerate(parent.events) if getattr(e, "block", None) == 1 and getattr(e, "step", None) == 0)
+    carried = sum(d >= 0 for d in parent.events[cut].drafts[0])
+    assert carried > 0
+    first = child.steps()[0]
+    assert len(first.rejected[0]) + sum(first.tokens[0][j] == d for j, d in enumerate(parent.events[cut].drafts[0])
+                                        if d >= 0) == carried            # each carried draft held or was dropped
+    from twotower.trace import DraftTally
     head = DraftTally(1)
     for e in parent.events[:cut + 1]:
         head.update(e)
-    tail, whole = child.draft_tally(), joined.draft_tally()
-    assert sum(whole.reached[0]) == sum(head.reached[0]) + sum(tail.reached[0])
-    assert whole.held == [head.held[0] + tail.held[0]] and whole.dropped == [head.dropped[0] + tail.dropped[0]]
+    whole = joined.draft_tally()
+    assert whole.reached[0][0] > head.reached[0][0] if head.reached[0] else whole.reached[0][0] > 0
 
 
 def test_a_verify_run_forked_to_another_order_draws_its_commits_plot():

@@ -186,22 +186,51 @@ def test_the_guards_at_drafts_are_the_ar_models_guards_there():
             assert torch.equal(got[b, j], ar.token(logits[b, j][None].clone())[0]), (b, j)
 
 
-def test_a_verify_run_forked_mid_block_goes_on_to_the_ar_text(model, prompts, monkeypatch):
-    """A fork keeps the committed tokens (drafts are not state): the continuation drafts again
-    and still writes the AR text."""
-    from twotower.fork import fork_point
+def test_a_verify_run_forked_mid_block_takes_the_parents_passes(model, prompts, monkeypatch):
+    """A fork carries the drafts its step left: with unchanged settings its first pass checks
+    them as the parent's next pass did, so it writes the AR text in the parent's passes, and the
+    spliced run counts the same drafts as the parent."""
+    from twotower.fork import fork_point, splice
     from twotower.runner import run as record
     c = dict(max_new_tokens=24, block_size=8, steps=8, stop_at_eos=False)
     _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
     oracle_drafter(monkeypatch, model, prompts, ar.token_ids, wrong_every=5)
-    cfg = SamplerConfig(remasking="verify", threshold=0.9, **c)
-    trace, events = record(model, prompts, cfg, "diffusion")
+    for nodes in (0, 3):
+        cfg = SamplerConfig(remasking="verify", threshold=0.9, draft_nodes=nodes, **c)
+        trace, events = record(model, prompts, cfg, "diffusion")
+        list(events)
+        drafted = [e for e in trace.steps() if any(d >= 0 for row in e.drafts for d in row)]
+        assert len(drafted) > 2
+        for e in drafted:
+            point = fork_point(trace, e.block, e.step)
+            assert point.drafts == e.drafts
+            child, events = record(model, prompts, cfg, "diffusion", resume=point)
+            list(events)
+            assert child.done.token_ids == ar.token_ids, (nodes, e.block, e.step)
+            whole = splice(trace, child)
+            assert whole.done.nfe == trace.done.nfe, (nodes, e.block, e.step)
+            mine, theirs = whole.draft_tally(), trace.draft_tally()
+            assert (mine.held, mine.dropped, mine.reached) == (theirs.held, theirs.dropped, theirs.reached)
+
+
+def test_a_sampled_fork_checks_the_carried_drafts_as_point_masses(model, prompts, monkeypatch):
+    """Sampling, a carried draft counts as drawn from a point mass on it: a right one holds
+    with the AR model's probability of it (here near 1), a wrong one is dropped."""
+    from twotower.fork import fork_point
+    from twotower.runner import run as record
+    c = dict(max_new_tokens=16, block_size=8, steps=8, stop_at_eos=False)
+    _, ar = run(ar_generate(model, prompts, SamplerConfig(**c)))
+    oracle_drafter(monkeypatch, model, prompts, ar.token_ids, wrong_every=5)
+    greedy = SamplerConfig(remasking="verify", threshold=0.9, **c)
+    trace, events = record(model, prompts, greedy, "diffusion")
     list(events)
-    drafted = next(e for e in trace.steps() if e.block == 1 and any(d >= 0 for row in e.drafts for d in row))
-    point = fork_point(trace, drafted.block, drafted.step)
-    assert all(t == MASK_ID for row in point.tokens for t in row[-2:])        # drafts are not carried over
-    _, forked = run(diffusion_generate(model, prompts, cfg, resume=point))
-    assert forked.token_ids == ar.token_ids
+    e = next(e for e in trace.steps() if sum(d >= 0 for row in e.drafts for d in row) > 2)
+    sharp = SamplerConfig(remasking="verify", threshold=0.9, temperature=0.01, **c)   # ~ greedy draws
+    child, events = record(model, prompts, sharp, "diffusion", resume=fork_point(trace, e.block, e.step))
+    list(events)
+    first, after = child.steps()[0], trace.steps()[trace.steps().index(e) + 1]
+    assert first.tokens == after.tokens and first.rejected == after.rejected
+    assert child.done.token_ids == ar.token_ids
 
 
 def test_eval_counts_the_drafts_kept_and_dropped(model, prompts, monkeypatch):

@@ -1,8 +1,9 @@
 """Forks: rewind a recorded diffusion run to one step of one block, continue with other settings.
 
 A ForkPoint is what the sampler needs to pick a run up again: the tokens of the earlier
-blocks (the context tower re-reads them after the prompt) and the forked block's tokens
-after the chosen step. `fork_point(trace, block, step)` reads one from a trace;
+blocks (the context tower re-reads them after the prompt), the forked block's tokens after
+the chosen step and, under the verify order, the drafts (and draft tree) that step left for
+the next pass to check, so a fork with unchanged settings takes the parent's passes. `fork_point(trace, block, step)` reads one from a trace;
 `diffusion_generate(..., resume=point)` continues from it, and its events make a trace of
 their own. `splice(parent, child)` joins the parent's steps up to the fork and the child's
 steps after it into one trace, so the views can play the fork from the start.
@@ -21,6 +22,9 @@ class ForkPoint:
     step: int                       # its last step taken from the parent: the fork goes on at step + 1
     prefix: list[list[int]]         # (B, start) tokens of blocks 0..block-1, as the context tower read them
     tokens: list[list[int]]         # (B, S) the block after `step`; mask id where still masked
+    drafts: list[list[int]] | None = None       # verify order: (B, S) the drafts `step` left, -1 where none
+    tree: list[list[list[int]]] | None = None   # draft trees: per row, the tree the parent's next pass
+                                                # checked (leaf paths), None where it took none
 
     @property
     def start(self) -> int:
@@ -28,8 +32,9 @@ class ForkPoint:
         return len(self.prefix[0]) if self.prefix else 0
 
     def to_dict(self) -> dict:
-        """What the fork's trace records about where it starts."""
-        return {"block": self.block, "step": self.step}
+        """What the fork's trace records about where it starts (`resumed_drafts`: its first pass
+        checked the drafts the parent's step left, as the parent's next pass did)."""
+        return {"block": self.block, "step": self.step, **({"resumed_drafts": True} if self.drafts is not None else {})}
 
 
 def fork_point(trace: Trace, block: int, step: int) -> ForkPoint:
@@ -54,7 +59,10 @@ def fork_point(trace: Trace, block: int, step: int) -> ForkPoint:
     if len(prefix[0]) != start:
         raise ValueError(f"the trace holds {len(prefix[0])} tokens before block {block}, "
                          f"which starts at {start}: an earlier block was not committed")
-    return ForkPoint(block=block, step=step, prefix=prefix, tokens=[list(r) for r in at.tokens])
+    after = next((e for e in steps if e.step == step + 1), None)
+    return ForkPoint(block=block, step=step, prefix=prefix, tokens=[list(r) for r in at.tokens],
+                     drafts=[list(r) for r in at.drafts] if at.drafts is not None else None,
+                     tree=after.tree if after is not None else None)
 
 
 def _first_readable(events, mask_id) -> float | None:
@@ -108,5 +116,5 @@ def splice(parent: Trace, child: Trace) -> Trace:
     inherited = sum(isinstance(e, Step) for e in head)
     return Trace(mode="diffusion", settings=child.settings, model=child.model, prompts=parent.prompts,
                  prompt_ids=parent.prompt_ids, tokens={**parent.tokens, **child.tokens}, events=head + tail,
-                 fork={"block": block, "step": step, "inherited": inherited, "nfe": at.nfe,
+                 fork={**child.fork, "inherited": inherited, "nfe": at.nfe,
                        "parent_steps": old_start.steps, "parent_settings": parent.settings})

@@ -17,7 +17,7 @@ from .events import BlockCommitted, BlockStart, Done, Event, Prefill, Step, Toke
 from .fork import ForkPoint
 from .model import TwoTower
 from .prefix_reuse import PrefixReuse
-from .draft_tree import DraftTrees
+from .draft_tree import DraftTrees, first_open, tree_nodes
 from .guards import RepeatGuard, history_tensor
 from .sampling import Decision, SamplerConfig, choose_tokens, decide_pass, settled_rows
 
@@ -114,6 +114,17 @@ def check_resume(model: TwoTower, prompts: list[list[int]], cfg: SamplerConfig, 
         raise ValueError(f"the forked block ends at token {point.start + size}, beyond max_new_tokens "
                          f"({cfg.max_new_tokens})")
     check_ids(model, [t for r in point.prefix + point.tokens for t in r], "fork")
+    if point.drafts is not None:
+        if [len(r) for r in point.drafts] != [len(r) for r in point.tokens]:
+            raise ValueError("the fork point's drafts do not match its block's shape")
+        mask_id = model.mask_token_id
+        if any(d >= 0 and tok != mask_id for dr, tr in zip(point.drafts, point.tokens) for d, tok in zip(dr, tr)):
+            raise ValueError("the fork point drafts a position that is already committed")
+        check_ids(model, [d for r in point.drafts for d in r if d >= 0], "fork draft")
+    if point.tree is not None:
+        if len(point.tree) != len(point.tokens):
+            raise ValueError(f"the fork point's draft tree has {len(point.tree)} rows; its block has {len(point.tokens)}")
+        check_ids(model, [t for tree in point.tree for path in tree for t in path], "fork draft tree")
 
 
 class _BlockPlan(NamedTuple):
@@ -124,6 +135,7 @@ class _BlockPlan(NamedTuple):
     budget: int
     given: list[int] | None            # verify: per row the AR model's next token (-1 where the row ended)
     given_conf: list[float] | None
+    resumed: ForkPoint | None = None   # the forked block: the point whose drafts its first pass checks
 
 
 def _plan_block(model: TwoTower, cfg: SamplerConfig, resume: ForkPoint | None, block: int, produced: int,
@@ -134,7 +146,7 @@ def _plan_block(model: TwoTower, cfg: SamplerConfig, resume: ForkPoint | None, b
     tower's logits after the text so far (this draws from `gen` when sampling, and syncs once)."""
     if resume and block == resume.block:
         rows, first, budget = [list(row) for row in resume.tokens], resume.step + 1, max(cfg.steps, resume.step + 2)
-        return _BlockPlan(rows, _on_device(model, rows), first, budget, None, None)
+        return _BlockPlan(rows, _on_device(model, rows), first, budget, None, None, resume)
     mask_id = model.mask_token_id
     rows = [[mask_id] * min(cfg.block_size, cfg.max_new_tokens - produced) for _ in range(len(ended))]
     given = given_conf = None
@@ -175,8 +187,31 @@ def _open_block(model: TwoTower, cfg: SamplerConfig, ctx: dict, plan: _BlockPlan
     reusable = model.can_reuse_prefix(inputs, capturing=capturing)
     trees = (DraftTrees(len(ended), reusable, cfg.draft_nodes + 1 if inputs.get("static") else None)
              if cfg.draft_nodes else None)                         # static caches: fixed rows per pass
-    return _Block(x, inputs, guard, settled, PrefixReuse(reusable and trees is None, plan.rows, mask_id), trees,
-                  torch.full_like(x, mask_id))
+    blk = _Block(x, inputs, guard, settled, PrefixReuse(reusable and trees is None, plan.rows, mask_id), trees,
+                 torch.full_like(x, mask_id))
+    if plan.resumed is not None and plan.resumed.drafts is not None and cfg.remasking == "verify":
+        _resume_drafts(blk, plan.resumed, cfg, mask_id, model.context_lm.config.vocab_size)
+    return blk
+
+
+def _resume_drafts(blk: _Block, point: ForkPoint, cfg: SamplerConfig, mask_id: int, vocab: int) -> None:
+    """The drafts a forked step left, for the fork's first pass to check as the parent's did.
+    Sampling, a carried draft counts as drawn from a point mass on it (its check is then
+    still exact: the committed text is a draw from the AR model). A tree fork takes the tree
+    the parent's next pass checked when it fits its node budget, else the drafted run."""
+    drafts = torch.tensor(point.drafts, device=blk.x.device)
+    blk.drafts = torch.where(drafts >= 0, drafts, mask_id)
+    if cfg.temperature > 0:
+        blk.draft_probs = torch.nn.functional.one_hot(blk.drafts, vocab).float()
+    if blk.trees is None:
+        return
+    for b, (row, draft_row) in enumerate(zip(point.tokens, point.drafts)):
+        tree = point.tree[b] if point.tree is not None else None
+        if tree is None or len(tree_nodes(tree)) - 1 > cfg.draft_nodes:
+            start = first_open(row, mask_id)
+            run = next((k for k, d in enumerate(draft_row[start:]) if d < 0), len(row) - start)
+            tree = [draft_row[start:start + min(run, cfg.draft_nodes)]] if run else []
+        blk.trees.trees[b] = tree
 
 
 class _Pass(NamedTuple):

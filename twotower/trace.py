@@ -78,7 +78,7 @@ class DraftTally:
                     self.tree_passes[b] += 1
 
     def forget_drafts(self) -> None:
-        """The next pass checks no drafts (a new block; a fork resumed one without its parent's)."""
+        """The next pass checks no drafts (a new block; a fork that resumed without its parent's)."""
         self.pending = [{} for _ in self.pending]
 
     def _count_depths(self, row: int, reached: int, held: int) -> None:
@@ -155,17 +155,20 @@ class Trace:
         return stats
 
     def draft_tally(self) -> DraftTally | None:
-        """The verify order's drafts of this run (None for other runs). In a spliced fork the
-        first step after the fork point checked none: the fork resumed without the parent's."""
+        """The verify order's drafts of this run (None for other runs). A spliced fork's first
+        step after the fork point checked the parent's drafts, unless the fork was made before
+        forks carried them (no `resumed_drafts` in `fork`): then it checked none."""
         steps = self.steps()
         if not steps or steps[0].drafts is None:
             return None
-        tally, inherited, seen = DraftTally(len(steps[0].drafts)), (self.fork or {}).get("inherited"), 0
+        fork = self.fork or {}
+        tally, seen = DraftTally(len(steps[0].drafts)), 0
+        forgets = None if fork.get("resumed_drafts") else fork.get("inherited")
         for event in self.events:
             tally.update(event)
             if isinstance(event, Step):
                 seen += 1
-                if seen == inherited:
+                if seen == forgets:
                     tally.forget_drafts()
         return tally
 
