@@ -63,31 +63,35 @@ def status_line(trace: Trace, stopped: bool = False) -> str:
     s = trace.stats()
     if s:
         end = ENDINGS.get(s["stopped"], s["stopped"])
-        drafts = f" · drafts kept {s['drafts_kept']} of {s['drafts_checked']}" if "drafts_checked" in s else ""
+        drafts = f" · {export.drafts_text(s)}" if "drafts_checked" in s else ""
         if "rows_per_pass" in s:
             drafts += f" · draft trees: {s['rows_per_pass']:.1f} block rows per pass"
-        passes = (f"{s['nfe']} forward passes" if trace.mode == "ar" else
-                  f"{s['nfe']} denoiser passes (+ {s['context_passes']} of the context tower)")
-        return (f"**Finished** ({trace.mode}) · {s['tokens']} tokens · {passes} · "
+        return (f"**Finished** ({trace.mode}) · {s['tokens']} tokens · {export.passes_text(trace, s)} · "
                 f"{s['tokens_per_nfe']:.2f} tokens/pass{drafts} · {s['seconds']:.2f} s · "
                 f"{s['tokens_per_second']:.1f} tokens/s · first token {s['first_token_seconds']:.2f} s · {end}")
     p = trajectory.progress(trace)
     head = "**Stopped**" if stopped else "**Running…**"
-    passes = "forward passes" if trace.mode == "ar" else "denoiser passes"
-    return (f"{head} ({trace.mode}) · {p['committed']} tokens committed · {p['nfe']} {passes} · "
+    passes = export.counted(p["nfe"], "forward pass" if trace.mode == "ar" else "denoiser pass")
+    return (f"{head} ({trace.mode}) · {p['committed']} tokens committed · {passes} · "
             f"{p['seconds']:.2f} s")
 
 
+STILL_MASKED = "▢"     # a position the text so far has not written yet (commit orders that leave gaps)
+
+
 def partial_text(trace: Trace) -> str:
-    """The committed text so far (live), or the final text."""
+    """The committed text so far (live, or a stopped run), with a ▢ for each position still
+    masked before the last committed one; or the final text."""
     if trace.done:
         return trace.done.texts[0]
     eos = set(trace.model.get("eos_token_ids", []))
+    written = {c.pos: c.token for c in commits.commit_table(trace)}
     pieces = []
-    for c in sorted(commits.commit_table(trace), key=lambda c: c.pos):
-        if c.token in eos:
+    for pos in range(max(written, default=-1) + 1):
+        token = written.get(pos)
+        if token in eos:
             break
-        pieces.append(trace.tokens.get(str(c.token), ""))
+        pieces.append(STILL_MASKED if token is None else trace.tokens.get(str(token), ""))
     return "".join(pieces)
 
 
@@ -109,7 +113,23 @@ LARGE_CAPTURE = 128       # tokens beyond which captured attention makes a heavy
 
 
 def prepare(prompt, mode, settings, capture, layers):
-    """(prompt ids, SamplerConfig, capture layers) of a new run; raises gr.Error for bad input."""
+    """(prompt ids, SamplerConfig, capture layers) of a new run; raises gr.Error for bad input,
+    warns (without stopping) about settings that mislead."""
+    ids, cfg, chosen = checked(prompt, mode, settings, capture, layers)
+    warn_about(cfg, mode, capture)
+    return ids, cfg, chosen
+
+
+def check_run(prompt, mode, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
+              repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos, capture, layers, draft_nodes):
+    """Run's first event (generate's inputs, no session): refuse bad input with a message before
+    the streaming event starts, whose outputs would each keep an error badge."""
+    checked(prompt, mode, (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p, repetition_penalty,
+                           no_repeat_ngram_size, remasking, seed, stop_at_eos, draft_nodes), capture, layers)
+
+
+def checked(prompt, mode, settings, capture, layers):
+    """prepare() without the warnings."""
     with user_errors():
         cfg = sampler_config(*settings)
         model = get_model()
@@ -121,7 +141,6 @@ def prepare(prompt, mode, settings, capture, layers):
         chosen = ()
         if capture and mode == "diffusion":
             chosen = capture_layers(layers, model.family.attention_layers)
-    warn_about(cfg, mode, capture)
     return ids, cfg, chosen
 
 

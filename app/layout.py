@@ -228,7 +228,8 @@ def grid_tab() -> dict:
     grid = gr.HTML(value="", html_template='<div class="ttg"></div>', css_template=asset("grid.css"),
                    js_on_load=asset("grid.js"), elem_id="grid", padding=False, apply_default_css=False,
                    ar=None)          # prop: the AR model's view for the inspector (app/study.py)
-    text = gr.Textbox(label="Output text", lines=3, max_lines=20, buttons=["copy"], elem_id="output-text")
+    text = gr.Textbox(label="Output text", lines=3, max_lines=20, buttons=["copy"], elem_id="output-text",
+                      info="▢ = a position not written yet (while a run goes on, or after Stop)")
     return dict(grid=grid, text=text)
 
 

@@ -19,17 +19,20 @@ def wire(ui: UI, demo: gr.Blocks) -> None:
 
     demo.load(handlers.model_info, outputs=ui.model_info, api_visibility="private")
 
-    gen = gr.on([ui.run.click, ui.prompt.submit], handlers.generate,
-                inputs=[ui.prompt, ui.mode, *sampler, ui.capture, ui.layers, ui.draft_nodes, ui.session],
-                outputs=run_outputs, api_name="generate", concurrency_id=COMPUTE,
-                show_progress="minimal")
+    run_inputs = [ui.prompt, ui.mode, *sampler, ui.capture, ui.layers, ui.draft_nodes]
+    # bad input is refused by a first event with no outputs, so no output keeps an error badge
+    gen = gr.on([ui.run.click, ui.prompt.submit], handlers.check_run, inputs=run_inputs,
+                api_visibility="private").success(
+        handlers.generate, inputs=run_inputs + [ui.session], outputs=run_outputs, api_name="generate",
+        concurrency_id=COMPUTE, show_progress="minimal")
     gen.then(handlers.settle, views_in, run_outputs + views_out, api_visibility="private")
     fork_tab = [ui.fork_block, ui.fork_step, *ui.fork_settings, ui.fork_status, ui.compare_view]
     gen.then(study.fork_defaults, ui.session, fork_tab, api_visibility="private")
 
-    racing = ui.race_run.click(race.race, inputs=[ui.prompt, *sampler, ui.draft_nodes, ui.session],
-                               outputs=[ui.race_view, ui.race_table, ui.race_plot, ui.race_status],
-                               api_name="race", concurrency_id=COMPUTE, show_progress="minimal")
+    race_inputs = [ui.prompt, *sampler, ui.draft_nodes]
+    racing = ui.race_run.click(race.check_race, inputs=race_inputs, api_visibility="private").success(
+        race.race, inputs=race_inputs + [ui.session], outputs=[ui.race_view, ui.race_table, ui.race_plot, ui.race_status],
+        api_name="race", concurrency_id=COMPUTE, show_progress="minimal")
     racing.then(race.race_settle, ui.session, ui.race_status, api_visibility="private")
 
     forking = ui.fork_run.click(study.run_fork, inputs=[ui.fork_block, ui.fork_step, *ui.fork_settings, ui.session],

@@ -15,7 +15,7 @@ from twotower.runner import run
 from visualizers import race as race_view
 
 from .gpu import gpu
-from .handlers import prepare
+from .handlers import checked, prepare
 from .settings import user_errors
 from .state import Session, StopFlag, get_model
 
@@ -53,6 +53,15 @@ def compute(prompt, ids, cfg, stop: StopFlag):
     ar = timed_run(model, ids, cfg, "ar", prompt, stop)
     yield "Running diffusion (timed on its own)…"
     yield ar, timed_run(model, ids, cfg, "diffusion", prompt, stop)
+
+
+def check_race(prompt, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
+               repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos, draft_nodes):
+    """The Race's first event (race's inputs, no session): bad input is refused with a message
+    before the race starts, whose outputs would each keep an error badge."""
+    checked(prompt, "diffusion", (max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,
+                                  repetition_penalty, no_repeat_ngram_size, remasking, seed, stop_at_eos,
+                                  draft_nodes), False, "")
 
 
 def race(prompt, max_new_tokens, block_size, steps, threshold, temperature, top_k, top_p,

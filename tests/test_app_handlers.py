@@ -105,6 +105,21 @@ def test_a_cancelled_run_settles_as_stopped():
     assert not data["live"] and data["n_out"] is None
 
 
+def test_the_text_of_an_unfinished_run_marks_the_positions_still_masked():
+    """A commit order that leaves gaps: the text so far shows each masked position before the
+    last committed one as ▢ instead of joining the tokens around it."""
+    from twotower.events import BlockStart, Prefill, Step
+    from twotower.trace import Trace
+    mask = 3
+    events = [Prefill(prompt_tokens=[2], seconds=0.0), BlockStart(block=0, start=0, size=4, steps=4),
+              Step(block=0, step=0, t=[0.5], tokens=[[10, mask, 12, mask]], committed=[[0, 2]], planned=[2],
+                   confidence=[[0.9, 0.1, 0.8, 0.1]], top_ids=[[[10], [11], [12], [11]]],
+                   top_probs=[[[0.9], [0.1], [0.8], [0.1]]], elapsed=0.1, nfe=1)]
+    trace = Trace(mode="diffusion", settings={}, model={"mask_token_id": mask, "eos_token_ids": [2]},
+                  prompts=["Hi"], prompt_ids=[[5, 6]], tokens={"10": "The", "12": " sat"}, events=events)
+    assert handlers.partial_text(trace) == "The▢ sat"
+
+
 def test_export_then_import_without_the_model(tmp_path):
     session = Session()
     run_to_end(session)

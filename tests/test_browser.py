@@ -266,3 +266,19 @@ def test_a_draft_tree_trace_shows_the_tree_each_pass_checked(page, tmp_path):
 
 def test_no_javascript_errors(page):
     assert page.errors == []
+
+
+def test_an_empty_prompt_is_refused_without_error_badges(page):
+    """Bad input is refused by a first event with no outputs: a message, and no output keeps
+    an error badge (the streaming event, whose outputs would, never starts)."""
+    run_prompt(page, "   ")
+    expect(page.locator(".toast-body").last).to_contain_text("the prompt is empty", timeout=20_000)
+    page.wait_for_timeout(500)
+    for elem in ("status", "grid", "output-text"):
+        assert page.locator(f"#{elem} .error").count() == 0, elem
+    page.get_by_role("tab", name="Race: AR vs diffusion").click()
+    page.locator("#race-run").click()
+    expect(page.locator(".toast-body").last).to_contain_text("the prompt is empty", timeout=20_000)
+    page.wait_for_timeout(500)
+    assert page.locator("#race .error").count() == 0 and page.locator("#race-status .error").count() == 0
+    page.get_by_role("tab", name="Denoising").click()

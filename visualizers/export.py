@@ -23,13 +23,30 @@ def _script_json(obj) -> str:
     return json.dumps(obj).replace("</", "<\\/")
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 pass', '2 passes': a count with its noun (nouns here add -es after s, else -s)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
+def passes_text(trace, s: dict) -> str:
+    """The passes a finished run took: AR forward passes, or denoiser passes and the context tower's."""
+    if trace.mode == "ar":
+        return counted(s["nfe"], "forward pass")
+    return f"{counted(s['nfe'], 'denoiser pass')} (+ {s['context_passes']} of the context tower)"
+
+
+def drafts_text(s: dict) -> str:
+    """The verify order's drafts: how many of those drafted the next pass kept ('' for other orders)."""
+    return f"drafts kept {s['drafts_kept']} of {s['drafts_checked']} drafted" if "drafts_checked" in s else ""
+
+
 def stats_line(trace) -> str:
     """One line of the run's figures (empty for an unfinished run)."""
     s = trace.stats()
     if not s:
         return "An unfinished run."
-    drafts = f"drafts kept {s['drafts_kept']} of {s['drafts_checked']} · " if "drafts_checked" in s else ""
-    return (f"{trace.mode} · {s['tokens']} tokens · {s['nfe']} forward passes · {s['tokens_per_nfe']:.2f} tokens/pass · "
+    drafts = f"{drafts_text(s)} · " if "drafts_checked" in s else ""
+    return (f"{trace.mode} · {s['tokens']} tokens · {passes_text(trace, s)} · {s['tokens_per_nfe']:.2f} tokens/pass · "
             f"{drafts}{s['seconds']:.2f} s · {s['tokens_per_second']:.1f} tokens/s · ended by {s['stopped']}")
 
 
