@@ -90,12 +90,18 @@ function cell(s, p, block) {
     : masked
     ? `position ${p} · ${where} · masked; best guess '${piece(id)}' p=${conf / 100}` +
       (after ? " · after end-of-text: left masked, the output ends before it" : "")
-    : `position ${p} · ${where}${given ? ` · ${GIVEN_NOTE}` : data.mode === "diffusion" ? ` · committed at step ${s.cstep[p]}` : ""} · p=${conf / 100}${after ? " · after end-of-text" : ""}`)
+    : `position ${p} · ${where}${given ? ` · ${GIVEN_NOTE}` : data.mode === "diffusion" ? ` · committed at step ${s.cstep[p]}` : ""} · p=${conf / 100}${endNote(p, id)}`)
     + (inherited ? " · inherited from the original run" : "")
     + (flagged ? flagged.map((f) => `\n⚑ ${f.kind}: ${f.text}`).join("") : "");
   return `<span class="${cls}" data-pos="${p}" title="${esc(title)}"><span class="ttg-t">${esc(piece(id))}</span>` +
          `<span class="ttg-bar" style="width:${conf}%"></span></span>`;
 }
+
+// Where a committed position stands to the output's end: the end-of-text that ends it
+// (its findings count, as the end is part of what happened), or past it.
+const endNote = (p, id) => data.n_out === null || p < data.n_out ? ""
+  : p === data.n_out && isSpecial(id) ? " · the end-of-text that ends the output (not in the text)"
+  : " · after end-of-text";
 
 function rows(s) {
   const active = s.frame ? s.frame[0] : -1;
@@ -120,7 +126,7 @@ function info(s) {
     ? ` · <span class="ttg-inh-note">inherited from the original run</span>`
     : ` · <span class="ttg-fork-note">fork: ${esc(changes())}</span>`;
   // blocks and steps count from 0 everywhere (row labels B0.., the inspector, the Fork tab)
-  return `Block <b>B${block}</b> (${nb} in all) · step <b>${step}</b> (${steps} allowed, counted from 0) · NFE ${nfe} · ${t} s · committed <b>${fresh.length}</b> this step${fork}` +
+  return `Block <b>B${block}</b> (${nb} ${data.live ? "so far" : "in all"}) · step <b>${step}</b> (${steps} allowed, counted from 0) · NFE ${nfe} · ${t} s · committed <b>${fresh.length}</b> this step${fork}` +
     `<div class="ttg-rule">${rule(s.frame, steps, gammaAt(frame))}</div>`;
 }
 
@@ -170,8 +176,8 @@ function verifyRule(f, steps, threshold) {
   const check = checked === 0 ? "no drafts to check"
     : rejected.length === 0 ? (checked === 1 ? "its one draft held (the AR model's own next token)"
       : `all <b>${checked}</b> drafts held (each was the AR model's own next token)`)
-    : `<b>${held}</b> of ${checked} drafts held; the next one was not the AR model's token, so it and the ` +
-      `${rejected.length - 1} after it were dropped`;
+    : `<b>${held}</b> of ${checked} drafts held; the next one was not the AR model's token, so ` +
+      (rejected.length === 1 ? "it was dropped" : `it and the ${rejected.length - 1} after it were dropped`);
   const next = last ? "last step of the block: every position left is committed"
     : rejected.length ? "no new drafts: this pass read a wrong one, so its guesses past it are not trusted"
     : `<b>${planned}</b> masked position${planned === 1 ? "" : "s"} in a row with p &gt; ${gamma} became the next drafts`;
@@ -240,13 +246,13 @@ function entropyBound(probs) {
 // Every frame of the picked position's block: its candidates, margin, entropy, whether the
 // best guess flipped, and (on request) what the AR model would have put there.
 function inspector() {
-  if (picked === null) return `<div class="ttg-cands muted">Click a token to inspect it: its top candidates at every step, when it was committed, whether its best guess flipped, and what the AR model would have put there.</div>`;
+  if (picked === null) return `<div class="ttg-cands muted">Click a token to inspect it: its top candidates at every step, when it was committed, whether its best guess flipped${data.actions ? ", and what the AR model would have put there" : ""}.</div>`;
   if (!data.top) return `<div class="ttg-cands muted">Candidates for position ${picked} arrive when the run ends.</div>`;
   let out = "", prev = null, flips = [], commit = null;
   const gb = data.blocks.findIndex(([start]) => start === picked);
   if (data.mode === "diffusion" && givenOf(gb)) commit = {block: gb, step: null, given: true, tok: givenOf(gb)[0], p: givenOf(gb)[1] / 100};
   data.frames.forEach((f, k) => {
-    const [block, step, off, toks, guess, , fresh] = f;
+    const [block, step, off, toks, guess, conf, fresh] = f;
     const j = picked - off;
     if (j < 0 || j >= toks.length) return;
     const [ids, probs1000] = data.top[k][j];
@@ -254,7 +260,9 @@ function inspector() {
     const wasMasked = toks[j] < 0 || fresh.includes(j);
     const flip = wasMasked && prev !== null && prev !== guess[j];
     if (flip) flips.push(data.mode === "ar" ? k : step);
-    if (fresh.includes(j)) commit = {block, step, k, tok: toks[j], p: probs[ids.indexOf(toks[j])]};
+    // a sampled token outside the top candidates: its p from the frame (two decimals)
+    if (fresh.includes(j)) commit = {block, step, k, tok: toks[j], p: ids.includes(toks[j]) ? probs[ids.indexOf(toks[j])] : conf[j] / 100,
+                                     rounded: !ids.includes(toks[j])};
     prev = wasMasked ? guess[j] : null;
     const drafted = f[10] && f[10][j] >= 0;
     const state = fresh.includes(j) ? "<b>committed</b>" : drafted ? "draft" : toks[j] < 0 ? "masked" : "kept";
@@ -278,11 +286,12 @@ function summary(commit, flips) {
   if (!commit) return ": not committed yet";
   if (commit.given) return `: <b>${esc(piece(commit.tok))}</b>, block ${commit.block}'s first token (p=${commit.p.toFixed(3)}), ${GIVEN_NOTE}`;
   const where = data.mode === "ar" ? `token ${commit.k + 1}` : `block ${commit.block}, step ${commit.step}`;
-  const after = data.n_out !== null && picked >= data.n_out ? " · after end-of-text" : "";
+  const after = endNote(picked, commit.tok);
   const flipped = data.mode === "ar" ? "" : flips.length
     ? ` · best guess flipped <b>${flips.length}</b>× (step${flips.length > 1 ? "s" : ""} ${flips.join(", ")})`
     : " · best guess never flipped";
-  const p = commit.p === undefined ? "" : ` with p=${commit.p.toFixed(3)}`;
+  const p = commit.p === undefined ? "" : commit.rounded
+    ? ` with p≈${commit.p.toFixed(2)} (not among the top candidates)` : ` with p=${commit.p.toFixed(3)}`;
   return `: <b>${esc(piece(commit.tok))}</b>, committed at ${where}${p}${flipped}${after}`;
 }
 
@@ -307,9 +316,10 @@ function findings() {
   if (!data.findings || !data.findings.length) return "";
   const items = data.findings.map((f, k) =>
     `<button class="ttg-find kind-${esc(f.kind)}" data-k="${k}" title="jump to this step">${esc(f.kind)}: ${esc(f.text)}</button>`).join("");
-  const kinds = {};
+  const kinds = {}, totals = data.finding_totals || {};
   data.findings.forEach((f) => { kinds[f.kind] = (kinds[f.kind] || 0) + 1; });
-  const counts = Object.entries(kinds).map(([k, n]) => `${n} ${k}`).join(", ");
+  const counts = Object.entries(kinds).map(([k, n]) =>
+    (totals[k] || n) > n ? `${totals[k]} ${k} (the ${n} most telling listed)` : `${n} ${k}`).join(", ");
   return `<details class="ttg-findings" ${listOpen ? "open" : ""}><summary>Worth a look: ${esc(counts)} (click one to jump to its step)</summary>
     <label class="ttg-marks"><input type="checkbox" data-act="marks" ${marks ? "checked" : ""}> mark them on the grid (⚑ corner)</label>
     <div class="ttg-find-list">${items}</div></details>`;

@@ -84,6 +84,33 @@ def test_frames_are_compact_lists(diffusion_trace):
     assert tops[0][0] == [[10, 12], [950, 50]]
 
 
+def test_a_masked_cell_shows_its_guess_with_the_guess_probability(diffusion_trace):
+    """Sampling, the token a pass chose at a masked position (whose p is `confidence`) need not
+    be the top-1 guess the cell shows: the cell's p is the guess's."""
+    e = diffusion_trace.events[2]
+    e.confidence[0][1], e.top_probs[0][1] = 0.01, [0.4, 0.3]       # sampled a 0.01 token; best guess 0.4
+    frame = trajectory.frames(diffusion_trace)[0][0]
+    assert frame[4][1] == 11 and frame[5][1] == 40                # guess 11 with its own p
+    assert frame[5][0] == 95                                      # committed cells keep the chosen token's p
+
+
+def title_text(fig) -> tuple[str, str]:
+    """A figure's title and subtitle as plain text, its line breaks undone; no line is long."""
+    lines = fig.layout.title.text.split("<br>")
+    main = [line for line in lines if not line.startswith("<sup>")]
+    sub = [line.removeprefix("<sup>").removesuffix("</sup>") for line in lines if line.startswith("<sup>")]
+    assert all(len(line) <= plots.TITLE_CHARS for line in main) and all(len(line) <= plots.SUBTITLE_CHARS for line in sub)
+    return " ".join(main), " ".join(sub)
+
+
+def test_plots_mark_where_the_output_ended(diffusion_trace):
+    """Block 1 commits end-of-text at position 5 and two more after it: a line after position 5."""
+    for fig in (plots.unmasking_map(diffusion_trace), plots.confidence_heatmap(diffusion_trace)):
+        [end] = [shape for shape in fig.layout.shapes if shape.line.dash == "dash"]
+        assert end.x0 == 5.5
+    assert title_text(plots.tokens_per_step(diffusion_trace))[1].startswith("blank: no step there")
+
+
 def test_commit_table_gives_every_position_once(diffusion_trace):
     commits = trajectory.commit_table(diffusion_trace)
     assert sorted(c.pos for c in commits) == list(range(8))
@@ -298,8 +325,10 @@ def test_low_confidence_keeps_the_worst_and_orders_by_frame(monkeypatch):
         ([10, 11, MASK, MASK], [0, 1], [0.05, 0.2, 0.5, 0.5], [10, 11, 12, 13]),
         ([10, 11, 12, 13], [2, 3], [0.05, 0.2, 0.1, 0.9], [10, 11, 12, 13]),
     ], [10, 11, 12, 13])
-    found = failures.low_confidence(trace, trajectory.commit_table(trace))
+    shown, totals = failures.found(trace)
+    found = [f for f in shown if f["kind"] == "low-confidence"]
     assert [(f["pos"], f["frame"]) for f in found] == [(0, 0), (2, 1)]     # p 0.05 and 0.1; 0.2 is cut
+    assert totals["low-confidence"] == 3                                   # ... but counted
 
 
 def test_eos_flood_marks_every_end_of_text_it_commits():
@@ -406,14 +435,14 @@ def test_verify_frames_carry_drafts_and_the_plot_counts_dropped_ones():
                                           "drafts dropped"]
     held, own, dropped = (list(fig.data[k].y) for k in (1, 2, 3))
     assert held == [0, 1] and own == [1, 1] and list(fig.data[2].base) == held and dropped == [0, 1]
-    title, depths = fig.layout.title.text.split("<br>")
+    title, depths = title_text(fig)
     assert title == "Where the 3 committed tokens came from: 2 the AR model's own in the 2 denoiser passes, 1 held draft"
-    assert depths.endswith("depth 1: 1 of 1 · depth 2: 0 of 1</sup>")   # the first draft held, the second did not
+    assert depths.endswith("depth 1: 1 of 1 · depth 2: 0 of 1")   # the first draft held, the second did not
     # a block whose first token came from the context pass gets a star before its first pass
     trace.events[1] = BlockStart(block=0, start=0, size=4, steps=4, given=[10], given_confidence=[0.9], elapsed=0.02)
     fig = plots.commits_per_step(trace)
     assert fig.data[-1].name == "a block's first token, from the context pass before it" and list(fig.data[-1].x) == [0.6]
-    assert fig.layout.title.text.split("<br>")[0].endswith("1 held draft, 1 from the context pass")
+    assert title_text(fig)[0].endswith("1 held draft, 1 from the context pass")
 
 
 def test_a_block_first_token_from_the_context_pass_is_drawn_and_counted():

@@ -6,6 +6,7 @@
 - end-of-text floods: one denoiser step that commits EOS_FLOOD or more end-of-text tokens
 
 Positions after a run's first end-of-text are not part of its text: `findings` leaves them out.
+Each kind lists at most MAX_PER_KIND, the most telling first; `found` also gives the totals.
 """
 from __future__ import annotations
 
@@ -29,14 +30,14 @@ def _finding(kind: str, frame: int, pos: int, text: str, span: list[int] | None 
 
 
 def low_confidence(trace, commits) -> list[dict]:
+    """Every commit below LOW_CONFIDENCE, the lowest first."""
     low = sorted((c for c in commits if c.confidence < LOW_CONFIDENCE), key=lambda c: c.confidence)
-    return [_finding("low-confidence", c.frame, c.pos,
-                     f"'{label(trace, c.token)}' committed with p={c.confidence:.2f}")
-            for c in sorted(low[:MAX_PER_KIND], key=lambda c: c.frame)]
+    return [_finding("low-confidence", c.frame, c.pos, f"'{label(trace, c.token)}' committed with p={c.confidence:.2f}")
+            for c in low]
 
 
 def flips(trace, row: int = 0) -> list[dict]:
-    """Masked positions whose top-1 guess kept changing (diffusion only)."""
+    """Masked positions whose top-1 guess kept changing (diffusion only), the busiest first."""
     if trace.mode != "diffusion":
         return []
     mask = trace.model.get("mask_token_id")
@@ -50,9 +51,8 @@ def flips(trace, row: int = 0) -> list[dict]:
                 count[pos] += 1
                 last_frame[pos] = i
             last_guess[pos] = guess if tok == mask else None
-    busy = sorted((p for p in count if count[p] >= FLIPS), key=lambda p: -count[p])[:MAX_PER_KIND]
-    return [_finding("flips", last_frame[p], p, f"position {p}: best guess changed {count[p]} times")
-            for p in sorted(busy)]
+    busy = sorted((p for p in count if count[p] >= FLIPS), key=lambda p: (-count[p], p))
+    return [_finding("flips", last_frame[p], p, f"position {p}: best guess changed {count[p]} times") for p in busy]
 
 
 def loop_hint(trace) -> str:
@@ -77,7 +77,7 @@ def repeats(trace, commits, row: int = 0) -> list[dict]:
             p = places[1]
             span = sorted({q + i for q in places for i in range(NGRAM)})
             out.append(_finding("repeat", frame_of.get(p, 0), p, f"'{text}' occurs {len(places)} times{hint}", span))
-    return out[:MAX_PER_KIND]
+    return out
 
 
 def eos_floods(trace, row: int = 0) -> list[dict]:
@@ -93,7 +93,7 @@ def eos_floods(trace, row: int = 0) -> list[dict]:
             out.append(_finding("eos-flood", i, start + hits[0],
                                 f"block {e.block} step {e.step} commits {len(hits)} end-of-text tokens",
                                 [start + j for j in hits]))
-    return out[:MAX_PER_KIND]
+    return out
 
 
 def in_output(trace, found: list[dict], row: int = 0) -> list[dict]:
@@ -105,9 +105,20 @@ def in_output(trace, found: list[dict], row: int = 0) -> list[dict]:
     return [f for f in found if f["pos"] <= end]
 
 
-def findings(trace, row: int = 0) -> list[dict]:
-    """All findings within the output, ordered by frame."""
+def found(trace, row: int = 0) -> tuple[list[dict], dict[str, int]]:
+    """The findings within the output, at most MAX_PER_KIND of each kind (the most telling),
+    ordered by frame; and how many of each kind there are in all."""
     commits = commit_table(trace, row)
-    found = (low_confidence(trace, commits) + flips(trace, row) + repeats(trace, commits, row)
-             + eos_floods(trace, row))
-    return sorted(in_output(trace, found, row), key=lambda f: (f["frame"], f["pos"]))
+    kinds = [low_confidence(trace, commits), flips(trace, row), repeats(trace, commits, row), eos_floods(trace, row)]
+    shown, totals = [], {}
+    for items in kinds:
+        items = in_output(trace, items, row)
+        if items:
+            totals[items[0]["kind"]] = len(items)
+        shown += items[:MAX_PER_KIND]
+    return sorted(shown, key=lambda f: (f["frame"], f["pos"])), totals
+
+
+def findings(trace, row: int = 0) -> list[dict]:
+    """The findings within the output (at most MAX_PER_KIND of each kind), ordered by frame."""
+    return found(trace, row)[0]

@@ -5,6 +5,8 @@ are colour-blind safe (cividis), and markers carry shape as well as colour.
 """
 from __future__ import annotations
 
+import textwrap
+
 import plotly.graph_objects as go
 
 from twotower.trace import DraftTally
@@ -16,9 +18,26 @@ SCALE = "Cividis"
 ORANGE, BLUE, GREEN = "#E69F00", "#0072B2", "#009E73"   # Okabe-Ito
 
 
+TITLE_CHARS, SUBTITLE_CHARS = 40, 60   # per line: plotly does not wrap titles, and a plot may be ~300 px wide
+
+
+def _wrapped(title: str) -> tuple[str, int]:
+    """A title broken into short lines (its '<br><sup>' subtitle into smaller ones) and the
+    number of lines."""
+    main, _, sub = title.partition("<br><sup>")
+    lines = textwrap.wrap(main, TITLE_CHARS)
+    text = "<br>".join(lines)
+    if sub:
+        small = textwrap.wrap(sub.removesuffix("</sup>"), SUBTITLE_CHARS)
+        text += "".join(f"<br><sup>{line}</sup>" for line in small)
+        return text, len(lines) + len(small)
+    return text, len(lines)
+
+
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 360) -> go.Figure:
-    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=15)), height=height,
-                      margin=dict(l=60, r=20, t=50, b=50), xaxis_title=x, yaxis_title=y,
+    text, lines = _wrapped(title)
+    fig.update_layout(title=dict(text=text, x=0.01, font=dict(size=15)), height=height + 20 * (lines - 1),
+                      margin=dict(l=60, r=20, t=30 + 20 * lines, b=50), xaxis_title=x, yaxis_title=y,
                       template="plotly_white", hoverlabel=dict(font_family="monospace"))
     return fig
 
@@ -36,6 +55,16 @@ def note_figure(text: str, height: int = 220) -> go.Figure:
 def _block_lines(fig: go.Figure, trace) -> None:
     for b in trace.blocks()[1:]:
         fig.add_vline(x=b.start - 0.5, line=dict(color="#888", width=1, dash="dot"))
+
+
+def _end_line(fig: go.Figure, trace, row: int, last_pos: int) -> None:
+    """A line after the end-of-text that ended the output, when positions past it are plotted."""
+    done = trace.done
+    if done is None or done.stopped != "eos" or last_pos <= len(done.token_ids[row]):
+        return
+    fig.add_vline(x=len(done.token_ids[row]) + 0.5, line=dict(color="#c0392b", width=1.5, dash="dash"),
+                  annotation_text="end of text: later positions are not in the output", annotation_position="top right",
+                  annotation_font=dict(size=11, color="#c0392b"))
 
 
 def unmasking_map(trace, row: int = 0) -> go.Figure:
@@ -57,6 +86,7 @@ def unmasking_map(trace, row: int = 0) -> go.Figure:
         hovertemplate="position %{x}<br>'%{customdata[0]}'<br>block %{customdata[1]}, %{customdata[3]}"
                       "<br>p=%{customdata[2]:.3f}<extra></extra>"))
     _block_lines(fig, trace)
+    _end_line(fig, trace, row, max(c.pos for c in commits))
     last, first = max(c.step for c in commits), min(c.step for c in commits)
     fig.update_yaxes(range=[last + 0.6, first - 0.6], dtick=1 if last < 20 else None)   # step 0 (or GIVEN) on top
     if first == GIVEN:                  # the verify order: each block's first token came from the context pass
@@ -87,6 +117,7 @@ def confidence_heatmap(trace, row: int = 0) -> go.Figure:
                              marker=dict(symbol="x-thin", size=8, line=dict(width=2, color=ORANGE)),
                              name="committed here", hoverinfo="skip"))
     _block_lines(fig, trace)
+    _end_line(fig, trace, row, width - 1)
     fig.update_yaxes(autorange="reversed", dtick=1 if depth < 20 else None)
     fig.update_layout(legend=dict(orientation="h", y=-0.25))
     return _layout(fig, "Confidence of every position at every step (× = committed)",
@@ -110,7 +141,7 @@ def commits_per_step(trace, row: int = 0) -> go.Figure:
             go.Bar(x=x, y=[e.planned[row] for e in steps], hovertext=text, marker_color=BLUE,
                    name="above threshold (planned)"),
             go.Bar(x=x, y=[len(e.committed[row]) for e in steps], hovertext=text, marker_color=ORANGE,
-                   name="committed (after floor and cap)", marker_pattern_shape="/"),
+                   name="committed (at least 1, and at least ⌈masked / steps left⌉)", marker_pattern_shape="/"),
         ]), "Planned vs actual commits per denoiser pass (NFE)"
     for b in trace.blocks()[1:]:
         first = next((i for i, e in enumerate(steps) if e.block == b.block), None)
@@ -184,5 +215,6 @@ def tokens_per_step(trace, row: int = 0) -> go.Figure:
                                hovertemplate="%{y}, step %{x}: %{customdata}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(dtick=1 if depth < 20 else None)
-    return _layout(fig, "Tokens committed per step, block by block (blank = the block was already full)",
+    return _layout(fig, "Tokens committed per step, block by block<br><sup>blank: no step there "
+                   "(the block was full, or its text had ended)</sup>",
                    "step within block", "", height=min(700, 140 + 26 * len(blocks)))

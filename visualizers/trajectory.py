@@ -7,7 +7,8 @@ Frames are lists, not objects, to keep the payload small:
 
 - tokens: the block's tokens after the step, -1 where still masked (AR: the one token)
 - guess:  the top-1 candidate at every position (what a masked cell is "thinking")
-- conf:   p(chosen token) per position, as integers 0..100
+- conf:   p(chosen token) per position, as integers 0..100; at a masked position with no
+          draft, p of its guess (sampling, the token a pass chose there need not be the guess)
 - new:    block positions committed at this step; offset + j is the generated index
 - planned: commits the threshold rule asked for, before the floor raised it (verify: new drafts)
 - drafts, rejected (the verify order only): the draft id per position after the step (-1
@@ -25,7 +26,7 @@ guesses of frame i's block. A live payload sends the finished blocks once as `ba
 from __future__ import annotations
 
 from .commits import AR_ROW, block_starts, commit_table
-from .failures import findings
+from .failures import found
 from .pieces import piece_table, special_ids
 
 
@@ -49,8 +50,10 @@ def frames(trace, row: int = 0, top: bool = False) -> tuple[list[list], list | N
     for e in trace.steps():
         tokens = [-1 if t == mask else t for t in e.tokens[row]]
         guess = [cands[0] for cands in e.top_ids[row]]
-        frame = [e.block, e.step, starts.get(e.block, 0), tokens, guess,
-                 [_pct(c) for c in e.confidence[row]], e.committed[row], e.planned[row],
+        drafts = e.drafts[row] if e.drafts is not None else [-1] * len(tokens)
+        conf = [_pct(top[0] if tok < 0 and d < 0 else c)             # a masked cell shows its guess's p
+                for tok, d, top, c in zip(tokens, drafts, e.top_probs[row], e.confidence[row])]
+        frame = [e.block, e.step, starts.get(e.block, 0), tokens, guess, conf, e.committed[row], e.planned[row],
                  int(e.elapsed * 1000), e.nfe]
         if e.drafts is not None:
             frame += [e.drafts[row], e.rejected[row]]
@@ -143,6 +146,7 @@ def payload(trace, live: bool = False, row: int = 0) -> dict:
     given = given_tokens(trace, row)
     ids = _ids_in(shown, tops) | {t for t in base["tok"] if t >= 0} | {g[0] for g in given if g}
     settings = trace.settings or {}
+    listed, totals = ([], {}) if live else found(trace, row)
     return {
         "kind": "trajectory",
         "mode": trace.mode,
@@ -164,6 +168,7 @@ def payload(trace, live: bool = False, row: int = 0) -> dict:
         "draft_width": settings.get("draft_width", 0),      # traces from session 15's width-K trees
         "progress": progress(trace),
         "stats": trace.stats(),
-        "findings": [] if live else findings(trace, row),
+        "findings": listed,                                  # at most failures.MAX_PER_KIND of each kind
+        "finding_totals": totals,                            # kind -> how many in all
         "fork": fork_info(trace),
     }
