@@ -225,17 +225,21 @@ function treeView(paths, toks, start) {
     order.slice(0, TREE_LINES).map(line).join("") + more + "</div>";
 }
 
-const LEGEND = `<div class="ttg-legend">
-  <span class="ttg-cell st-c"><span class="ttg-t">word</span><span class="ttg-bar" style="width:80%"></span></span> committed earlier
-  <span class="ttg-cell st-n"><span class="ttg-t">word</span><span class="ttg-bar" style="width:60%"></span></span> committed this step
-  <span class="ttg-cell st-m ttg-diffusion-only"><span class="ttg-t">guess</span><span class="ttg-bar" style="width:30%"></span></span><span class="ttg-diffusion-only">masked (faint: current best guess)</span>
-  <span class="ttg-cell st-c given ttg-verify-only"><span class="ttg-t">word</span><span class="ttg-bar" style="width:90%"></span></span><span class="ttg-verify-only">a block's first token, from the context tower's pass (no denoiser step)</span>
-  <span class="ttg-cell st-d ttg-verify-only"><span class="ttg-t">draft</span><span class="ttg-bar" style="width:95%"></span></span><span class="ttg-verify-only">draft, checked by the next pass (verify order)</span>
-  <span class="ttg-cell st-c special"><span class="ttg-t">&lt;eos&gt;</span></span> special / end-of-text
-  <span class="ttg-cell st-c after"><span class="ttg-t">word</span></span> after end-of-text (not in the output)
-  <span class="ttg-cell st-c flag kind-low-confidence"><span class="ttg-t">word</span></span> flagged (see "worth a look")
-  <span class="ttg-cell st-c inh ttg-fork-only"><span class="ttg-t">word</span></span><span class="ttg-fork-only">inherited by a fork</span>
-  <span class="ttg-key">bar under a token = its probability p · · = space · ⏎ = newline · click a token for its candidates</span></div>`;
+// One legend entry: a sample cell and its meaning, kept together when the legend wraps.
+const entry = (cell, text, only = "") => `<span class="ttg-leg${only ? " " + only : ""}">${cell}<span>${text}</span></span>`;
+const sample = (cls, text, bar) => `<span class="ttg-cell ${cls}"><span class="ttg-t">${text}</span>` +
+  (bar ? `<span class="ttg-bar" style="width:${bar}%"></span>` : "") + "</span>";
+const LEGEND = `<div class="ttg-legend">` +
+  entry(sample("st-c", "word", 80), "committed earlier") +
+  entry(sample("st-n", "word", 60), "committed this step") +
+  entry(sample("st-m", "guess", 30), "masked (faint: current best guess)", "ttg-diffusion-only") +
+  entry(sample("st-c given", "word", 90), "a block's first token, from the context tower's pass (no denoiser step)", "ttg-verify-only") +
+  entry(sample("st-d", "draft", 95), "draft, checked by the next pass (verify order)", "ttg-verify-only") +
+  entry(sample("st-c special", "&lt;eos&gt;"), "special / end-of-text") +
+  entry(sample("st-c after", "word"), "after end-of-text (not in the output)") +
+  entry(sample("st-c flag kind-low-confidence", "word"), 'flagged (see "worth a look")') +
+  entry(sample("st-c inh", "word"), "inherited by a fork", "ttg-fork-only") +
+  `<span class="ttg-key">bar under a token = its probability p · · = space · ⏎ = newline · click a token for its candidates</span></div>`;
 
 function entropyBound(probs) {
   const rest = Math.max(0, 1 - probs.reduce((a, b) => a + b, 0));
@@ -276,7 +280,7 @@ function inspector() {
   return `<div class="ttg-cands"><div class="ttg-h">Position ${picked}${summary(commit, flips)}</div>
     ${arSection(commit)}
     <table><tr><th>step</th><th>state</th><th title="best guess changed">flip</th><th>candidates (p)</th><th>margin p1−p2</th><th>entropy ≥ (nats)</th></tr>${out}</table>
-    <div class="ttg-note">Click a row to jump to that step. Entropy is a lower bound from the top candidates (the rest of the mass counted as one).</div></div>`;
+    <div class="ttg-note">Click a row to jump to that step. Rows after the commit ("kept") show what the denoiser predicts there now, from the text around it (a clean_as_ar denoiser, once the text before is written: the AR model's own prediction), which may no longer include the committed token. Entropy is a lower bound from the top candidates (the rest of the mass counted as one).</div></div>`;
 }
 
 // One candidate: its piece in a chip (so punctuation and spaces stay readable), then p.
