@@ -38,7 +38,7 @@ def wire(ui: UI, demo: gr.Blocks) -> None:
     forking = ui.fork_run.click(study.run_fork, inputs=[ui.fork_block, ui.fork_step, *ui.fork_settings, ui.session],
                                 outputs=[ui.compare_view, ui.fork_status], concurrency_id=COMPUTE,
                                 show_progress="minimal", api_visibility="private")
-    forking.then(study.fork_settle, ui.session, ui.fork_status, api_visibility="private")
+    forking.then(study.fork_settle, ui.session, [ui.compare_view, ui.fork_status], api_visibility="private")
 
     # the grid's own buttons: "fork from this step" (select) and the inspector's AR view (submit)
     ui.grid.select(study.pick_fork, ui.session, [ui.fork_block, ui.fork_step, *ui.fork_settings, ui.fork_status,

@@ -96,6 +96,7 @@ class Session:
     fork: object | None = None     # the last fork (spliced: inherited steps + its own)
     fork_parent: object | None = None
     fork_state: str = "done"
+    fork_running: tuple | None = None    # (parent, the running fork's own trace, filled as it goes): kept on Stop
     fork_tab_for: object | None = None   # the trace whose settings the Fork tab was last filled with
 
     def begin(self, trace, state: str = "running") -> None:
@@ -104,4 +105,4 @@ class Session:
     def begin_new(self, trace, state: str = "running") -> None:
         """A new run or an opened trace: the last fork belonged to the run before it."""
         self.begin(trace, state)
-        self.fork, self.fork_parent, self.fork_state = None, None, "done"
+        self.fork, self.fork_parent, self.fork_state, self.fork_running = None, None, "done", None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from twotower.events import Step
 from twotower.fork import fork_point, splice
 from twotower.runner import add_pieces
 from twotower.sampling import SamplerConfig
@@ -157,6 +158,7 @@ def run_fork(block, step, threshold, remasking, temperature, steps, repetition_p
     yield gr.skip(), "**Running the fork…**"
     stream = compute((parent.prompts or [""])[0], parent.prompt_ids[0], cfg, "diffusion", (), point)
     child = next(stream)
+    session.fork_running = (parent, child)
     throttle = Throttle(OPTIONS.stream_interval)
     try:
         with user_errors():
@@ -167,16 +169,26 @@ def run_fork(block, step, threshold, remasking, temperature, steps, repetition_p
         session.fork_state = "failed"
         raise
     fork = splice(parent, child)
-    session.fork, session.fork_parent, session.fork_state = fork, parent, "done"
+    session.fork, session.fork_parent, session.fork_state, session.fork_running = fork, parent, "done", None
     yield compare.html(parent, fork, ("original run", "fork")), fork_status(parent, fork)
 
 
 def fork_settle(session: Session):
-    """After the fork event ended: say so if Stop cancelled it."""
-    if session.fork_state == "running":
-        session.fork_state = "stopped"
-        return "**Fork stopped.** Press **Continue from here** to run it again."
-    return gr.skip()
+    """After the fork event ended: if Stop cancelled it, show what it computed so far beside
+    the original (compare view, status)."""
+    if session.fork_state != "running":
+        return gr.skip(), gr.skip()
+    session.fork_state = "stopped"
+    parent, child = session.fork_running or (None, None)
+    again = "Press **Continue from here** to run it again."
+    if child is None or not any(isinstance(e, Step) for e in child.events):
+        return gr.skip(), f"**Fork stopped** before its first pass. {again}"
+    fork = splice(parent, child)
+    session.fork, session.fork_parent = fork, parent
+    passes = sum(isinstance(e, Step) for e in child.events)
+    return (compare.html(parent, fork, ("original run", "fork (stopped)")),
+            f"**Fork stopped** after {passes} pass{'es' if passes != 1 else ''}: what it wrote so far is shown "
+            f"beside the original (**?** = not written yet). **Open the fork in the Denoising tab** replays it; {again}")
 
 
 def open_fork(session: Session):
@@ -184,7 +196,8 @@ def open_fork(session: Session):
     if session.fork is None:
         raise gr.Error("Run a fork first.")
     session.begin(session.fork, state="done")
-    status = "**Showing the fork** (grey-dotted cells were inherited from the original run) · " + status_line(session.fork)
+    status = ("**Showing the fork** (grey-dotted cells were inherited from the original run) · "
+              + status_line(session.fork, stopped=session.fork.done is None))
     return grid_value(session.fork, live=False), partial_text(session.fork), status, gr.Tabs(selected="grid")
 
 

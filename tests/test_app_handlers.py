@@ -197,7 +197,7 @@ def test_fork_from_the_grid_runs_compares_and_opens():
     fork = session.fork
     assert fork.fork["block"] == 1 and session.fork_parent is session.trace
     assert fork.done.token_ids[0][:8] == session.trace.done.token_ids[0][:8]      # block 0 is inherited
-    assert study.fork_settle(session) == gr.skip()
+    assert study.fork_settle(session) == (gr.skip(), gr.skip())
     grid, text, status, tabs = study.open_fork(session)
     data = json.loads(grid)
     assert data["fork"]["frame"] == fork.fork["inherited"] and data["fork"]["changes"] == {"threshold": [0.5, 0.0]}
@@ -206,6 +206,24 @@ def test_fork_from_the_grid_runs_compares_and_opens():
         list(study.run_fork(1, 9, 0.5, "confidence", 0.0, 4, 1.0, 0, session))
     with pytest.raises(gr.Error, match="no repeated n-grams must be a whole number"):
         list(study.run_fork(1, 0, 0.5, "confidence", 0.0, 4, 1.0, 2.5, session))
+
+
+def test_a_stopped_fork_shows_what_it_wrote_so_far():
+    """Stop during a fork: the part it computed is spliced and shown beside the original, and
+    opens in the Denoising tab as a stopped run."""
+    from app import study
+    session = Session()
+    run_to_end(session)
+    stream = study.run_fork(0, 0, 0.0, "confidence", 0.0, 4, 1.0, 0, session)
+    progress = [next(stream) for _ in range(3)]                   # the fork has taken some passes
+    assert "passes so far" in progress[-1][1]
+    stream.close()                                                # what Stop's cancel does
+    view, status = study.fork_settle(session)
+    assert status.startswith("**Fork stopped** after") and "ttc-cols" in view
+    fork = session.fork
+    assert fork.done is None and fork.fork["block"] == 0 and session.fork_parent is session.trace
+    grid, text, status, tabs = study.open_fork(session)
+    assert "**Stopped**" in status and json.loads(grid)["fork"]["frame"] == fork.fork["inherited"]
 
 
 def test_a_fork_can_switch_the_repeat_guards_on():
