@@ -156,8 +156,9 @@ def remasking_info(d: SamplerConfig) -> str:
             "order; margin, entropy, random score the choice differently). leftmost: the same, but the "
             "leftmost first. prefix: left to right, only the unbroken run with p > γ. verify: that run is "
             "only a draft; the next pass keeps a draft only where the AR model would write the same token, so "
-            "the text equals AR's and the denoiser decides only the speed (needs a denoiser trained for it)."
-            + recommends(d, "remasking"))
+            "the text equals AR's and the denoiser decides only the speed (needs a denoiser trained for it). "
+            "Every order but verify commits the denoiser's guesses unchecked: expect more errors the more a "
+            "pass writes (lower γ, fewer steps), most of all with a small denoiser." + recommends(d, "remasking"))
 
 
 def sampler_inputs() -> list:

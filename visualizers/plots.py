@@ -52,6 +52,10 @@ def note_figure(text: str, height: int = 220) -> go.Figure:
     return fig
 
 
+AR_NOTE = ("AR runs write exactly one token per forward pass<br>(the status line's tokens/pass "
+           "leaves out the end-of-text token, which also took one).")
+
+
 def _block_lines(fig: go.Figure, trace) -> None:
     for b in trace.blocks()[1:]:
         fig.add_vline(x=b.start - 0.5, line=dict(color="#888", width=1, dash="dot"))
@@ -128,7 +132,7 @@ def commits_per_step(trace, row: int = 0) -> go.Figure:
     """Teaching aid: commits the threshold asked for vs commits made, per denoiser pass
     (the verify order: new drafts, commits and dropped drafts)."""
     if trace.mode != "diffusion":
-        return note_figure("AR runs commit exactly one token per forward pass.")
+        return note_figure(AR_NOTE)
     steps = trace.steps()
     if not steps:
         return note_figure("No step recorded yet.")
@@ -194,7 +198,7 @@ def _by_depth(tally: DraftTally, row: int) -> str:
 def tokens_per_step(trace, row: int = 0) -> go.Figure:
     """Teaching aid: how many tokens each denoiser step committed, block by block."""
     if trace.mode != "diffusion":
-        return note_figure("AR runs commit exactly one token per forward pass.")
+        return note_figure(AR_NOTE)
     steps = trace.steps()
     if not steps:
         return note_figure("No step recorded yet.")
