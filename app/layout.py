@@ -190,16 +190,17 @@ def sampler_inputs() -> list:
                                + recommends(d, "no_repeat_ngram_size"), elem_id="no-repeat-ngram", min_width=140)
     with gr.Row():
         temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature",
-                                info="0 = always the likeliest token; higher = more random", min_width=140)
+                                info="0 = always the likeliest token; higher = more random", min_width=140,
+                                elem_id="temperature")
         top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="Top-p",
                           info="sample only from the likeliest tokens holding this much probability (1 = off)",
-                          min_width=140)
+                          min_width=140, elem_id="top-p")
     with gr.Row():
         top_k = gr.Number(value=d.top_k, precision=0, label="Top-k (0 = off)", minimum=0, min_width=90,
-                          info="sample only from the k likeliest tokens")
+                          info="sample only from the k likeliest tokens", elem_id="top-k")
         seed = gr.Number(value=d.seed, precision=0, label="Seed", min_width=90,
-                         info="same seed, same text (matters when temperature > 0)")
-    stop_eos = gr.Checkbox(value=d.stop_at_eos, label="Stop at end-of-text")
+                         info="same seed, same text (matters when temperature > 0)", elem_id="seed")
+    stop_eos = gr.Checkbox(value=d.stop_at_eos, label="Stop at end-of-text", elem_id="stop-at-eos")
     return [max_new, block, steps, threshold, temperature, top_k, top_p, penalty, ngram, remasking, seed,
             stop_eos], draft
 

@@ -66,9 +66,11 @@ def _end_line(fig: go.Figure, trace, row: int, last_pos: int) -> None:
     done = trace.done
     if done is None or done.stopped != "eos" or last_pos <= len(done.token_ids[row]):
         return
-    fig.add_vline(x=len(done.token_ids[row]) + 0.5, line=dict(color="#c0392b", width=1.5, dash="dash"),
-                  annotation_text="end of text: later positions are not in the output", annotation_position="top right",
-                  annotation_font=dict(size=11, color="#c0392b"))
+    line = dict(color="#c0392b", width=1.5, dash="dash")
+    fig.add_vline(x=len(done.token_ids[row]) + 0.5, line=line)
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=line, hoverinfo="skip",   # its legend entry
+                             name="end of text: later positions are not in the output"))
+    fig.update_layout(showlegend=True, legend=dict(orientation="h", y=-0.25))
 
 
 def unmasking_map(trace, row: int = 0) -> go.Figure:
@@ -80,7 +82,7 @@ def unmasking_map(trace, row: int = 0) -> go.Figure:
     if not commits:
         return note_figure("No step recorded yet.")
     fig = go.Figure(go.Scatter(
-        x=[c.pos for c in commits], y=[c.step for c in commits], mode="markers",
+        x=[c.pos for c in commits], y=[c.step for c in commits], mode="markers", showlegend=False,
         marker=dict(symbol="square", size=11, color=[c.confidence for c in commits], colorscale=SCALE,
                     cmin=0, cmax=1, colorbar=dict(title="p at commit", thickness=12),
                     line=dict(width=0.5, color="#333")),
