@@ -20,7 +20,7 @@ from twotower.runner import add_pieces
 from twotower.sampling import SamplerConfig
 from twotower.teacher import ar_predictions
 from twotower.trace import Trace
-from visualizers import compare
+from visualizers import compare, export
 from visualizers.pieces import piece_table
 from visualizers.commits import commit_table
 
@@ -185,9 +185,9 @@ def fork_settle(session: Session):
         return gr.skip(), f"**Fork stopped** before its first pass. {again}"
     fork = splice(parent, child)
     session.fork, session.fork_parent = fork, parent
-    passes = sum(isinstance(e, Step) for e in child.events)
+    passes = export.counted(sum(isinstance(e, Step) for e in child.events), "pass")
     return (compare.html(parent, fork, ("original run", "fork (stopped)")),
-            f"**Fork stopped** after {passes} pass{'es' if passes != 1 else ''}: what it wrote so far is shown "
+            f"**Fork stopped** after {passes}: what it wrote so far is shown "
             f"beside the original (**?** = not written yet). **Open the fork in the Denoising tab** replays it; {again}")
 
 
