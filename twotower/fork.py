@@ -65,13 +65,18 @@ def fork_point(trace: Trace, block: int, step: int) -> ForkPoint:
                      tree=after.tree if after is not None else None)
 
 
+def first_written(rows: list[list[int]], mask_id: int) -> bool:
+    """Whether every row of a block has its first position written."""
+    return all(row[0] != mask_id for row in rows)
+
+
 def _first_readable(events, mask_id) -> float | None:
     """Elapsed time from which every row's first generated token is committed: block 0's start
     when it was given (the verify order), else the first step after which it is."""
     for e in events:
         if isinstance(e, BlockStart) and e.block == 0 and e.given and e.elapsed is not None and min(e.given) >= 0:
             return e.elapsed
-        if isinstance(e, Step) and e.block == 0 and all(row[0] != mask_id for row in e.tokens):
+        if isinstance(e, Step) and e.block == 0 and first_written(e.tokens, mask_id):
             return e.elapsed
     return None
 

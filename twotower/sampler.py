@@ -14,7 +14,7 @@ import torch
 
 from .attention import AttentionCapture
 from .events import BlockCommitted, BlockStart, Done, Event, Prefill, Step, Token
-from .fork import ForkPoint
+from .fork import ForkPoint, first_written
 from .model import TwoTower
 from .prefix_reuse import PrefixReuse
 from .draft_tree import DraftTrees, first_open, tree_nodes
@@ -269,11 +269,6 @@ def _step_event(model: TwoTower, blk: _Block, p: _Pass, capture: AttentionCaptur
     return event, bool(h_settled.all())
 
 
-def _first_written(rows: list[list[int]], mask_id: int) -> bool:
-    """Whether every row of a block has its first position written."""
-    return all(row[0] != mask_id for row in rows)
-
-
 def _append_block(out: list[list[int]], ended: list[bool], tokens: list[list[int]], cfg: SamplerConfig,
                   eos: set[int]) -> None:
     """Add a finished block to each row still going; with stop_at_eos cut at end-of-text and end the row."""
@@ -324,7 +319,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         out, ended = [list(r) for r in prefix], [False] * len(prompts)
     nfe, passes, first_token = 0, 1, None
     block, produced = (resume.block, resume.start) if resume else (0, 0)
-    if resume and (produced > 0 or _first_written(resume.tokens, mask_id)):
+    if resume and (produced > 0 or first_written(resume.tokens, mask_id)):
         first_token = time.perf_counter() - start                  # the text's first token is already there
     while produced < cfg.max_new_tokens and not all(ended):
         guard = _guard(model, out, cfg)                            # over the text so far: once per block
@@ -332,7 +327,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
         size, now = len(plan.rows[0]), time.perf_counter() - start   # (after the block's ids reached the device)
         yield BlockStart(block=block, start=produced, size=size, steps=plan.budget, given=plan.given,
                          given_confidence=plan.given_conf, elapsed=now)
-        if first_token is None and _first_written(plan.rows, mask_id):
+        if first_token is None and first_written(plan.rows, mask_id):
             first_token = now                                      # the text's first token is readable
         blk = _open_block(model, cfg, ctx, plan, guard, ended, eos_ids, capturing=bool(capture_layers))
         used, all_settled = plan.first, bool(blk.settled.all())
@@ -344,7 +339,7 @@ def diffusion_generate(model: TwoTower, prompts: list[list[int]], cfg: SamplerCo
             nfe, used = nfe + 1, step + 1
             event, all_settled = _step_event(model, blk, p, capture, cfg, block, step, nfe, start)   # the step's one sync
             blk.reuse.record(p.begin, event.tokens, event.drafts)
-            if first_token is None and _first_written(event.tokens, mask_id):
+            if first_token is None and first_written(event.tokens, mask_id):
                 first_token = event.elapsed                        # the text's first token is readable
             yield event
         tokens = blk.x.tolist()
