@@ -268,6 +268,33 @@ def test_checkpoint_metadata_refusals(ar_dir, tmp_path):
         load(str(path), device="cpu")
 
 
+@pytest.mark.parametrize("text,message", [
+    ("{'bad json", "is not valid JSON"),
+    ("[1, 2, 3]", "must hold a JSON object, got list"),
+    ('{"format": "twotower", "context": 42}', "'context' must be str, got 42"),
+    ('{"format": "twotower", "context": "x", "mask_token_id": "abc"}', "'mask_token_id' must be int, got 'abc'"),
+    ('{"format": "twotower", "context": "x", "mask_token_id": true}', "'mask_token_id' must be int, got True"),
+    ('{"format": "twotower", "context": "x", "mask_token_id": 3, "learned_mask": "no"}', "'learned_mask' must be bool"),
+    ('{"format": "twotower", "context": "x", "mask_token_id": 3, "lora": {"r": 4}}', "'lora' lacks 'alpha'"),
+    ('{"format": "twotower", "context": "x", "mask_token_id": 3, "denoiser": "weird"}', "unknown denoiser kind 'weird'"),
+    ('{"format": "twotower", "mask_token_id": 3}', "lacks 'context'"),
+])
+def test_a_malformed_twotower_json_is_refused_by_file_and_field(tmp_path, text, message):
+    path = tmp_path / "ck"
+    path.mkdir()
+    (path / "twotower.json").write_text(text)
+    (path / "denoiser.safetensors").write_bytes(b"")
+    with pytest.raises(SpecError) as e:
+        load(str(path), device="cpu")
+    assert message in str(e.value) and "twotower.json" in str(e.value)
+
+
+def test_devices_other_than_cpu_and_cuda_are_refused():
+    for device in ("mps", "meta", "bogus"):
+        with pytest.raises(SpecError, match="expected cpu, cuda or cuda:N"):
+            checkpoints.check_device(device)
+
+
 def test_unknown_specs(tmp_path, monkeypatch):
     with pytest.raises(SpecError, match="unknown model spec 'no-such-model'"):
         load("no-such-model", device="cpu")

@@ -159,7 +159,12 @@ def test_bad_sampler_arguments_exit_2(capsys, ar_dir, args, message):
 @pytest.mark.parametrize("args,message", [
     ([], "error: give exactly one of PROMPT, --prompt-ids or --prompts FILE"),
     (["hello", "--prompt-ids", "1,2"], "error: give exactly one of PROMPT, --prompt-ids or --prompts FILE"),
-    (["--prompt-ids", "5,x"], "error: prompt ids must be comma-separated integers, got '5,x'"),
+    (["--prompt-ids", "5,x"], "error: prompt ids must be comma-separated non-negative integers, got '5,x'"),
+    (["--prompt-ids", "-3"], "error: prompt ids must be comma-separated non-negative integers, got '-3'"),
+    (["   "], "error: the prompt is empty"),
+    (["--prompt-ids", "5", "--trace", "/nonexistent/dir/t.json"], "error: --trace /nonexistent/dir/t.json: its folder"),
+    (["--prompt-ids", "5", "--no-repeat-ngram-size", "100000"], "error: no_repeat_ngram_size must be 0 (off) or an"),
+    (["--prompt-ids", "5", "--seed", str(2 ** 70)], "error: seed must be an integer from 0 to 2**63 - 1"),
     (["--prompt-ids", ","], "error: the prompt is empty"),
     (["--prompt-ids", "5,96"], "error: prompt token id 96 is outside the vocabulary (0..95)"),
     (["hello"], "error: this model ships no tokenizer: give the prompt as token ids"),
@@ -180,6 +185,25 @@ def test_empty_prompts_file_and_long_prompt(capsys, tmp_path, ar_dir, ar_dir_tok
     assert rc == 2 and "error: prompt (300 tokens) + max_new_tokens (128) exceeds the model's context of 256" in err
 
 
+def test_prompts_file_lines_are_all_checked_before_any_runs(capsys, tmp_path, ar_dir_tok):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello world\n" + "word " * 400 + "\n")
+    rc, out, err = cli(capsys, "generate", "--prompts", str(prompts), "--model", str(ar_dir_tok), *SMALL)
+    assert rc == 2 and f"error: {prompts} line 2: prompt" in err and out == ""        # line 1 did not run
+    prompts.write_bytes(b"\xff\xfe bad")
+    rc, _, err = cli(capsys, "generate", "--prompts", str(prompts), "--model", str(ar_dir_tok), *SMALL)
+    assert rc == 2 and f"error: {prompts} is not UTF-8 text" in err
+
+
+def test_ctrl_c_stops_with_one_line_and_exit_130(capsys, ar_dir, monkeypatch):
+    from twotower import runner
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runner, "run", interrupted)
+    rc, out, err = cli(capsys, "generate", "--model", str(ar_dir), "--prompt-ids", "5,17", *SMALL)
+    assert rc == 130 and err.strip().endswith("interrupted") and "Traceback" not in err
+
+
 @pytest.mark.parametrize("spec,message", [
     ("no-such-model", "error: unknown model spec 'no-such-model'"),
     ("/nonexistent/dir/x", "error: unknown model spec"),
@@ -193,6 +217,7 @@ def test_bad_model_exit_2(capsys, spec, message):
 
 @pytest.mark.parametrize("args,message", [
     (["--device", "tpu", "--prompt-ids", "1,2"], "error: unknown device 'tpu'"),
+    (["--device", "mps", "--prompt-ids", "1,2"], "error: device 'mps' is not supported: expected cpu, cuda or cuda:N"),
     (["--prompts", "."], "error: [Errno 21] Is a directory"),
 ])
 def test_bad_device_or_file_exit_2(capsys, ar_dir, args, message):

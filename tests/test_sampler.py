@@ -439,7 +439,7 @@ def test_anchored_model_runs(model):
     ([PROMPT], dict(temperature=-1.0), "temperature must be >= 0"),
     ([PROMPT], dict(remasking="low"), "remasking must be one of"),
     ([PROMPT], dict(repetition_penalty=0.5), "repetition_penalty must lie in [1, 10]"),
-    ([PROMPT], dict(no_repeat_ngram_size=1), "no_repeat_ngram_size must be 0 (off) or an integer >= 2"),
+    ([PROMPT], dict(no_repeat_ngram_size=1), "no_repeat_ngram_size must be 0 (off) or an integer from 2 to"),
     ([PROMPT + [VOCAB]], {}, f"prompt token id {VOCAB} is outside the vocabulary (0..{VOCAB - 1})"),
     ([[5, -1]], {}, "prompt token id -1 is outside the vocabulary"),
 ])
@@ -483,8 +483,9 @@ def test_encode_prompt_and_parse_ids(model, tiny_tokenizer):
     with pytest.raises(ValueError, match="the limit is 20000"):
         encode_prompt(with_tok, "x" * 20001)
     assert parse_ids("5, 17,42") == [5, 17, 42]
-    with pytest.raises(ValueError, match="comma-separated integers"):
-        parse_ids("5,a")
+    for bad in ("5,a", "-3", "1,,2", "1.5"):
+        with pytest.raises(ValueError, match="comma-separated non-negative integers"):
+            parse_ids(bad)
     with pytest.raises(ValueError, match="the prompt is empty"):
         parse_ids(",")
 

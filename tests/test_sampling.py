@@ -260,6 +260,9 @@ def test_release_defaults():
     (dict(remasking="lowest"), "remasking must be one of confidence, margin, entropy, random"),
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
     (dict(top_candidates=0), "top_candidates must be >= 1"),
+    (dict(no_repeat_ngram_size=100000), "no_repeat_ngram_size must be 0 (off) or an integer from 2 to 64"),
+    (dict(seed=-1), "seed must be an integer from 0 to 2**63 - 1"),
+    (dict(seed=2 ** 70), "seed must be an integer from 0 to 2**63 - 1"),
 ])
 def test_validate_names_the_bad_setting(change, message):
     with pytest.raises(ValueError) as e:

@@ -54,6 +54,8 @@ def check_device(device: str) -> str:
         kind = torch.device(device).type
     except RuntimeError:
         raise SpecError(f"unknown device {device!r}: expected cpu, cuda or cuda:N") from None
+    if kind not in ("cpu", "cuda"):
+        raise SpecError(f"device {device!r} is not supported: expected cpu, cuda or cuda:N")
     if kind == "cuda" and not torch.cuda.is_available():
         raise SpecError(f"device {device!r} asked for, but no CUDA device is available")
     return device
@@ -98,6 +100,46 @@ def load_ar(source: str | Path, device: str, dtype: torch.dtype):
 
 
 # ---- our format --------------------------------------------------------------------------
+META_TYPES = {"format": str, "context": str, "name": str, "mask_token_id": int, "learned_mask": bool,
+              "anchor": bool, "clean_as_ar": bool, "denoiser": str, "lora": dict,   # "sampler": sampler_defaults
+              "eval_items_seen": list}
+LORA_TYPES = {"r": int, "alpha": (int, float), "target_modules": list}
+
+
+def read_meta(path: Path) -> dict:
+    """A checkpoint's twotower.json, parsed and checked field by field (SpecError names the
+    file and the first field that is wrong)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpecError(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise SpecError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    for key, kind in META_TYPES.items():
+        _check_field(path, key, meta.get(key), kind)
+    if meta.get("denoiser", "lora") not in ("lora", "full"):
+        raise SpecError(f"{path}: unknown denoiser kind {meta['denoiser']!r} (expected 'lora' or 'full')")
+    if meta.get("denoiser", "lora") == "lora" and "lora" in meta:
+        for key, kind in LORA_TYPES.items():
+            if key not in meta["lora"]:
+                raise SpecError(f"{path}: 'lora' lacks {key!r}")
+            _check_field(path, f"lora.{key}", meta["lora"][key], kind)
+        if meta["lora"]["r"] < 1:
+            raise SpecError(f"{path}: 'lora.r' must be >= 1, got {meta['lora']['r']}")
+    return meta
+
+
+def _check_field(path: Path, key: str, value, kind) -> None:
+    """SpecError unless the field is absent (None) or of its type (a bool is not an int here)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if value is None or (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
+        return
+    names = " or ".join(k.__name__ for k in kinds)
+    raise SpecError(f"{path}: {key!r} must be {names}, got {value!r}")
+
+
 def lora_config(meta: dict):
     from peft import LoraConfig
     return LoraConfig(r=meta["r"], lora_alpha=meta["alpha"], target_modules=meta["target_modules"],
@@ -145,7 +187,7 @@ def recommended_settings(spec: str | None) -> dict:
     (no weights loaded); {} for specs without one. Loading the model reports a broken file."""
     path = DEFAULT_DIR if spec in (None, "", "default") else Path(spec)
     try:
-        return sampler_defaults(json.loads((path / "twotower.json").read_text()))
+        return sampler_defaults(read_meta(path / "twotower.json"))
     except (OSError, ValueError, SpecError):
         return {}
 
@@ -167,6 +209,8 @@ def apply_denoiser_file(model: TwoTower, meta: dict, weights: dict[str, torch.Te
     kind = meta.get("denoiser", "lora")
     if kind == "lora":
         from peft import get_peft_model, set_peft_model_state_dict
+        if "lora" not in meta:
+            raise SpecError("twotower.json says the denoiser is a LoRA adapter but has no 'lora' settings")
         peft_model = get_peft_model(model.denoiser_lm, lora_config(meta["lora"]))
         result = set_peft_model_state_dict(peft_model, part("lora."))
         if getattr(result, "unexpected_keys", None):
@@ -195,9 +239,12 @@ def apply_denoiser_file(model: TwoTower, meta: dict, weights: dict[str, torch.Te
 
 
 def load_own(path: Path, device: str, dtype: torch.dtype, share_base: bool = False) -> TwoTower:
-    meta = json.loads((path / "twotower.json").read_text())
+    meta = read_meta(path / "twotower.json")
     if meta.get("format") != FORMAT:
         raise SpecError(f"{path}/twotower.json is not a TwoTower checkpoint (format={meta.get('format')!r})")
+    missing = [key for key in ("context", "mask_token_id") if key not in meta]
+    if missing:
+        raise SpecError(f"{path}/twotower.json lacks {', '.join(map(repr, missing))}")
     context_src = meta["context"]
     if context_src not in ("smollm2",) and not os.path.isabs(context_src):
         context_src = str((path / context_src).resolve())
@@ -318,7 +365,7 @@ def _load(spec: str | None, device: str | None, dtype: torch.dtype | None, share
             raise SpecError("spec 'ctx=DIR,denoiser=FILE' needs both parts")
         weights = read_safetensors(Path(parts["denoiser"]))
         meta_path = Path(parts["denoiser"]).with_name("twotower.json")
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"denoiser": "full"}
+        meta = read_meta(meta_path) if meta_path.is_file() else {"denoiser": "full"}
         ctx, tok = load_ar(parts["ctx"], device, dtype)
         mask_id = int(parts.get("mask", meta.get("mask_token_id", SMOLLM2_MASK_ID)))
         model = build(ctx, tok, mask_id, "mask_embedding" in weights, Path(parts["ctx"]).name,

@@ -49,3 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:     # OSError: missing/unreadable files, bad config.json
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:              # Ctrl-C: the loops run in this thread, so they stop here
+        print("interrupted", file=sys.stderr)
+        return 130

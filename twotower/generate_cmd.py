@@ -83,20 +83,50 @@ def summary(stats: dict, mode: str) -> str:
             f"{drafts}seconds={stats['seconds']:.2f} tokens/s={stats['tokens_per_second']:.1f}")
 
 
-def cmd_generate(args) -> int:
-    from .runner import encode_prompt, parse_ids, run
+def read_prompt_lines(path: str) -> list[str]:
+    """The non-blank lines of a prompts file (ValueError naming the file when it has none or is not text)."""
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if not lines:
+        raise ValueError(f"{path} holds no prompt lines")
+    return lines
+
+
+def check_request_args(args) -> list[str] | None:
+    """What can be checked before the model loads: the settings, one prompt source, its file,
+    where the trace goes. Returns the prompts file's lines, if one was given."""
     from .checkpoints import recommended_settings
-    sampler_config(args, recommended_settings(args.model))   # bad settings fail before the model loads
+    from .runner import parse_ids
+    sampler_config(args, recommended_settings(args.model))
     if sum(x is not None for x in (args.prompt, args.prompt_ids, args.prompts)) != 1:
         raise ValueError("give exactly one of PROMPT, --prompt-ids or --prompts FILE")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("the prompt is empty: type some text")
+    if args.prompt_ids is not None:
+        parse_ids(args.prompt_ids)
+    if args.trace and not Path(args.trace).resolve().parent.is_dir():
+        raise ValueError(f"--trace {args.trace}: its folder does not exist")
+    return read_prompt_lines(args.prompts) if args.prompts else None
+
+
+def cmd_generate(args) -> int:
+    from .runner import encode_prompt, parse_ids, run
+    from .sampler import check_request
+    lines = check_request_args(args)                           # bad input fails before the model loads
     model = load_model(args)
     cfg = sampler_config(args, model.sampler_defaults)
-    if args.prompts:
-        lines = [l for l in Path(args.prompts).read_text().splitlines() if l.strip()]
-        if not lines:
-            raise ValueError(f"{args.prompts} holds no prompt lines")
-        for line in lines:
-            trace, events = run(model, [encode_prompt(model, line, chat=not args.no_chat)], cfg, args.mode, [line])
+    if lines:
+        encoded = []
+        for k, line in enumerate(lines, 1):                      # every line is checked before any runs
+            try:
+                encoded.append(encode_prompt(model, line, chat=not args.no_chat))
+                check_request(model, encoded[-1:], cfg)
+            except ValueError as e:
+                raise ValueError(f"{args.prompts} line {k}: {e}") from None
+        for line, ids in zip(lines, encoded):
+            trace, events = run(model, [ids], cfg, args.mode, [line])
             for _ in events:
                 pass
             s, done = trace.stats(), trace.done

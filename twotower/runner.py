@@ -33,14 +33,13 @@ def encode_prompt(model: TwoTower, text: str, chat: bool = True) -> list[int]:
 
 
 def parse_ids(text: str) -> list[int]:
-    """'5,17,42' -> [5, 17, 42] with a clear error for anything else."""
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise ValueError(f"prompt ids must be comma-separated integers, got {text!r}") from None
-    if not ids:
+    """'5,17,42' -> [5, 17, 42] with a clear error for anything else (empty entries, negatives)."""
+    parts = text.replace(" ", "").split(",")
+    if not any(parts):
         raise ValueError("the prompt is empty: give at least one token id")
-    return ids
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"prompt ids must be comma-separated non-negative integers, got {text!r}")
+    return [int(p) for p in parts]
 
 
 def piece(tokenizer, token_id: int) -> str:

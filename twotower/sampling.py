@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 MAX_DRAFT_NODES = 64
+MAX_NGRAM = 64       # no_repeat_ngram_size: the ban pads the history to n - 1 tokens per row
 REMASKING = ("confidence", "margin", "entropy", "random", "leftmost", "prefix", "verify")
 
 
@@ -55,8 +56,9 @@ class SamplerConfig:
         if not (1.0 <= self.repetition_penalty <= 10.0):
             bad(f"repetition_penalty must lie in [1, 10] (1 = off), got {self.repetition_penalty!r}")
         n = self.no_repeat_ngram_size
-        if not isinstance(n, int) or n < 0 or n == 1:
-            bad(f"no_repeat_ngram_size must be 0 (off) or an integer >= 2, got {self.no_repeat_ngram_size!r}")
+        if not isinstance(n, int) or n < 0 or n == 1 or n > MAX_NGRAM:
+            bad(f"no_repeat_ngram_size must be 0 (off) or an integer from 2 to {MAX_NGRAM}, "
+                f"got {self.no_repeat_ngram_size!r}")
         if self.remasking not in REMASKING:
             bad(f"remasking must be one of {', '.join(REMASKING)}; got {self.remasking!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -66,6 +68,8 @@ class SamplerConfig:
             bad(f"draft_nodes must be an integer from 0 (off) to {MAX_DRAFT_NODES}, got {n!r}")
         if n and self.remasking != "verify":
             bad(f"draft_nodes (a draft tree) works with the verify order only; remasking is {self.remasking!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            bad(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
         if self.top_candidates < 1:
             bad(f"top_candidates must be >= 1, got {self.top_candidates!r}")
         return self
