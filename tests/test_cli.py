@@ -165,6 +165,7 @@ def test_bad_sampler_arguments_exit_2(capsys, ar_dir, args, message):
     (["--prompt-ids", "5", "--trace", "/nonexistent/dir/t.json"], "error: --trace /nonexistent/dir/t.json: its folder"),
     (["--prompt-ids", "5", "--no-repeat-ngram-size", "100000"], "error: no_repeat_ngram_size must be 0 (off) or an"),
     (["--prompt-ids", "5", "--seed", str(2 ** 70)], "error: seed must be an integer from 0 to 2**63 - 1"),
+    (["--prompt-ids", "5", "--compile-mode", "reduce-overhead"], "error: --compile-mode needs --compile"),
     (["--prompt-ids", ","], "error: the prompt is empty"),
     (["--prompt-ids", "5,96"], "error: prompt token id 96 is outside the vocabulary (0..95)"),
     (["hello"], "error: this model ships no tokenizer: give the prompt as token ids"),

@@ -49,6 +49,18 @@ def test_model_facts(model):
     assert model.mask_token_id not in model.eos_token_ids
 
 
+def test_decoding_keeps_spaces_before_punctuation_without_warnings(model, caplog):
+    """SmolLM2 asks for clean_up_tokenization_spaces, which transformers ignores for BPE with a
+    warning at every decode: load_ar switches it off (the text is the same)."""
+    import logging
+    tok = model.tokenizer
+    text = "Hello , world . Yes ?"
+    with caplog.at_level(logging.WARNING):
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert tok.clean_up_tokenization_spaces is False
+    assert not [r for r in caplog.records if "clean_up_tokenization_spaces" in r.getMessage()]
+
+
 def test_ar_greedy_knows_the_capital_of_france(model):
     ids = encode_prompt(model, QUESTION)
     assert ids[-3:] != ids[:3] and len(ids) > 8                 # chat template applied

@@ -96,7 +96,14 @@ def load_ar(source: str | Path, device: str, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         tokenizer = None
+    if _bpe(tokenizer):
+        tokenizer.clean_up_tokenization_spaces = False   # transformers ignores it for BPE, with a warning per decode
     return model, tokenizer
+
+
+def _bpe(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.model).__name__ == "BPE"
 
 
 # ---- our format --------------------------------------------------------------------------

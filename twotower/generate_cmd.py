@@ -20,15 +20,20 @@ def tuned(default) -> str:
     return f"(default: the model's recommended setting, else {default})"
 
 
+MODEL_HELP = ("model spec: default (the shipped model), a checkpoint directory, smollm2 (its untrained "
+              "denoiser), a release directory, ctx=DIR,denoiser=FILE, or random:NAME (random weights from "
+              "bench/configs/NAME.json)")
 NO_PACK_HELP = "CPU float32: keep PyTorch's own linear layers (MKL) instead of oneDNN-packed ones (same text, slower)"
 
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
     d = SamplerConfig()
-    p.add_argument("--model", default=None, help="model spec (default: the shipped default model)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion",
+                   help="diffusion: TwoTower decoding; ar: the context tower alone, one token per pass")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"most tokens to write (the reply may end earlier at end-of-text; default {d.max_new_tokens})")
     p.add_argument("--block-size", type=int, default=None, help=tuned(d.block_size))
     p.add_argument("--steps", type=int, default=None, help=f"denoiser steps per block {tuned(d.steps)}")
     p.add_argument("--threshold", type=float, default=None, help=f"confidence threshold gamma {tuned(d.threshold)}")
@@ -45,7 +50,7 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
                    help=f"verify order: a draft tree of the N likeliest paths of drafts, all checked in "
                         f"one pass over a block row per node (0 = off) {tuned(d.draft_nodes)}")
     p.add_argument("--mask-token-id", type=int, default=None, help="override the model's mask token id")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="same seed, settings and prompt: same text (default 0)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     p.add_argument("--share-base", action="store_true",
@@ -100,6 +105,8 @@ def check_request_args(args) -> list[str] | None:
     from .checkpoints import recommended_settings
     from .runner import parse_ids
     sampler_config(args, recommended_settings(args.model))
+    if args.compile_mode and not args.compile:
+        raise ValueError("--compile-mode needs --compile")
     if sum(x is not None for x in (args.prompt, args.prompt_ids, args.prompts)) != 1:
         raise ValueError("give exactly one of PROMPT, --prompt-ids or --prompts FILE")
     if args.prompt is not None and not args.prompt.strip():
@@ -184,10 +191,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="describe a model (architecture, params, where each part lives, memory)")
-    p.add_argument("model", nargs="?", default=None, help="model spec (also random:NAME, see bench/configs)")
-    p.add_argument("--device", default=None)
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--context-device", default=None,
                    help="put the context tower on another device (random weights or a release directory)")
     p.add_argument("--no-pack", action="store_true", help=NO_PACK_HELP)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
