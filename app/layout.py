@@ -43,9 +43,11 @@ came from: per pass its new drafts, its commits (the drafts that held, stacked u
 own next token) and the drafts it dropped; a star marks each block's first token, which the context
 tower's pass over the text before the block gave it (no denoiser pass). The subtitle counts the
 drafts by depth: how many the check reached (every draft before them held) and how many held."""),
-    ("tokens_plot", """**Tokens per step, per block.** How many tokens each step committed. Early blocks often
-need many small steps; once the context is rich, blocks fill in two or three passes: that is where
-diffusion beats one-token-per-pass AR decoding."""),
+    ("tokens_plot", """**Tokens per step, per block.** How many tokens each step committed. Every cell above 1
+is a pass that beat one-token-per-pass AR decoding; a block that fills in few passes is where
+diffusion gains speed. Under *verify* a pass commits the drafts that held plus one token, so with
+a small denoiser most cells read 1 or 2; the paper's orders commit more per pass at lower γ or
+fewer steps, and lose quality doing it."""),
 )
 
 ATTENTION_HELP = """Attention of the block's queries (rows) over the context tower's keys (columns: prompt and
