@@ -382,3 +382,89 @@ def test_corpus_greedy_only_keeps_just_the_models_greedy_trajectories(tmp_path, 
     # chat prompts answered once (greedy) or twice (greedy, then sampled); raw text only without the flag
     assert meta["documents"] - n_pd == (6 if greedy_only else 12)
     assert (n_pd == 1) if greedy_only else (n_pd > 1)
+
+
+# ---- input checks: bad settings fail with the setting's name before any data or model loads ----
+@pytest.mark.parametrize("settings,message", [
+    ({"block_size": 0}, "block_size must be >= 1, got 0"),
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"steps": -1}, "steps must be >= 0, got -1"),
+    ({"lr": -1.0}, r"lr must be a finite number > 0, got -1.0"),
+    ({"lr": math.nan}, "lr must be a finite number > 0, got nan"),
+    ({"eval_fraction": 1.0}, r"eval_fraction must be in \[0, 1\), got 1.0"),
+    ({"min_t": 1.5}, r"min_t must be in \[0, 1\], got 1.5"),
+    ({"distill": -0.1}, r"distill must be in \[0, 1\]"),
+    ({"eval_every": 0}, "eval_every must be >= 1, got 0"),
+    ({"seq_len": 1}, "seq_len must be at least 2 x block_size = 32 with anchor = true"),
+    ({"seq_len": 31}, "seq_len must be at least 2 x block_size = 32"),
+    ({"seq_len": 8, "anchor": False}, "seq_len must be at least block_size = 16, got 8"),
+    ({"steps": "many"}, "steps must be an integer, got 'many' \\(str\\)"),
+    ({"block_size": 8.5}, r"block_size must be an integer, got 8.5 \(float\)"),
+    ({"anchor": 1}, "anchor must be true or false, got 1"),
+    ({"lora_targets": "q_proj"}, "lora_targets must be a list of strings"),
+    ({"lora_targets": []}, "lora_targets must be a non-empty list"),
+    ({"device": "gpu"}, "unknown device 'gpu'"),
+])
+def test_config_validation_names_the_bad_setting(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings).validate()
+
+
+def test_config_validation_accepts_the_edges_that_mean_something():
+    TrainConfig(steps=0, warmup=0, eval_fraction=0.0, lr=1, seq_len=16, block_size=16, anchor=False).validate()
+    TrainConfig(seq_len=32, block_size=16, anchor=True, device="cpu", time_lr=0.0).validate()
+
+
+def test_config_validation_refuses_cuda_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda' asked for, but no CUDA device is available"):
+        TrainConfig(device="cuda").validate()
+
+
+def test_set_overrides_are_parsed_by_the_settings_type():
+    from twotower.train import parse_override
+    assert parse_override("lr=1") == ("lr", 1.0) and isinstance(parse_override("lr=1")[1], float)
+    assert parse_override("anchor=no") == ("anchor", False)
+    assert parse_override("lora_targets=q_proj, v_proj") == ("lora_targets", ["q_proj", "v_proj"])
+    for item, message in (("steps", "--set expects KEY=VALUE, got 'steps'"),
+                          ("steps=many", "--set steps expects an integer, got 'many'"),
+                          ("block_size=8.5", "--set block_size expects an integer, got '8.5'"),
+                          ("lr=fast", "--set lr expects a number, got 'fast'"),
+                          ("anchor=ture", "--set anchor expects true or false, got 'ture'"),
+                          ("speed=1", "unknown setting 'speed' in --set")):
+        with pytest.raises(ValueError, match=message):
+            parse_override(item)
+
+
+def test_a_toml_syntax_error_names_the_config_file(tmp_path):
+    (tmp_path / "c.toml").write_text("steps = [\n")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'c.toml'}: invalid TOML"):
+        TrainConfig.from_toml(tmp_path / "c.toml")
+
+
+def test_a_missing_or_too_small_corpus_says_so(tmp_path, corpus):
+    from twotower.train import load_corpus
+    with pytest.raises(FileNotFoundError, match="corpus file not found \\(config key 'corpus'\\): .*nocorpus"):
+        load_corpus(str(tmp_path / "nocorpus.safetensors"), 32, 0.01, 0)
+    with pytest.raises(ValueError, match="corpus .* has 4000 tokens, fewer than the 200002 needed for one training "
+                                         "window of seq_len \\+ 1 = 100001 tokens plus the held-out split"):
+        load_corpus(str(corpus), 100000, 0.01, 0)
+    with pytest.raises(ValueError, match="has 4000 tokens, fewer than the 4002 needed"):
+        load_corpus(str(corpus), 2000, 0.0, 0)
+    train, held_out = load_corpus(str(corpus), 1999, 0.0, 0)      # 4000 = 2 x (1999 + 1): just enough
+    assert train.tokens.numel() == held_out.tokens.numel() == 2000
+    save_file({"ids": torch.zeros(10, dtype=torch.int32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="has no 'tokens' tensor"):
+        load_corpus(str(tmp_path / "other.safetensors"), 4, 0.01, 0)
+
+
+def test_the_train_command_refuses_bad_settings_before_loading_anything(tmp_path, ar_dir, corpus, capsys, monkeypatch):
+    from twotower import train as train_module
+    monkeypatch.setattr(train_module, "build_model", lambda *a: pytest.fail("the model was loaded"))
+    config = write_config(tmp_path, ar_dir, corpus)
+    for override, message in (("lr=-1", "error: lr must be a finite number > 0, got -1.0"),
+                              ("steps", "error: --set expects KEY=VALUE, got 'steps'"),
+                              ("seq_len=100000", "has 4000 tokens, fewer than the 200002 needed"),
+                              ("corpus=" + str(tmp_path / "nocorpus.safetensors"), "error: corpus file not found")):
+        assert main(["train", "--config", config, "--set", override]) == 2
+        assert message in capsys.readouterr().err

@@ -199,9 +199,38 @@ def distill(model, prompt_ids: list[list[int]], max_new_tokens: int, batch: int,
     return [results.get(i) for i in range(len(prompt_ids))]
 
 
+ARG_RULES = {   # option -> (test, what it must be): checked before any model is loaded
+    "prompts": (lambda v: v >= 1, ">= 1"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "batch": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: 0 <= v < float("inf"), "a finite number >= 0 (0 = greedy)"),
+    "question_share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "opening_share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    # raw documents per distilled one (capped by the text there is): above 1 is meaningful
+    "public_domain_share": (lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+    "max_seconds": (lambda v: v > 0, "> 0 (default: no limit)"),
+}
+
+
+def check_args(args) -> None:
+    """ValueError naming the option and its value for any unusable setting."""
+    for name, (ok, what) in ARG_RULES.items():
+        value = getattr(args, name)
+        if not ok(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+    if args.text_dir is not None and not Path(args.text_dir).is_dir():
+        raise ValueError(f"--text-dir must be an existing directory, got {args.text_dir!r}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out must be a directory, got the file {args.out!r}")
+    if args.device:
+        from .checkpoints import check_device
+        check_device(args.device)
+
+
 def build(args) -> dict:
     from . import checkpoints
     from .runner import encode_prompt
+    check_args(args)
     prompts = make_prompts(args.prompts, args.seed, args.question_share, args.opening_share)   # bad shares fail here
     model = checkpoints.load("smollm2" if args.model is None else args.model, device=args.device)
     tok = model.tokenizer

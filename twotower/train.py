@@ -24,6 +24,8 @@ import os
 import sys
 import time
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -90,6 +92,8 @@ class TrainConfig:
             raw = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"training config not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML: {e}") from None
         flat = {k: v for section in raw.values() for k, v in (section.items() if isinstance(section, dict) else [])}
         flat.update({k: v for k, v in raw.items() if not isinstance(v, dict)})
         known = {f.name for f in fields(cls)}
@@ -97,6 +101,95 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training setting(s) in {path}: {', '.join(unknown)}")
         return cls(**flat)
+
+    def validate(self) -> "TrainConfig":
+        """ValueError naming the setting and its value for a wrong type or an unusable value,
+        before any data or model is loaded. Returns self."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _fits(value, hints[f.name]):
+                raise ValueError(f"{f.name} must be {_describe(hints[f.name])}, got {value!r} ({type(value).__name__})")
+        for name, (ok, what) in RANGES.items():
+            if not ok(getattr(self, name)):
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        blocks = 2 if self.anchor else 1      # parts() trains on whole blocks after training_start
+        if self.seq_len < blocks * self.block_size:
+            what = "2 x block_size" if self.anchor else "block_size"
+            why = " with anchor = true (no loss on the first block)" if self.anchor else ""
+            raise ValueError(f"seq_len must be at least {what} = {blocks * self.block_size}{why}, got {self.seq_len}")
+        if self.device:
+            checkpoints.check_device(self.device)
+        return self
+
+
+# ---- config checks ---------------------------------------------------------------------------
+def _at_least(low: int) -> tuple:
+    return (lambda v: v >= low), f">= {low}"
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+_FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_FINITE_NON_NEGATIVE = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
+_NON_EMPTY = (lambda v: bool(v.strip()), "a non-empty string")
+RANGES = {   # setting -> (test, what it must be); types are checked first
+    "context": _NON_EMPTY, "mask_token_id": _at_least(0), "lora_r": _at_least(1), "lora_alpha": _at_least(1),
+    "lora_targets": (bool, "a non-empty list of module names"), "corpus": _NON_EMPTY,
+    "seq_len": _at_least(1), "eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "block_size": _at_least(1), "min_t": _FRACTION, "prefix_share": _FRACTION, "distill": _FRACTION,
+    "distill_temperature": _FINITE_NON_NEGATIVE, "next_weight": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "steps": _at_least(0), "batch_size": _at_least(1), "lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "time_lr": _FINITE_NON_NEGATIVE, "warmup": _at_least(0), "weight_decay": _FINITE_NON_NEGATIVE,
+    "grad_clip": _POSITIVE, "out": _NON_EMPTY, "eval_every": _at_least(1), "eval_batches": _at_least(1),
+    "save_every": _at_least(1), "seed": _at_least(0), "max_minutes": (lambda v: v >= 0, ">= 0 (0 = no budget)"),
+    "name": _NON_EMPTY,
+}
+
+
+def _fits(value, hint) -> bool:
+    """Whether value is of the dataclass field type `hint` (an int passes as a float, a bool as neither)."""
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "unset"}
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    return names[hint]
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """One `--set KEY=VALUE` as (key, value of the setting's type); lists are comma-separated."""
+    key, eq, text = item.partition("=")
+    if not eq:
+        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+    hints = typing.get_type_hints(TrainConfig)
+    if key not in hints:
+        raise ValueError(f"unknown setting {key!r} in --set")
+    hint = hints[key]
+    if hint is bool:
+        words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+        if text.lower() not in words:
+            raise ValueError(f"--set {key} expects true or false, got {text!r}")
+        return key, words[text.lower()]
+    if hint in (int, float):
+        try:
+            return key, hint(text)
+        except ValueError:
+            raise ValueError(f"--set {key} expects {_describe(hint)}, got {text!r}") from None
+    if typing.get_origin(hint) is list:
+        return key, [part.strip() for part in text.split(",") if part.strip()]
+    return key, text
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -115,9 +208,27 @@ class TokenWindows:
         return torch.stack([self.tokens[s: s + self.seq_len] for s in starts.tolist()])
 
 
+def read_corpus(path: str) -> torch.Tensor:
+    """The token stream of a corpus file (`python -m twotower corpus`)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"corpus file not found (config key 'corpus'): {path}")
+    data = checkpoints.read_safetensors(Path(path))
+    if "tokens" not in data:
+        raise ValueError(f"corpus {path} has no 'tokens' tensor (config key 'corpus'; "
+                         f"build one with `python -m twotower corpus`)")
+    return data["tokens"]
+
+
 def load_corpus(path: str, seq_len: int, eval_fraction: float, seed: int) -> tuple[TokenWindows, TokenWindows]:
-    tokens = checkpoints.read_safetensors(Path(path))["tokens"]
-    cut = min(int(tokens.numel() * (1 - eval_fraction)), tokens.numel() - seq_len - 1)
+    """(training, held-out) windows: the last eval_fraction of the stream, at least seq_len + 1 tokens, is held out."""
+    tokens = read_corpus(path)
+    total = tokens.numel()
+    cut = min(int(total * (1 - eval_fraction)), total - seq_len - 1)
+    if cut <= seq_len:
+        need = max(2 * seq_len + 2, math.ceil((seq_len + 1) / (1 - eval_fraction)))
+        raise ValueError(f"corpus {path} has {total} tokens, fewer than the {need} needed for one training window "
+                         f"of seq_len + 1 = {seq_len + 1} tokens plus the held-out split (eval_fraction="
+                         f"{eval_fraction}, at least one window): lower seq_len or build a larger corpus")
     return TokenWindows(tokens[:cut], seq_len, seed), TokenWindows(tokens[cut:], seq_len, seed + 1)
 
 
@@ -376,6 +487,7 @@ def autocast(device: str):
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     from tqdm import tqdm
+    cfg.validate()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -465,14 +577,6 @@ def add_parser(sub) -> None:
 def _cmd(args) -> int:
     cfg = TrainConfig.from_toml(args.config)
     for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in TrainConfig.__dataclass_fields__:
-            raise ValueError(f"unknown setting {key!r} in --set")
-        current = getattr(cfg, key)
-        if isinstance(current, bool):
-            value = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, (int, float)):
-            value = type(current)(value)
-        setattr(cfg, key, value)
-    train(cfg, resume=args.resume)
+        setattr(cfg, *parse_override(item))
+    train(cfg, resume=args.resume)       # validates the settings first
     return 0
