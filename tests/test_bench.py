@@ -261,3 +261,46 @@ def test_part_sizes_count_a_shared_backbone_once():
     assert copied["context_weight_bytes"] == shared["context_weight_bytes"] == backbone
     assert copied["denoiser_weight_bytes"] - shared["denoiser_weight_bytes"] == backbone
     assert shared["denoiser_weight_bytes"] > 0                     # time conditioning and mask vector
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "-2"], "--threads must be a positive integer, got -2"),
+    (["--threads", "0"], "--threads must be a positive integer, got 0"),
+    (["--bandwidth", "-5"], "--bandwidth must be a positive number of GB/s, got -5.0"),
+    (["--bandwidth", "nan"], "--bandwidth must be a positive number of GB/s, got nan"),
+    (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--prompts", "0"], "--prompts must be a positive integer, got 0"),
+    (["--batch", "0"], "--batch must be a positive integer, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+    (["--stream-repeats", "-1"], r"--stream-repeats must be >= 0 \(0 = skip\), got -1"),
+    (["--prompt-length", "0"], "--prompt-length must be a positive integer, got 0"),
+    (["--block-size", "0"], "block_size must be a positive integer, got 0"),
+    (["--threshold", "2"], r"threshold must lie in \[0, 1\], got 2.0"),
+    (["--plan", "--random-weights", "nemotron_h_small", "--bandwidth", "0"], "--bandwidth must be a positive"),
+])
+def test_bench_refuses_impossible_options_before_loading(monkeypatch, argv, message):
+    from twotower.cli import build_parser
+
+    def load(args):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(bench, "load_bench_model", load)
+    args = build_parser(["bench", *argv]).parse_args(["bench", "--device", "cpu", *argv])
+    with pytest.raises(ValueError, match=message):
+        args.func(args)
+
+
+def test_text_report_says_why_a_call_has_no_time():
+    """A run of one block never extends the context (extend time None): 'n/a', not 'None ms'."""
+    diffusion = {"denoiser_ms_per_pass": 1.5, "extend_ms_per_call": None, "block_inputs_ms_per_block": 0.1,
+                 "sampler_ms_per_step": 0.2, "sampler_fraction": 0.1, "decision_ms_per_step": 0.1,
+                 "event_payload_ms_per_step": 0.05}
+    ar = {"extend_ms_per_call": None, "sampler_ms_per_step": 0.1, "sampler_fraction": 0.2}
+    r = {"breakdown": {"diffusion": diffusion, "ar": ar}, "peak_memory": {"gb": 0.5, "kind": "process_peak_rss"},
+         "bandwidth": {"gbps": None, "ar_step_weight_gb": 0.1, "denoiser_pass_weight_gb": 0.2}}
+    line = bench.detail_lines(r)[0]
+    assert "None" not in line
+    assert "context extend n/a (the run had one block, nothing to extend)" in line
+    assert "AR step n/a (the prefill gave the only token)" in line
+    diffusion["extend_ms_per_call"] = 2.5
+    assert "context extend 2.5 ms/block" in bench.detail_lines(r)[0]

@@ -236,3 +236,67 @@ def test_the_report_names_the_repeat_guards():
         "repetition penalty 1.1, no repeated 4-grams"
     assert eval_report.guards_text({"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}) == "no repeat guards"
     assert eval_report.guards_text({}) == "no repeat guards"                  # results from before the guards
+
+
+# ---- bad input: refused before the model loads, naming the option or file ------------------------
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail loudly if a command gets as far as loading a model."""
+    from twotower import generate_cmd
+
+    def load_model(args):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(generate_cmd, "load_model", load_model)
+
+
+def eval_args(*argv):
+    argv = ["eval", "--device", "cpu", *argv]
+    return cli.build_parser(argv).parse_args(argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--answer-tokens", "0"], "--answer-tokens must be a positive integer, got 0"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be a positive integer, got -1"),
+    (["--limit", "0"], "--limit must be a positive integer, got 0"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--speed-prompts", "-1"], r"--speed-prompts must be >= 0 \(0 = skip\), got -1"),
+    (["--steps", "0"], "steps must be a positive integer, got 0"),
+    (["--threshold", "1.5"], r"threshold must lie in \[0, 1\], got 1.5"),
+    (["--draft-nodes", "-1"], "draft_nodes must be an integer from 0 .*, got -1"),
+    (["--sweep", "--sweep-steps", "4,0"], "--sweep-steps must be positive integers, got 0"),
+    (["--sweep", "--sweep-thresholds", "0.5,1.2"], r"--sweep-thresholds must lie in \[0, 1\], got 1.2"),
+    (["--sweep", "--sweep-thresholds", ","], "must each list at least one value"),
+])
+def test_eval_refuses_impossible_options_before_loading(no_model, argv, message):
+    args = eval_args(*argv)
+    with pytest.raises(ValueError, match=message):
+        args.func(args)
+
+
+def test_eval_reads_its_files_before_loading(no_model, tmp_path):
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text('{"id": 1,\n')
+    args = eval_args("--qa", str(bad))
+    with pytest.raises(ValueError, match=r"qa.jsonl:1: not valid JSON"):
+        args.func(args)
+
+
+def test_load_qa_names_the_file_and_line(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    good = json.dumps({"id": "a", "category": "facts", "prompt": "p?", "answers": ["x"]})
+    for text, message in ((f'{good}\n\n{{"id": 1,\n', r"qa.jsonl:3: not valid JSON: Expecting property name"),
+                          (f"{good}\n[1, 2]\n", r"qa.jsonl:2: a QA item must be a JSON object, got \[1, 2\]"),
+                          (good.replace('["x"]', '"x"'), r"qa.jsonl:1: .*answers a list of strings")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            evaluate.load_qa(path)
+    path.write_bytes(good.encode() + b"\n\xff\n")
+    with pytest.raises(ValueError, match=r"qa.jsonl:2: not UTF-8 text \(byte 0xff\)"):
+        evaluate.load_qa(path)
+
+
+def test_load_prompts_names_a_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"Tell me a story.\nCaf\xe9\n")
+    with pytest.raises(ValueError, match=r"prompts.txt:2: not UTF-8 text \(byte 0xe9\)"):
+        evaluate.load_prompts(path)

@@ -124,3 +124,51 @@ def test_bad_trace_files(tmp_path):
     (tmp_path / "new.json").write_text(json.dumps({"version": TRACE_VERSION + 1, "mode": "ar", "events": []}))
     with pytest.raises(ValueError, match="is newer than this tool's"):
         Trace.load(tmp_path / "new.json")
+
+
+STEP = {"type": "Step", "block": 0, "step": 0, "t": [1.0], "tokens": [[3]], "committed": [[0]], "planned": [1],
+        "confidence": [[0.5]], "top_ids": [[[3]]], "top_probs": [[[0.5]]], "elapsed": 0.1, "nfe": 1}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"events": "x"}, "'events' must be a list, got a string"),
+    ({"tokens": None}, "'tokens' must be an object, got null"),
+    ({"settings": [1]}, "'settings' must be an object, got a list"),
+    ({"prompts": "hi"}, "'prompts' must be a list, got a string"),
+    ({"prompts": [1]}, "'prompts' must be a list of strings"),
+    ({"prompt_ids": [[1, "a"]]}, "'prompt_ids' must be a list of lists of token ids"),
+    ({"tokens": {"5": 7}}, "'tokens' must map token ids to strings"),
+    ({"mode": "race"}, "'mode' must be 'diffusion' or 'ar', got 'race'"),
+    ({"version": "1"}, "'version' must be an integer, got a string"),
+    ({"fork": 3}, "'fork' must be an object or null, got a number"),
+    ({"events": [STEP, "x"]}, "event 1 must be an object, got a string"),
+    ({"events": [{"type": ["Step"]}]}, r"event 0 has unknown event type \['Step'\]"),
+    ({"events": [{"type": "Step", "block": 0}]}, r"event 0 \(Step\) lacks step, t, tokens"),
+    ({"events": [{**STEP, "t": "x"}]}, r"event 0 \(Step\): 't' must be a list, got a string"),
+    ({"events": [{**STEP, "elapsed": None}]}, r"event 0 \(Step\): 'elapsed' must be a number, got null"),
+    ({"events": [{**STEP, "attention": {"x": []}}]}, r"event 0 \(Step\): invalid literal"),
+])
+def test_malformed_trace_content(change, message):
+    good = {"mode": "diffusion", "prompts": ["a"], "prompt_ids": [[5]], "tokens": {"3": "x"}, "events": [STEP]}
+    assert Trace.from_dict(good).steps()[0].t == [1.0]
+    with pytest.raises(ValueError, match="^not a TwoTower trace: " + message):
+        Trace.from_dict({**good, **change})
+
+
+def test_loading_a_malformed_trace_names_the_file(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"mode": "ar", "events": "x"}))
+    with pytest.raises(ValueError, match=r"trace file .*run.json: not a TwoTower trace: 'events' must be a list"):
+        Trace.load(path)
+    path.write_bytes(b'{"mode": "ar", "events": []}\xff')
+    with pytest.raises(ValueError, match=r"trace file .*run.json: not a TwoTower trace: not UTF-8 text"):
+        Trace.load(path)
+
+
+def test_export_refuses_a_malformed_trace(tmp_path, capsys):
+    from twotower.cli import main
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"mode": "ar", "events": [], "tokens": None}))
+    assert main(["export", str(path), "--html", str(tmp_path / "run.html")]) == 2
+    assert "not a TwoTower trace: 'tokens' must be an object, got null" in capsys.readouterr().err
+    assert not (tmp_path / "run.html").exists()

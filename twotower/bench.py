@@ -28,6 +28,7 @@ built on the meta device and materialised directly on the target device in the t
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 from .bandwidth import bandwidth_report, default_bandwidth, expected_experts, plan
+from .evaluate import POSITIVE, check_options
 from .generate_cmd import tuned
 from .guards import RepeatGuard
 from .memory import peak_memory_gb, reset_peak
@@ -594,14 +596,21 @@ def table_lines(r: dict) -> list[str]:
     return lines + [ratio]
 
 
+def ms_text(ms: float | None, unit: str, why_none: str) -> str:
+    """A per-call time for the report: '1.2 ms/block', or 'n/a (why)' for a call the run never made."""
+    return f"{ms} {unit}" if ms is not None else f"n/a ({why_none})"
+
+
 def detail_lines(r: dict) -> list[str]:
     """Per-call breakdown, MoE routing, streaming, memory and bandwidth lines of a result dict."""
     lines, b = [], r["breakdown"]
+    extend = ms_text(b["diffusion"]["extend_ms_per_call"], "ms/block", "the run had one block, nothing to extend")
+    ar_step = ms_text(b["ar"]["extend_ms_per_call"], "ms", "the prefill gave the only token")
     lines.append(f"per call: denoiser pass {b['diffusion']['denoiser_ms_per_pass']} ms, context extend "
-                 f"{b['diffusion']['extend_ms_per_call']} ms/block, context view "
+                 f"{extend}, context view "
                  f"{b['diffusion']['block_inputs_ms_per_block']} ms/block, diffusion sampler "
                  f"{b['diffusion']['sampler_ms_per_step']} ms/step ({b['diffusion']['sampler_fraction']:.0%}); "
-                 f"AR step {b['ar']['extend_ms_per_call']} ms, AR sampler {b['ar']['sampler_ms_per_step']} ms/token "
+                 f"AR step {ar_step}, AR sampler {b['ar']['sampler_ms_per_step']} ms/token "
                  f"({b['ar']['sampler_fraction']:.0%})")
     lines.append(f"diffusion step work alone: decision {b['diffusion']['decision_ms_per_step']} ms, event payload "
                  f"(top candidates + host copies) {b['diffusion']['event_payload_ms_per_step']} ms")
@@ -646,12 +655,27 @@ def cmd_plan(args) -> int:
     return 0
 
 
+BENCH_OPTIONS = {   # option -> (is the value possible?, what it must be); see evaluate.check_options
+    "batch": (lambda v: v >= 1, POSITIVE),
+    "prompts": (lambda v: v >= 1, POSITIVE),
+    "prompt_length": (lambda v: v >= 1, POSITIVE),
+    "max_new_tokens": (lambda v: v >= 1, POSITIVE),
+    "warmup": (lambda v: v >= 0, ">= 0"),
+    "repeats": (lambda v: v >= 1, POSITIVE),
+    "stream_repeats": (lambda v: v >= 0, ">= 0 (0 = skip)"),
+    "bandwidth": (lambda v: 0 < v < math.inf, "a positive number of GB/s"),
+    "threads": (lambda v: v >= 1, POSITIVE),
+}
+
+
 def cmd_bench(args) -> int:
     """`python -m twotower bench`: load, time, print the table or one JSON object."""
+    from .checkpoints import RANDOM, recommended_settings
+    check_options(args, BENCH_OPTIONS)
+    random_spec = bool(args.random_weights or (args.model or "").startswith(RANDOM))
+    sampler_settings(args, random_spec, recommended_settings(args.model))   # as the run will use them
     if args.plan:
         return cmd_plan(args)
-    if args.batch < 1 or args.prompts < 1 or args.repeats < 1 or args.warmup < 0 or args.stream_repeats < 0:
-        raise ValueError("--batch, --prompts and --repeats must be >= 1; --warmup and --stream-repeats >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, random_weights = load_bench_model(args)

@@ -49,17 +49,36 @@ MODES = ("ar", "diffusion")
 
 
 # ---- data ------------------------------------------------------------------------------
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file; ValueError naming the file and line where it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+
+
+def qa_item(path: str | Path, n: int, line: str) -> dict:
+    """Line n of a QA file as an item; ValueError naming the file and line when it is not one."""
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(item, dict):
+        raise ValueError(f"{path}:{n}: a QA item must be a JSON object, got {line.strip()[:40]}")
+    missing = {"id", "category", "prompt", "answers"} - set(item)
+    if missing or not item["answers"]:
+        raise ValueError(f"{path}:{n}: QA item lacks {sorted(missing) or ['answers']}")
+    answers = item["answers"]
+    strings = isinstance(answers, list) and all(isinstance(a, str) for a in answers)
+    if not isinstance(item["prompt"], str) or not strings:
+        raise ValueError(f"{path}:{n}: a QA item's prompt must be a string and its answers a list of strings")
+    return item
+
+
 def load_qa(path: str | Path = QA_PATH) -> list[dict]:
     """The QA items: one JSON object per line with id, category, prompt and answers."""
-    items = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        item = json.loads(line)
-        missing = {"id", "category", "prompt", "answers"} - set(item)
-        if missing or not item["answers"]:
-            raise ValueError(f"{path}:{n}: QA item lacks {sorted(missing) or ['answers']}")
-        items.append(item)
+    items = [qa_item(path, n, line) for n, line in enumerate(read_lines(path), 1) if line.strip()]
     if not items:
         raise ValueError(f"{path} holds no QA items")
     return items
@@ -67,7 +86,7 @@ def load_qa(path: str | Path = QA_PATH) -> list[dict]:
 
 def load_prompts(path: str | Path = OPEN_PATH) -> list[str]:
     """One prompt per non-empty line."""
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_lines(path) if line.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
@@ -354,10 +373,8 @@ def configs(args, model_defaults: dict | None = None) -> tuple[SamplerConfig, Sa
             replace(base, max_new_tokens=args.max_new_tokens).validate())
 
 
-def run_eval(model, args) -> dict:
+def run_eval(model, args, qa: list[dict], open_prompts: list[str]) -> dict:
     """Everything the command computes, as one dict (raw generations under '_gen' keys)."""
-    qa = take(load_qa(args.qa), args.limit)
-    open_prompts = load_prompts(args.open_prompts)[: args.limit]
     data = encode_all(model, qa, open_prompts, chat=not args.no_chat)
     qa_cfg, open_cfg = configs(args, model.sampler_defaults)
     agree_n = min(AGREE_TOKENS, args.max_new_tokens)
@@ -379,16 +396,56 @@ def run_eval(model, args) -> dict:
     return res
 
 
+# ---- checking the options (before the model loads) ----------------------------------------
+POSITIVE = "a positive integer"
+EVAL_OPTIONS = {   # option -> (is the value possible?, what it must be)
+    "limit": (lambda v: v >= 1, POSITIVE),
+    "max_new_tokens": (lambda v: v >= 1, POSITIVE),
+    "answer_tokens": (lambda v: v >= 1, POSITIVE),
+    "batch_size": (lambda v: v >= 1, POSITIVE),
+    "speed_prompts": (lambda v: v >= 0, ">= 0 (0 = skip)"),
+}
+
+
+def check_options(args, rules: dict) -> None:
+    """ValueError naming the first option given (not None) whose value breaks its rule."""
+    for name, (possible, wanted) in rules.items():
+        value = getattr(args, name)
+        if value is not None and not possible(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
+
+
+def check_sweep(thresholds: list[float], steps: list[int]) -> None:
+    """The sweep's grid: at least one threshold in [0, 1] and one step count >= 1."""
+    if not thresholds or not steps:
+        raise ValueError("--sweep-thresholds and --sweep-steps must each list at least one value")
+    for t in thresholds:
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"--sweep-thresholds must lie in [0, 1], got {t}")
+    for n in steps:
+        if n < 1:
+            raise ValueError(f"--sweep-steps must be positive integers, got {n}")
+
+
+def check_args(args) -> None:
+    """Refuse impossible option values before any work, naming the option and the value; the
+    sampler settings as the run will use them (over the checkpoint's recommended ones, read
+    from its twotower.json without loading weights)."""
+    from .checkpoints import recommended_settings
+    check_options(args, EVAL_OPTIONS)
+    check_sweep(args.sweep_thresholds, args.sweep_steps)
+    configs(args, recommended_settings(args.model))
+
+
 def cmd_eval(args) -> int:
     from .generate_cmd import load_model
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be a positive integer, got {args.limit}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    check_args(args)
+    qa = take(load_qa(args.qa), args.limit)
+    open_prompts = load_prompts(args.open_prompts)[: args.limit]
     start = time.perf_counter()
     model = load_model(args)
-    res = run_eval(model, args)
+    res = run_eval(model, args, qa, open_prompts)
     res["seconds"] = round(time.perf_counter() - start, 2)
     out = Path(args.out) if args.out else (Path("eval_out") if args.sweep else None)
     if out is not None:

@@ -6,13 +6,19 @@ the model. `Trace.record(events)` passes events through while recording them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import Iterable, Iterator
+from types import NoneType, UnionType
+from typing import Iterable, Iterator, get_args, get_origin, get_type_hints
 
-from .events import BlockStart, Done, Event, Step, Token, event_from_dict
+from .events import EVENT_TYPES, BlockStart, Done, Event, Step, Token, event_from_dict
 
 TRACE_VERSION = 1
+MODES = ("diffusion", "ar")
+LIST = (list, tuple)                 # JSON lists; a dict from to_dict() may hold tuples
+FIELD_TYPES = {"settings": (dict,), "model": (dict,), "prompts": LIST, "prompt_ids": LIST, "tokens": (dict,),
+               "events": LIST}       # top-level fields of a trace (all optional but mode and events)
 
 
 def held_depth(tree: list[list[int]], tokens: list[int], start: int) -> int:
@@ -90,6 +96,78 @@ class DraftTally:
         for d in range(reached):
             counts[d] += 1
             kept[d] += d < held
+
+
+# ---- reading a trace's JSON ----------------------------------------------------------------------
+def not_a_trace(what: str) -> ValueError:
+    return ValueError(f"not a TwoTower trace: {what}")
+
+
+KIND_WORDS = {dict: "an object", list: "a list", tuple: "a list", str: "a string", bool: "true/false",
+              int: "a number", float: "a number", NoneType: "null"}
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, in words: 'an object', 'a list', 'a string', 'null', ..."""
+    return KIND_WORDS.get(type(value), type(value).__name__)
+
+
+def kinds_text(types: tuple[type, ...]) -> str:
+    """'a list or null', 'a number': the JSON kinds of some Python types, in words."""
+    return " or ".join(dict.fromkeys(KIND_WORDS.get(t, t.__name__) for t in types))
+
+
+@cache
+def field_types(event_class) -> dict[str, tuple[type, ...]]:
+    """The outer Python types each field of an event class accepts, from its annotations
+    (list[int] | None -> (list, NoneType); float -> (int, float): JSON writes 1.0 as 1)."""
+    def outer(hint) -> tuple[type, ...]:
+        if isinstance(hint, UnionType):
+            return sum(map(outer, get_args(hint)), ())
+        base = get_origin(hint) or hint
+        return (int, float) if base is float else LIST if base is list else (base,)
+    return {name: outer(hint) for name, hint in get_type_hints(event_class).items()}
+
+
+def check_fields(d) -> None:
+    """ValueError naming the first top-level field of a trace dict that is missing or of the wrong kind."""
+    if not isinstance(d, dict) or "events" not in d or "mode" not in d:
+        raise not_a_trace("expected a JSON object with 'mode' and 'events'")
+    if d["mode"] not in MODES:
+        raise not_a_trace(f"'mode' must be 'diffusion' or 'ar', got {d['mode']!r}")
+    for name, types in FIELD_TYPES.items():
+        if name in d and not isinstance(d[name], types):
+            raise not_a_trace(f"{name!r} must be {kinds_text(types)}, got {json_kind(d[name])}")
+    if not all(isinstance(p, str) for p in d.get("prompts", [])):
+        raise not_a_trace("'prompts' must be a list of strings")
+    if not all(isinstance(ids, LIST) and all(isinstance(i, int) for i in ids) for ids in d.get("prompt_ids", [])):
+        raise not_a_trace("'prompt_ids' must be a list of lists of token ids")
+    if not all(isinstance(piece, str) for piece in d.get("tokens", {}).values()):
+        raise not_a_trace("'tokens' must map token ids to strings")
+    if type(d.get("version", TRACE_VERSION)) is not int:
+        raise not_a_trace(f"'version' must be an integer, got {json_kind(d['version'])}")
+    if not isinstance(d.get("fork"), (dict, NoneType)):
+        raise not_a_trace(f"'fork' must be an object or null, got {json_kind(d['fork'])}")
+
+
+def read_event(n: int, d) -> Event:
+    """Event number n (from 0) of a trace's 'events'; ValueError saying what is wrong with it."""
+    if not isinstance(d, dict):
+        raise not_a_trace(f"event {n} must be an object, got {json_kind(d)}")
+    kind = d.get("type")
+    if not isinstance(kind, str) or kind not in EVENT_TYPES:
+        raise not_a_trace(f"event {n} has unknown event type {kind!r}")
+    missing = [f.name for f in fields(EVENT_TYPES[kind])
+               if f.default is MISSING and f.default_factory is MISSING and f.name not in d]
+    if missing:
+        raise not_a_trace(f"event {n} ({kind}) lacks {', '.join(missing)}")
+    for name, types in field_types(EVENT_TYPES[kind]).items():
+        if name in d and not isinstance(d[name], types):
+            raise not_a_trace(f"event {n} ({kind}): {name!r} must be {kinds_text(types)}, got {json_kind(d[name])}")
+    try:
+        return event_from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise not_a_trace(f"event {n} ({kind}): {e}") from None
 
 
 @dataclass
@@ -189,8 +267,8 @@ class Trace:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Trace":
-        if not isinstance(d, dict) or "events" not in d or "mode" not in d:
-            raise ValueError("not a TwoTower trace: expected a JSON object with 'mode' and 'events'")
+        """The trace of a dict from `to_dict`; ValueError("not a TwoTower trace: ...") for anything else."""
+        check_fields(d)
         if d.get("version", 0) > TRACE_VERSION:
             raise ValueError(f"trace version {d['version']} is newer than this tool's {TRACE_VERSION}")
         return cls(
@@ -200,7 +278,7 @@ class Trace:
             prompts=d.get("prompts", []),
             prompt_ids=d.get("prompt_ids", []),
             tokens={str(k): v for k, v in d.get("tokens", {}).items()},
-            events=[event_from_dict(e) for e in d["events"]],
+            events=[read_event(n, e) for n, e in enumerate(d["events"])],
             version=d.get("version", TRACE_VERSION),
             fork=d.get("fork"),
         )
@@ -210,10 +288,16 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | Path) -> "Trace":
+        """The trace saved at path; errors name the file."""
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"trace file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"trace file {path}: not a TwoTower trace: not UTF-8 text") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"trace file {path} is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"trace file {path}: {e}") from None
