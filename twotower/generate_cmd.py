@@ -20,9 +20,9 @@ def tuned(default) -> str:
     return f"(default: the model's recommended setting, else {default})"
 
 
-MODEL_HELP = ("model spec: default (the shipped model), a checkpoint directory, smollm2 (its untrained "
-              "denoiser), a release directory, ctx=DIR,denoiser=FILE, or random:NAME (random weights from "
-              "bench/configs/NAME.json)")
+MODEL_HELP = ("model spec: default (the shipped model), a checkpoint directory, a release directory, a "
+              "transformers AR model directory or smollm2 (untrained denoiser), ctx=DIR,denoiser=FILE, a hub id "
+              "in the local cache, or random:NAME (random weights from bench/configs/NAME.json); README 'Model specs'")
 NO_PACK_HELP = "CPU float32: keep PyTorch's own linear layers (MKL) instead of oneDNN-packed ones (same text, slower)"
 
 
