@@ -284,14 +284,28 @@ def export_files(session: Session):
     return [str(json_path), str(html_path)]
 
 
+def uploaded_trace(path) -> Trace:
+    """The trace in an uploaded file; gr.Error naming the file as the user named it (not the
+    server's temporary copy) when it is not one."""
+    try:
+        return Trace.load(path)
+    except (ValueError, FileNotFoundError) as e:
+        message = str(e).replace(f"trace file {path}: ", "").replace(str(path), Path(path).name)
+        raise gr.Error(f"Cannot open {Path(path).name}: {message}") from None
+
+
+def check_import(path):
+    """The import's first event, with no outputs: a file that is not a trace is refused with a
+    message before the views are touched (their outputs would keep an error badge)."""
+    if path:
+        uploaded_trace(path)
+
+
 def import_trace(path, session: Session):
     """Open a saved trace: the views work without the model."""
     if not path:
         return gr.skip(), gr.skip(), gr.skip()
-    try:
-        trace = Trace.load(path)
-    except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
-        raise gr.Error(f"Cannot open this trace: {e}") from None
+    trace = uploaded_trace(path)
     session.begin_new(trace, state="done")
     return (grid_value(trace, live=False), partial_text(trace),
             "**Opened a saved trace** · " + status_line(trace, stopped=trace.done is None))

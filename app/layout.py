@@ -208,11 +208,12 @@ def sampler_inputs() -> list:
 
 
 def build_controls() -> dict:
-    """Left column: prompt, Run / Stop, mode, sampler settings, attention capture, examples."""
+    """Left column: prompt, Run / Stop, example prompts, mode, sampler settings, attention capture."""
     prompt = gr.Textbox(label="Prompt", lines=3, max_lines=12, placeholder="Ask something…", elem_id="prompt")
     with gr.Row():
         run = gr.Button("Run", variant="primary", elem_id="run", min_width=80)
         stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=80)
+    gr.Examples(examples(), inputs=[prompt], label="Example prompts: click one, then Run")
     mode = gr.Radio(["diffusion", "ar"], value="diffusion", label="Mode",
                     info="diffusion = TwoTower; ar = the context tower alone")
     with gr.Accordion("Sampler settings", open=True):
@@ -222,7 +223,6 @@ def build_controls() -> dict:
                               elem_id="capture")
         layers = gr.Textbox(value="first, middle, last", label="Layers",
                             info="first / middle / last or indices, at most 4")
-    gr.Examples(examples(), inputs=[prompt], label="Example prompts")
     return dict(prompt=prompt, run=run, stop=stop, mode=mode, settings=settings, draft_nodes=draft_nodes,
                 capture=capture, layers=layers)
 
@@ -272,9 +272,11 @@ def race_tab() -> dict:
     race_status = gr.Markdown("")
     race_view = gr.HTML(value="", html_template='<div class="ttr"></div>', css_template=asset("race.css"),
                         js_on_load=asset("race.js"), elem_id="race", padding=False, apply_default_css=False)
-    with gr.Row():
-        race_table = gr.Markdown("")
-        race_plot = gr.Plot(show_label=False)
+    with gr.Row():                                   # side by side; stacked on a narrow screen
+        with gr.Column(min_width=320):
+            race_table = gr.Markdown("")
+        with gr.Column(min_width=320):
+            race_plot = gr.Plot(show_label=False)
     return dict(race_run=race_run, race_stop=race_stop, race_status=race_status, race_view=race_view,
                 race_table=race_table, race_plot=race_plot)
 

@@ -72,6 +72,7 @@ def race(prompt, max_new_tokens, block_size, steps, threshold, temperature, top_
                 no_repeat_ngram_size, remasking, seed, stop_at_eos, draft_nodes)
     ids, cfg, _ = prepare(prompt, "diffusion", settings, False, "")
     session.race_state, session.stop = "running", StopFlag()
+    yield "", "", None, "**Starting the race…**"    # the last race's replay, table and plot go
     try:
         with user_errors():
             for item in compute(prompt, ids, cfg, session.stop):

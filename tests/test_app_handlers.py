@@ -131,8 +131,11 @@ def test_export_then_import_without_the_model(tmp_path):
     assert len(json.loads(grid)["frames"]) == session.trace.done.nfe
     bad = tmp_path / "bad.json"
     bad.write_text('{"hello": 1}')
-    with pytest.raises(gr.Error, match="not a TwoTower trace"):
-        handlers.import_trace(str(bad), fresh)
+    for handler in (handlers.check_import, lambda path: handlers.import_trace(path, fresh)):
+        with pytest.raises(gr.Error, match="not a TwoTower trace") as e:
+            handler(str(bad))
+        assert "Cannot open bad.json: " in e.value.message and str(tmp_path) not in e.value.message
+    assert handlers.check_import(str(json_path)) is None
 
 
 def test_race_runs_both_and_stops_on_request():
@@ -144,6 +147,7 @@ def test_race_runs_both_and_stops_on_request():
     assert [r["mode"] for r in runs] == ["ar", "diffusion"] and session.race_state == "done"
     assert race.race_settle(session) == gr.skip()
     stream = race.race("Hello", *SETTINGS, 0, session)
+    assert next(stream) == ("", "", None, "**Starting the race…**")   # the last race's results go first
     assert "Warming up" in next(stream)[3]
     handlers.request_stop(session)                   # Stop pressed during the untimed warm-up
     assert list(stream) == []

@@ -282,3 +282,18 @@ def test_an_empty_prompt_is_refused_without_error_badges(page):
     page.wait_for_timeout(500)
     assert page.locator("#race .error").count() == 0 and page.locator("#race-status .error").count() == 0
     page.get_by_role("tab", name="Denoising").click()
+
+
+def test_a_file_that_is_not_a_trace_is_refused_without_error_badges(page, tmp_path):
+    """The import's first event checks the file and has no outputs: a message naming the file
+    as uploaded, and the views keep no error badge."""
+    bad = tmp_path / "not_a_trace.json"
+    bad.write_text('{"hello": "world"}')
+    page.get_by_role("tab", name="Trace file").click()
+    page.locator("#import-file input[type=file]").set_input_files(str(bad))
+    expect(page.locator(".toast-body").last).to_contain_text("Cannot open not_a_trace.json: not a TwoTower trace",
+                                                             timeout=20_000)
+    page.wait_for_timeout(500)
+    for elem in ("status", "grid", "output-text"):
+        assert page.locator(f"#{elem} .error").count() == 0, elem
+    page.get_by_role("tab", name="Denoising").click()
