@@ -16,7 +16,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 INTRO = """# TwoTower: watch a diffusion language model write
 A frozen AR **context tower** reads the prompt and every finished block; a **denoiser tower** fills
 each new block of masked tokens over a few passes; the commit order (sampler settings) decides which
-tokens a pass writes."""
+tokens a pass writes. **Try it:** pick an example prompt, press **Run**, watch the blocks fill, then
+scrub the steps and click a token; the **Race** tab times the same prompt as plain AR decoding."""
 
 GRID_HELP = """Each row is a block (AR runs: 16 tokens a row). Masked cells show the denoiser's current
 best guess (faint), the bar under every cell its probability; orange = committed at this step; blue dashed
