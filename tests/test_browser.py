@@ -290,6 +290,9 @@ def test_a_file_that_is_not_a_trace_is_refused_without_error_badges(page, tmp_pa
     bad = tmp_path / "not_a_trace.json"
     bad.write_text('{"hello": "world"}')
     page.get_by_role("tab", name="Trace file").click()
+    clear = page.locator("#import-file button[aria-label='Clear']")     # a file imported before
+    if clear.count():
+        clear.first.click()
     page.locator("#import-file input[type=file]").set_input_files(str(bad))
     expect(page.locator(".toast-body").last).to_contain_text("Cannot open not_a_trace.json: not a TwoTower trace",
                                                              timeout=20_000)
