@@ -289,6 +289,17 @@ def test_a_malformed_twotower_json_is_refused_by_file_and_field(tmp_path, text, 
     assert message in str(e.value) and "twotower.json" in str(e.value)
 
 
+def test_settings_known_before_loading(tmp_path):
+    """The commands check settings before loading where a spec's files tell the recommended ones:
+    a ctx=DIR,denoiser=FILE spec reads the twotower.json beside the file; a hub id waits."""
+    (tmp_path / "twotower.json").write_text('{"sampler": {"remasking": "verify"}}')
+    spec = f"ctx={tmp_path},denoiser={tmp_path / 'denoiser.safetensors'}"
+    assert checkpoints.settings_before_loading(spec) == {"remasking": "verify"}
+    assert checkpoints.settings_before_loading("random:nemotron-h-small") == {}
+    assert checkpoints.settings_before_loading(None)["remasking"] == "verify"            # the shipped model
+    assert checkpoints.settings_before_loading("someone/some-model") is None              # a hub id
+
+
 def test_devices_other_than_cpu_and_cuda_are_refused():
     for device in ("mps", "meta", "bogus"):
         with pytest.raises(SpecError, match="expected cpu, cuda or cuda:N"):

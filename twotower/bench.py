@@ -670,10 +670,12 @@ BENCH_OPTIONS = {   # option -> (is the value possible?, what it must be); see e
 
 def cmd_bench(args) -> int:
     """`python -m twotower bench`: load, time, print the table or one JSON object."""
-    from .checkpoints import RANDOM, recommended_settings
+    from .checkpoints import RANDOM, settings_before_loading
     check_options(args, BENCH_OPTIONS)
-    random_spec = bool(args.random_weights or (args.model or "").startswith(RANDOM))
-    sampler_settings(args, random_spec, recommended_settings(args.model))   # as the run will use them
+    spec = RANDOM + args.random_weights if args.random_weights else args.model
+    defaults = settings_before_loading(spec)
+    if defaults is not None:                                   # as the run will use them (else after loading)
+        sampler_settings(args, bool(spec and spec.startswith(RANDOM)), defaults)
     if args.plan:
         return cmd_plan(args)
     if args.threads:

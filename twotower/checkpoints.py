@@ -189,14 +189,32 @@ def apply_meta(model: TwoTower, meta: dict) -> None:
     model.sampler_defaults = sampler_defaults(meta)
 
 
+def _meta_path(spec: str | None) -> Path:
+    """Where a spec's twotower.json would be (for ctx=DIR,denoiser=FILE: beside the denoiser file)."""
+    if spec in (None, "", "default"):
+        return DEFAULT_DIR / "twotower.json"
+    if spec.startswith("ctx="):
+        parts = dict(p.split("=", 1) for p in spec.split(",") if "=" in p)
+        return Path(parts.get("denoiser", "")).with_name("twotower.json")
+    return Path(spec) / "twotower.json"
+
+
 def recommended_settings(spec: str | None) -> dict:
     """The "sampler" settings of the checkpoint a spec names, read from its twotower.json alone
     (no weights loaded); {} for specs without one. Loading the model reports a broken file."""
-    path = DEFAULT_DIR if spec in (None, "", "default") else Path(spec)
     try:
-        return sampler_defaults(read_meta(path / "twotower.json"))
+        return sampler_defaults(read_meta(_meta_path(spec)))
     except (OSError, ValueError, SpecError):
         return {}
+
+
+def settings_before_loading(spec: str | None) -> dict | None:
+    """recommended_settings where a spec's files tell them without loading the model; None where
+    only loading can (a hub id resolves to its cached files then): checks of the settings the
+    run will use wait for the model there."""
+    local = (spec in (None, "", "default", "smollm2") or spec.startswith((RANDOM, "ctx="))
+             or Path(spec).is_dir())
+    return recommended_settings(spec) if local else None
 
 
 def apply_denoiser_file(model: TwoTower, meta: dict, weights: dict[str, torch.Tensor]) -> TwoTower:

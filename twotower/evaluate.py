@@ -431,10 +431,12 @@ def check_args(args) -> None:
     """Refuse impossible option values before any work, naming the option and the value; the
     sampler settings as the run will use them (over the checkpoint's recommended ones, read
     from its twotower.json without loading weights)."""
-    from .checkpoints import recommended_settings
+    from .checkpoints import settings_before_loading
     check_options(args, EVAL_OPTIONS)
     check_sweep(args.sweep_thresholds, args.sweep_steps)
-    configs(args, recommended_settings(args.model))
+    defaults = settings_before_loading(args.model)
+    if defaults is not None:                                   # else checked once the model is loaded
+        configs(args, defaults)
 
 
 def cmd_eval(args) -> int:

@@ -102,9 +102,11 @@ def read_prompt_lines(path: str) -> list[str]:
 def check_request_args(args) -> list[str] | None:
     """What can be checked before the model loads: the settings, one prompt source, its file,
     where the trace goes. Returns the prompts file's lines, if one was given."""
-    from .checkpoints import recommended_settings
+    from .checkpoints import settings_before_loading
     from .runner import parse_ids
-    sampler_config(args, recommended_settings(args.model))
+    defaults = settings_before_loading(args.model)
+    if defaults is not None:                                   # else checked once the model is loaded
+        sampler_config(args, defaults)
     if args.compile_mode and not args.compile:
         raise ValueError("--compile-mode needs --compile")
     if sum(x is not None for x in (args.prompt, args.prompt_ids, args.prompts)) != 1:
