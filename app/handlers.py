@@ -286,12 +286,19 @@ def export_files(session: Session):
 
 def uploaded_trace(path) -> Trace:
     """The trace in an uploaded file; gr.Error naming the file as the user named it (not the
-    server's temporary copy) when it is not one."""
+    server's temporary copy) when it is not one, or when its events do not draw (the loader
+    checks each field's outer kind only: a Step's tokens as [5] instead of [[5]] passes it)."""
+    name = Path(path).name
     try:
-        return Trace.load(path)
+        trace = Trace.load(path)
     except (ValueError, FileNotFoundError) as e:
-        message = str(e).replace(f"trace file {path}: ", "").replace(str(path), Path(path).name)
-        raise gr.Error(f"Cannot open {Path(path).name}: {message}") from None
+        message = str(e).replace(f"trace file {path}: ", "").replace(str(path), name)
+        raise gr.Error(f"Cannot open {name}: {message}") from None
+    try:
+        trajectory.payload(trace)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+        raise gr.Error(f"Cannot open {name}: not a TwoTower trace: its events do not fit together ({e})") from None
+    return trace
 
 
 def check_import(path):

@@ -25,7 +25,7 @@ from visualizers.pieces import piece_table
 from visualizers.commits import commit_table
 
 from .gpu import gpu
-from .handlers import Throttle, compute, grid_key, grid_value, partial_text, record, status_line
+from .handlers import Throttle, compute, grid_key, grid_value, partial_text, record, status_line, uploaded_trace
 from .settings import ngram_size, number, user_errors, whole
 from .state import OPTIONS, Session, get_model
 
@@ -154,7 +154,7 @@ def run_fork(block, step, threshold, remasking, temperature, steps, repetition_p
         cfg = fork_config(parent, threshold, remasking, temperature, steps, repetition_penalty,
                           no_repeat_ngram_size)
         cfg.validate(model.max_context)
-    session.fork_state = "running"
+    session.fork_state, session.fork_running = "running", None
     yield gr.skip(), "**Running the fork…**"
     stream = compute((parent.prompts or [""])[0], parent.prompt_ids[0], cfg, "diffusion", (), point)
     child = next(stream)
@@ -166,7 +166,7 @@ def run_fork(block, step, threshold, remasking, temperature, steps, repetition_p
                 if throttle.ready() and hasattr(event, "nfe"):
                     yield gr.skip(), f"**Running the fork…** {event.nfe} passes so far"
     except Exception:
-        session.fork_state = "failed"
+        session.fork_state, session.fork_running = "failed", None
         raise
     fork = splice(parent, child)
     session.fork, session.fork_parent, session.fork_state, session.fork_running = fork, parent, "done", None
@@ -178,8 +178,8 @@ def fork_settle(session: Session):
     the original (compare view, status)."""
     if session.fork_state != "running":
         return gr.skip(), gr.skip()
-    session.fork_state = "stopped"
     parent, child = session.fork_running or (None, None)
+    session.fork_state, session.fork_running = "stopped", None
     again = "Press **Continue from here** to run it again."
     if child is None or not any(isinstance(e, Step) for e in child.events):
         return gr.skip(), f"**Fork stopped** before its first pass. {again}"
@@ -205,10 +205,7 @@ def open_fork(session: Session):
 def load_trace(path, which: str) -> Trace:
     if not path:
         raise gr.Error(f"Choose trace file {which} first.")
-    try:
-        return Trace.load(path)
-    except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
-        raise gr.Error(f"Cannot open trace {which}: {e}") from None
+    return uploaded_trace(path)
 
 
 def compare_files(path_a, path_b):

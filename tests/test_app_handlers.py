@@ -136,6 +136,12 @@ def test_export_then_import_without_the_model(tmp_path):
             handler(str(bad))
         assert "Cannot open bad.json: " in e.value.message and str(tmp_path) not in e.value.message
     assert handlers.check_import(str(json_path)) is None
+    misshapen = json.loads(open(json_path).read())                 # a Step's tokens as [5] instead of [[5]]
+    step = next(e for e in misshapen["events"] if e["type"] == "Step")
+    step["tokens"] = step["tokens"][0]
+    bad.write_text(json.dumps(misshapen))
+    with pytest.raises(gr.Error, match="Cannot open bad.json: not a TwoTower trace: its events do not fit together"):
+        handlers.check_import(str(bad))
 
 
 def test_race_runs_both_and_stops_on_request():

@@ -482,8 +482,8 @@ def test_encode_prompt_and_parse_ids(model, tiny_tokenizer):
         encode_prompt(with_tok, "   ")
     with pytest.raises(ValueError, match="the limit is 20000"):
         encode_prompt(with_tok, "x" * 20001)
-    assert parse_ids("5, 17,42") == [5, 17, 42]
-    for bad in ("5,a", "-3", "1,,2", "1.5"):
+    assert parse_ids("5, 17,42") == [5, 17, 42] and parse_ids("5,17,") == [5, 17]
+    for bad in ("5,a", "-3", "1,,2", "1.5", "²"):
         with pytest.raises(ValueError, match="comma-separated non-negative integers"):
             parse_ids(bad)
     with pytest.raises(ValueError, match="the prompt is empty"):

@@ -211,6 +211,8 @@ def test_a_verify_run_forked_mid_block_takes_the_parents_passes(model, prompts, 
             assert whole.done.nfe == trace.done.nfe, (nodes, e.block, e.step)
             mine, theirs = whole.draft_tally(), trace.draft_tally()
             assert (mine.held, mine.dropped, mine.reached) == (theirs.held, theirs.dropped, theirs.reached)
+            own = child.draft_tally()                  # the fork's own trace counts its first pass the same
+            assert own.step_held[0] == mine.step_held[whole.fork["inherited"]], (nodes, e.block, e.step)
 
 
 def test_a_sampled_fork_checks_the_carried_drafts_as_point_masses(model, prompts, monkeypatch):

@@ -31,10 +31,11 @@ class ForkPoint:
         """Index of the forked block's first token among generated tokens."""
         return len(self.prefix[0]) if self.prefix else 0
 
-    def to_dict(self) -> dict:
-        """What the fork's trace records about where it starts (`resumed_drafts`: its first pass
-        checked the drafts the parent's step left, as the parent's next pass did)."""
-        return {"block": self.block, "step": self.step, **({"resumed_drafts": True} if self.drafts is not None else {})}
+    def to_dict(self, verify: bool = True) -> dict:
+        """What the fork's trace records about where it starts; `carried_drafts` (a fork in the
+        verify order): the drafts the parent's step left, which its first pass checked."""
+        carried = verify and self.drafts is not None
+        return {"block": self.block, "step": self.step, **({"carried_drafts": self.drafts} if carried else {})}
 
 
 def fork_point(trace: Trace, block: int, step: int) -> ForkPoint:

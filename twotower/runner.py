@@ -34,10 +34,10 @@ def encode_prompt(model: TwoTower, text: str, chat: bool = True) -> list[int]:
 
 def parse_ids(text: str) -> list[int]:
     """'5,17,42' -> [5, 17, 42] with a clear error for anything else (empty entries, negatives)."""
-    parts = text.replace(" ", "").split(",")
+    parts = text.replace(" ", "").removesuffix(",").split(",")     # a trailing comma is fine
     if not any(parts):
         raise ValueError("the prompt is empty: give at least one token id")
-    if not all(p.isdigit() for p in parts):
+    if not all(p.isascii() and p.isdigit() for p in parts):
         raise ValueError(f"prompt ids must be comma-separated non-negative integers, got {text!r}")
     return [int(p) for p in parts]
 
@@ -100,7 +100,7 @@ def run(model: TwoTower, prompt_ids: list[list[int]], cfg: SamplerConfig, mode: 
     if resume is not None and mode != "diffusion":
         raise ValueError("only diffusion runs can continue from a fork point")
     trace = new_trace(model, prompts or [""] * len(prompt_ids), prompt_ids, cfg, mode)
-    trace.fork = resume.to_dict() if resume else None
+    trace.fork = resume.to_dict(verify=cfg.remasking == "verify") if resume else None
     add_pieces(trace, model.tokenizer, {i for p in prompt_ids for i in p} | {model.mask_token_id})
     source = (diffusion_generate(model, prompt_ids, cfg, capture_layers, resume) if mode == "diffusion"
               else ar_generate(model, prompt_ids, cfg))

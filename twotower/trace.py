@@ -233,20 +233,24 @@ class Trace:
         return stats
 
     def draft_tally(self) -> DraftTally | None:
-        """The verify order's drafts of this run (None for other runs). A spliced fork's first
-        step after the fork point checked the parent's drafts, unless the fork was made before
-        forks carried them (no `resumed_drafts` in `fork`): then it checked none."""
+        """The verify order's drafts of this run (None for other runs). A fork's first pass
+        checked the drafts its parent's step left (`fork["carried_drafts"]`): a spliced fork
+        holds them in the parent's step; a fork's own trace takes them from `fork`. A spliced
+        fork made before forks carried them checked none after the fork point."""
         steps = self.steps()
         if not steps or steps[0].drafts is None:
             return None
         fork = self.fork or {}
+        carried = fork.get("carried_drafts")
+        spliced = "inherited" in fork
         tally, seen = DraftTally(len(steps[0].drafts)), 0
-        forgets = None if fork.get("resumed_drafts") else fork.get("inherited")
         for event in self.events:
             tally.update(event)
+            if carried and not spliced and isinstance(event, BlockStart) and event.block == fork["block"]:
+                tally.pending = [{j: d for j, d in enumerate(row) if d >= 0} for row in carried]
             if isinstance(event, Step):
                 seen += 1
-                if seen == forgets:
+                if spliced and carried is None and seen == fork["inherited"]:
                     tally.forget_drafts()
         return tally
 
