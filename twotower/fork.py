@@ -3,7 +3,8 @@
 A ForkPoint is what the sampler needs to pick a run up again: the tokens of the earlier
 blocks (the context tower re-reads them after the prompt), the forked block's tokens after
 the chosen step and, under the verify order, the drafts (and draft tree) that step left for
-the next pass to check, so a fork with unchanged settings takes the parent's passes. `fork_point(trace, block, step)` reads one from a trace;
+the next pass to check, so a fork with unchanged settings takes the parent's passes.
+`fork_point(trace, block, step)` reads one from a trace;
 `diffusion_generate(..., resume=point)` continues from it, and its events make a trace of
 their own. `splice(parent, child)` joins the parent's steps up to the fork and the child's
 steps after it into one trace, so the views can play the fork from the start.
