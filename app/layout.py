@@ -23,7 +23,8 @@ GRID_HELP = """Each row is a block (AR runs: 16 tokens a row). Masked cells show
 best guess (faint), the bar under every cell its probability; orange = committed at this step; blue dashed
 = a draft (the *verify* order: the next pass keeps it only if it is the AR model's own token). The line
 under the step counter spells out the commit rule for that step. Scrub with the slider, ◀ / ▶ or the
-arrow keys; click a token to inspect it (candidates per step, flips, the AR model's choice);
+← / → keys; click a token (or press ↑ / ↓ in the grid) to inspect it (candidates per step, flips, the
+AR model's choice);
 **⋔ fork from this step** continues the run from there with other settings."""
 
 MAP_HELP = """Four views of when tokens were committed. Hover any mark for its numbers."""

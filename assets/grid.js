@@ -415,6 +415,7 @@ function wire(root) {
     if (e.key === "ArrowLeft") { stop(); go(frame - 1); e.preventDefault(); }
     if (e.key === "ArrowRight") { stop(); go(frame + 1); e.preventDefault(); }
     if (e.key === " ") { play(); e.preventDefault(); }
+    if (e.key === "ArrowUp" || e.key === "ArrowDown") { pickNext(e.key === "ArrowDown" ? 1 : -1); e.preventDefault(); }
   });
   root.querySelector(".ttg-cands-host").addEventListener("click", (e) => {
     if (e.target.closest(".ttg-ask")) { askAR(); return; }
@@ -429,6 +430,15 @@ function wire(root) {
     const f = data.findings[parseInt(b.dataset.k, 10)];
     stop(); picked = f.pos; go(f.frame - data.first_frame);
   }));
+}
+
+// ↑ / ↓ with the grid focused: the previous / next position into the inspector (no mouse needed).
+function pickNext(step) {
+  const lastBlock = data.blocks[data.blocks.length - 1];
+  if (!lastBlock) return;
+  const last = lastBlock[0] + lastBlock[1] - 1;
+  picked = picked === null ? 0 : Math.max(0, Math.min(last, picked + step));
+  update();
 }
 
 function forkHere() {

@@ -82,6 +82,18 @@ def test_inspector_shows_a_position_and_asks_the_ar_model(page):
     expect(page.locator("#grid .ttg-ar")).to_contain_text("before position 20")
 
 
+def test_the_keyboard_picks_positions_for_the_inspector(page):
+    """With the grid focused, ↓ / ↑ move the inspected position (no mouse needed)."""
+    page.locator("#grid .ttg-cell[data-pos='3']").click()
+    page.locator("#grid .ttg-grid").focus()
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("ArrowDown")
+    expect(page.locator("#grid .ttg-cands .ttg-h")).to_contain_text("Position 5")
+    page.keyboard.press("ArrowUp")
+    expect(page.locator("#grid .ttg-cands .ttg-h")).to_contain_text("Position 4")
+    expect(page.locator("#grid .ttg-cell.picked[data-pos='4']")).to_have_count(1)
+
+
 def test_a_finding_jumps_to_its_step(page, server):
     from visualizers.failures import findings
     expected = findings(same_run(server[1]))
