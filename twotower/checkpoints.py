@@ -189,13 +189,17 @@ def apply_meta(model: TwoTower, meta: dict) -> None:
     model.sampler_defaults = sampler_defaults(meta)
 
 
+def _ctx_parts(spec: str) -> dict[str, str]:
+    """'ctx=DIR,denoiser=FILE[,mask=ID]' as {'ctx': DIR, 'denoiser': FILE, ...}."""
+    return dict(p.split("=", 1) for p in spec.split(",") if "=" in p)
+
+
 def _meta_path(spec: str | None) -> Path:
     """Where a spec's twotower.json would be (for ctx=DIR,denoiser=FILE: beside the denoiser file)."""
     if spec in (None, "", "default"):
         return DEFAULT_DIR / "twotower.json"
     if spec.startswith("ctx="):
-        parts = dict(p.split("=", 1) for p in spec.split(",") if "=" in p)
-        return Path(parts.get("denoiser", "")).with_name("twotower.json")
+        return Path(_ctx_parts(spec).get("denoiser", "")).with_name("twotower.json")
     return Path(spec) / "twotower.json"
 
 
@@ -252,14 +256,12 @@ def apply_denoiser_file(model: TwoTower, meta: dict, weights: dict[str, torch.Te
     elif model.clean_as_ar:
         raise SpecError("clean_as_ar needs a LoRA denoiser (its update is gated per token); "
                         "this checkpoint holds a full denoiser")
-    elif kind == "full":
+    else:                                           # "full": read_meta refuses any other kind
         sd = part("denoiser.")
         try:
             model.denoiser_lm.load_state_dict(sd, strict=False)
         except RuntimeError as e:
             raise SpecError(f"denoiser weights do not fit the context tower's shapes: {e}") from None
-    else:
-        raise SpecError(f"unknown denoiser kind {kind!r} (expected 'lora' or 'full')")
     return model.to(dtype=model.context_lm.dtype)
 
 
@@ -385,11 +387,11 @@ def _load(spec: str | None, device: str | None, dtype: torch.dtype | None, share
         return build(ctx, tok, SMOLLM2_MASK_ID, learned_mask=True, name="smollm2-untrained-denoiser",
                      anchor=True).eval()
     if spec.startswith("ctx="):
-        parts = dict(p.split("=", 1) for p in spec.split(",") if "=" in p)
+        parts = _ctx_parts(spec)
         if "denoiser" not in parts:
             raise SpecError("spec 'ctx=DIR,denoiser=FILE' needs both parts")
         weights = read_safetensors(Path(parts["denoiser"]))
-        meta_path = Path(parts["denoiser"]).with_name("twotower.json")
+        meta_path = _meta_path(spec)
         meta = read_meta(meta_path) if meta_path.is_file() else {"denoiser": "full"}
         ctx, tok = load_ar(parts["ctx"], device, dtype)
         mask_id = int(parts.get("mask", meta.get("mask_token_id", SMOLLM2_MASK_ID)))
