@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .bandwidth import bandwidth_report, default_bandwidth, expected_experts, plan
-from .evaluate import POSITIVE, check_options
+from .cli import POSITIVE, check_options
 from .generate_cmd import tuned
 from .guards import RepeatGuard
 from .memory import peak_memory_gb, reset_peak
@@ -655,16 +655,12 @@ def cmd_plan(args) -> int:
     return 0
 
 
-BENCH_OPTIONS = {   # option -> (is the value possible?, what it must be); see evaluate.check_options
-    "batch": (lambda v: v >= 1, POSITIVE),
-    "prompts": (lambda v: v >= 1, POSITIVE),
-    "prompt_length": (lambda v: v >= 1, POSITIVE),
-    "max_new_tokens": (lambda v: v >= 1, POSITIVE),
+BENCH_OPTIONS = {   # option -> (is the value possible?, what it must be): cli.check_options
+    "batch": POSITIVE, "prompts": POSITIVE, "prompt_length": POSITIVE, "max_new_tokens": POSITIVE,
+    "repeats": POSITIVE, "threads": POSITIVE,
     "warmup": (lambda v: v >= 0, ">= 0"),
-    "repeats": (lambda v: v >= 1, POSITIVE),
     "stream_repeats": (lambda v: v >= 0, ">= 0 (0 = skip)"),
     "bandwidth": (lambda v: 0 < v < math.inf, "a positive number of GB/s"),
-    "threads": (lambda v: v >= 1, POSITIVE),
 }
 
 

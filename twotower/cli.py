@@ -22,6 +22,19 @@ COMMANDS = {            # command -> module that defines it
 }
 
 
+POSITIVE = (lambda v: v >= 1, "a positive integer")     # the commonest rule for check_options
+
+
+def check_options(args, rules: dict) -> None:
+    """Command options checked before any work. rules: option (argparse dest) -> (is the value
+    possible?, what it must be); ValueError naming the first option given (not None) that breaks
+    its rule, and its value."""
+    for name, (possible, wanted) in rules.items():
+        value = getattr(args, name)
+        if value is not None and not possible(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {wanted}, got {value!r}")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m twotower",
                                      description="Run, train and study TwoTower diffusion LMs.")

@@ -199,7 +199,7 @@ def distill(model, prompt_ids: list[list[int]], max_new_tokens: int, batch: int,
     return [results.get(i) for i in range(len(prompt_ids))]
 
 
-ARG_RULES = {   # option -> (test, what it must be): checked before any model is loaded
+ARG_RULES = {   # option -> (is the value possible?, what it must be): cli.check_options, before any model loads
     "prompts": (lambda v: v >= 1, ">= 1"),
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "batch": (lambda v: v >= 1, ">= 1"),
@@ -214,10 +214,8 @@ ARG_RULES = {   # option -> (test, what it must be): checked before any model is
 
 def check_args(args) -> None:
     """ValueError naming the option and its value for any unusable setting."""
-    for name, (ok, what) in ARG_RULES.items():
-        value = getattr(args, name)
-        if not ok(value):
-            raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+    from .cli import check_options
+    check_options(args, ARG_RULES)
     if args.text_dir is not None and not Path(args.text_dir).is_dir():
         raise ValueError(f"--text-dir must be an existing directory, got {args.text_dir!r}")
     if Path(args.out).exists() and not Path(args.out).is_dir():

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import metrics
+from .cli import POSITIVE, check_options
 from .events import BlockCommitted, BlockStart, Done, Step, Token
 from .eval_report import device_name, public, summary_table, sweep_markdown, write_outputs, write_sweep
 from .generate_cmd import NO_PACK_HELP, tuned
@@ -397,22 +398,10 @@ def run_eval(model, args, qa: list[dict], open_prompts: list[str]) -> dict:
 
 
 # ---- checking the options (before the model loads) ----------------------------------------
-POSITIVE = "a positive integer"
-EVAL_OPTIONS = {   # option -> (is the value possible?, what it must be)
-    "limit": (lambda v: v >= 1, POSITIVE),
-    "max_new_tokens": (lambda v: v >= 1, POSITIVE),
-    "answer_tokens": (lambda v: v >= 1, POSITIVE),
-    "batch_size": (lambda v: v >= 1, POSITIVE),
+EVAL_OPTIONS = {   # option -> (is the value possible?, what it must be): cli.check_options
+    "limit": POSITIVE, "max_new_tokens": POSITIVE, "answer_tokens": POSITIVE, "batch_size": POSITIVE,
     "speed_prompts": (lambda v: v >= 0, ">= 0 (0 = skip)"),
 }
-
-
-def check_options(args, rules: dict) -> None:
-    """ValueError naming the first option given (not None) whose value breaks its rule."""
-    for name, (possible, wanted) in rules.items():
-        value = getattr(args, name)
-        if value is not None and not possible(value):
-            raise ValueError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
 
 
 def check_sweep(thresholds: list[float], steps: list[int]) -> None:
