@@ -301,18 +301,18 @@ def uploaded_trace(path) -> Trace:
     return trace
 
 
-def check_import(path):
-    """The import's first event, with no outputs: a file that is not a trace is refused with a
-    message before the views are touched (their outputs would keep an error badge)."""
-    if path:
-        uploaded_trace(path)
-
-
 def import_trace(path, session: Session):
-    """Open a saved trace: the views work without the model."""
+    """The import's first event, with no outputs: read the uploaded trace into the session. A
+    file that is not a trace is refused with a message before the views are touched (their
+    outputs would keep an error badge)."""
+    if path:
+        session.begin_new(uploaded_trace(path), state="done")
+
+
+def show_imported(path, session: Session):
+    """The import's second event: the trace just read, in the views (they work without the model)."""
     if not path:
         return gr.skip(), gr.skip(), gr.skip()
-    trace = uploaded_trace(path)
-    session.begin_new(trace, state="done")
+    trace = session.trace
     return (grid_value(trace, live=False), partial_text(trace),
             "**Opened a saved trace** · " + status_line(trace, stopped=trace.done is None))

@@ -57,8 +57,8 @@ def wire(ui: UI, demo: gr.Blocks) -> None:
         control.input(handlers.attention_view, views_in, ui.att_plot, api_visibility="private")
 
     ui.export.click(handlers.export_files, ui.session, ui.export_files, api_visibility="private")
-    ui.import_file.upload(handlers.check_import, ui.import_file, None, api_visibility="private").success(
-        handlers.import_trace, [ui.import_file, ui.session], run_outputs, api_visibility="private").success(
+    ui.import_file.upload(handlers.import_trace, [ui.import_file, ui.session], None, api_visibility="private").success(
+        handlers.show_imported, [ui.import_file, ui.session], run_outputs, api_visibility="private").success(
         handlers.settle, views_in,
                                                             run_outputs + views_out, api_visibility="private"
                                                             ).then(study.fork_defaults, ui.session, fork_tab,

@@ -126,22 +126,22 @@ def test_export_then_import_without_the_model(tmp_path):
     json_path, html_path = handlers.export_files(session)
     assert "<html>" in open(html_path).read()
     fresh = Session()
-    grid, text, status = handlers.import_trace(json_path, fresh)
+    handlers.import_trace(json_path, fresh)
+    grid, text, status = handlers.show_imported(json_path, fresh)
     assert "Opened a saved trace" in status and text == session.trace.done.texts[0]
     assert len(json.loads(grid)["frames"]) == session.trace.done.nfe
     bad = tmp_path / "bad.json"
     bad.write_text('{"hello": 1}')
-    for handler in (handlers.check_import, lambda path: handlers.import_trace(path, fresh)):
-        with pytest.raises(gr.Error, match="not a TwoTower trace") as e:
-            handler(str(bad))
-        assert "Cannot open bad.json: " in e.value.message and str(tmp_path) not in e.value.message
-    assert handlers.check_import(str(json_path)) is None
+    with pytest.raises(gr.Error, match="not a TwoTower trace") as e:
+        handlers.import_trace(str(bad), fresh)
+    assert "Cannot open bad.json: " in e.value.message and str(tmp_path) not in e.value.message
+    assert fresh.trace.done is not None                            # the refused file left the open trace as it was
     misshapen = json.loads(open(json_path).read())                 # a Step's tokens as [5] instead of [[5]]
     step = next(e for e in misshapen["events"] if e["type"] == "Step")
     step["tokens"] = step["tokens"][0]
     bad.write_text(json.dumps(misshapen))
     with pytest.raises(gr.Error, match="Cannot open bad.json: not a TwoTower trace: its events do not fit together"):
-        handlers.check_import(str(bad))
+        handlers.import_trace(str(bad), fresh)
 
 
 def test_race_runs_both_and_stops_on_request():
@@ -313,7 +313,9 @@ def test_a_saved_trace_without_its_end_opens_as_stopped(tmp_path):
     cut = Trace.from_dict({**session.trace.to_dict(), "events": session.trace.to_dict()["events"][:4]})
     path = tmp_path / "stopped.json"
     cut.save(path)
-    status = handlers.import_trace(str(path), Session())[2]
+    opened = Session()
+    handlers.import_trace(str(path), opened)
+    status = handlers.show_imported(str(path), opened)[2]
     assert "**Stopped**" in status and "Running" not in status
 
 
